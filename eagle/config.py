@@ -1,0 +1,419 @@
+"""Job configuration: pydantic models, YAML loading, dotted command-line overrides and a stable content hash.
+
+One place for every knob a job takes. Sections that change *results* (expert, threshold, confidence, regions,
+prompts, guidance, mllm, routing) feed `config_hash()`; sections that only change *how fast or where* a job
+runs (resources, storage, inputs, output, run id) do not, so resizing a cluster never invalidates results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+SUPPORTED_SCHEMES = ("", "file", "s3")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+def _check_uri(value: str) -> str:
+    """Accept plain paths, ``file://`` and ``s3://bucket/...``; reject anything else with the allowed forms."""
+    value = value.strip()
+    if not value:
+        raise ValueError("URI must not be empty")
+    parsed = urlparse(value)
+    scheme = parsed.scheme if len(parsed.scheme) > 1 else ""  # "C:" style drive letters are paths
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {value!r}; allowed: plain path, file://, s3://")
+    if scheme == "s3" and not parsed.netloc:
+        raise ValueError(f"s3 URI {value!r} has no bucket; expected s3://bucket/prefix")
+    return value
+
+
+Uri = Annotated[str, AfterValidator(_check_uri)]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------------------------------------- resources
+class StageResources(Section):
+    """How one Ray Data stage is sized and placed. Never affects results, so not part of the config hash."""
+
+    batch_size: int = Field(8, gt=0, description="Rows per batch handed to the stage's UDF.")
+    min_actors: int = Field(1, ge=1, description="Smallest actor pool (actor stages only).")
+    max_actors: int = Field(1, ge=1, description="Largest actor pool; the pool autoscales between min and max.")
+    num_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="Logical CPUs per actor/task. Keep below 1 on small machines so read tasks are not starved.",
+    )
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions let several actors share one GPU.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100' or 'A10G'.")
+    device: str = Field("auto", description="'auto' (cuda when num_gpus > 0, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    max_restarts: int = Field(3, ge=-1, description="Ray actor restarts after a crash (-1: unlimited).")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> StageResources:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device {self.device!r} not allowed; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return self
+
+    def resolved_device(self) -> str:
+        """The torch device string this stage should use."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+class Resources(Section):
+    """Per-stage sizing. Defaults fit a 2-core laptop; cluster configs raise them (see README)."""
+
+    decode: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=16, num_cpus=0.5),
+        description="CPU tasks that decode and validate images.",
+    )
+    expert: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=8, num_cpus=0.5),
+        description="PatchCore actor pool; give it num_gpus=1 on a GPU cluster.",
+    )
+    mllm: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=4, num_cpus=0.5),
+        description="MLLM actor pool; one GPU per actor for a 7B model in bf16.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- storage
+class StorageConfig(Section):
+    """Object-store settings. Unset fields fall back to the standard AWS environment variables and config."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint (AWS_ENDPOINT_URL); for MinIO, Ceph, moto.")
+    region: str | None = Field(None, description="Region (AWS_REGION / AWS_DEFAULT_REGION).")
+    profile: str | None = Field(None, description="Named AWS profile (AWS_PROFILE).")
+    access_key_id: SecretStr | None = Field(None, description="Prefer AWS_ACCESS_KEY_ID or an instance role.")
+    secret_access_key: SecretStr | None = Field(None, description="Prefer AWS_SECRET_ACCESS_KEY.")
+    session_token: SecretStr | None = Field(None, description="Prefer AWS_SESSION_TOKEN.")
+    anon: bool = Field(False, description="Anonymous access to public buckets.")
+    max_attempts: int = Field(8, ge=1, description="Attempts per object-store call on throttling/5xx/resets.")
+
+
+# ---------------------------------------------------------------------------------------------- expert
+class ExpertConfig(Section):
+    """PatchCore expert: backbone, embedding and scoring."""
+
+    backbone: str = Field("wide_resnet50_2", description="timm backbone name.")
+    layers: list[str] = Field(default_factory=lambda: ["layer2", "layer3"], min_length=1)
+    weights: str = Field(
+        "imagenet",
+        description="'imagenet' (timm pretrained, hub or local cache), 'random' (tests/offline demo) "
+        "or a local/object-store path to a safetensors checkpoint of the backbone.",
+    )
+    resize: int = Field(256, gt=0, description="Shorter side after resize, before the center crop.")
+    crop: int = Field(224, gt=0, description="Center-crop size fed to the backbone.")
+    patch_size: int = Field(3, ge=1, description="Neighbourhood aggregation kernel.")
+    projection_dim: int | None = Field(None, gt=0, description="Optional random projection (paper: 1024).")
+    coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of training patches kept in the memory bank.")
+    coreset_projection_dim: int = Field(128, gt=0, description="Random projection used only to pick the coreset.")
+    scoring: Literal["anomalib", "mean_k"] = Field(
+        "anomalib",
+        description="'anomalib': max patch distance re-weighted with num_neighbors (PatchcoreModel); "
+        "'mean_k': the paper's mean distance to k nearest neighbours.",
+    )
+    num_neighbors: int = Field(9, ge=1, description="Neighbours for anomalib's re-weighting.")
+    k: int = Field(5, ge=1, description="Neighbours for 'mean_k' scoring.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Backbone compute dtype.")
+    seed: int = Field(0, description="Seed for coreset sampling and projections.")
+    cache_size: int = Field(4, ge=1, description="Products whose artifacts one expert actor keeps loaded.")
+
+
+class ThresholdConfig(Section):
+    """Label-free threshold fitted on training scores from unselected patches (TGPS)."""
+
+    method: Literal["k-sigma", "mad", "quantile", "evt"] = Field("k-sigma")
+    k: float = Field(3.0, gt=0, description="k for 'k-sigma' and 'mad'.")
+    quantile: float = Field(0.99, gt=0, lt=1, description="q for 'quantile'.")
+    evt_quantile: float = Field(0.975, gt=0, lt=1, description="Quantile of the fitted GEV for 'evt'.")
+    min_unselected_patches: int = Field(16, ge=1, description="Training images with fewer are skipped.")
+
+
+class ConfidenceConfig(Section):
+    """The band in which the expert counts as unsure (where guidance applies).
+
+    uncertain when  low_factor*threshold < score < high_factor*score_max  (EAGLE: both factors 1.0).
+    """
+
+    low_factor: float = Field(1.0, gt=0, description="Lower edge as a multiple of the threshold.")
+    high_factor: float = Field(1.0, gt=0, description="Upper edge as a multiple of score_max.")
+
+
+class RegionsConfig(Section):
+    """Anomalous regions from the anomaly map."""
+
+    level: float = Field(2 / 3, gt=0, lt=1, description="Share of the map's max that counts as anomalous.")
+    max_boxes: int = Field(3, ge=0)
+    min_area: float = Field(0.001, ge=0, lt=1, description="Drop contours smaller than this share of the image.")
+    merge_gap: float = Field(0.02, ge=0, description="Merge boxes closer than this share of the image side.")
+    mask_size: int = Field(256, gt=0, description="Longer side of the stored mask/map PNGs, pixels.")
+
+
+# ---------------------------------------------------------------------------------------------- mllm
+class PromptConfig(Section):
+    """Prompt templates. {product} and {notes} are filled in; keep answer formats parseable."""
+
+    system: str = Field(
+        "You are an industrial quality inspector. Answer precisely and briefly.",
+    )
+    prior_normal: str = Field("The query image is predicted as normal.")
+    prior_anomalous: str = Field("The query image is predicted as anomalous.")
+    boxes_note: str = Field("The second image marks the suspected anomalous regions with red boxes.")
+    question: str = Field("Is there any defect in the object?")
+    answer_format: str = Field(
+        "Answer with 'Yes' or 'No' first, then one sentence that says what the defect is and where, "
+        "or why the object is normal."
+    )
+    few_shot: int = Field(0, ge=0, le=4, description="Normal reference images of the same product to include.")
+    notes: dict[str, str] = Field(default_factory=dict, description="Per-product domain notes added to the prompt.")
+    use_expert: bool = Field(True, description="False = baseline: same question, plain image, no expert prior.")
+
+
+class GuidanceConfig(Section):
+    """Confidence-aware attention sharpening (CAAS) through transformers' AttentionInterface."""
+
+    enabled: bool = Field(True)
+    apply_to: Literal["uncertain", "anomalous", "all"] = Field(
+        "uncertain", description="Which expert confidence classes get guided generation."
+    )
+    layers: list[int] | None = Field(
+        None, description="Decoder layers to guide; None = middle band (9-14 of 28, scaled by depth)."
+    )
+    image_bias: float = Field(1.0, description="Added to attention logits of query-image tokens.")
+    prior_bias: float = Field(0.0, le=0, description="Added (<= 0) to logits of the text-prior span.")
+    rows: Literal["last", "all"] = Field("last", description="Bias only the row that emits the next token, or all.")
+    record_attention: bool = Field(True, description="Record last-row attention to compute image_attention_share.")
+
+
+class MLLMConfig(Section):
+    """The multimodal LLM."""
+
+    model: str | None = Field(
+        "Qwen/Qwen2.5-VL-7B-Instruct", description="Hub id, local or object-store path; null/'none' disables."
+    )
+    revision: str | None = Field(None, description="Hub revision (commit) to pin.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("bfloat16")
+    trust_remote_code: bool = Field(False, description="Only turn on for checkpoints you trust.")
+    max_new_tokens: int = Field(64, gt=0)
+    min_pixels: int = Field(128 * 28 * 28, gt=0, description="Vision-encoder resize floor (pixels).")
+    max_pixels: int = Field(512 * 28 * 28, gt=0, description="Vision-encoder resize cap (~512 visual tokens).")
+
+    @model_validator(mode="after")
+    def _none_means_disabled(self) -> MLLMConfig:
+        if self.model is not None and self.model.strip().lower() in ("", "none", "null"):
+            self.model = None
+        return self
+
+
+class RoutingConfig(Section):
+    """Which images go to the MLLM."""
+
+    policy: Literal["all", "uncertain", "not-confident-normal"] = Field(
+        "all", description="'all' as in the paper; 'uncertain' the unsure band only; "
+        "'not-confident-normal' unsure and anomalous."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- job
+class InputConfig(Section):
+    """Where images come from."""
+
+    uris: list[Uri] = Field(default_factory=list, description="Local or s3:// prefixes, listed recursively.")
+    manifest: Uri | None = Field(None, description="Parquet/CSV with a 'uri' column and optionally 'product'.")
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are refused (decompression bombs).")
+
+
+class OutputConfig(Section):
+    """Where and how results are written."""
+
+    uri: Uri | None = Field(None, description="Output prefix (local or s3://).")
+    partition_by: list[Literal["product", "audit_date", "run_id"]] = Field(
+        default_factory=lambda: ["product", "audit_date"]
+    )
+    max_error_rate: float = Field(0.5, ge=0, le=1, description="Abort the job when the share of error rows exceeds this.")
+
+
+class RayConfig(Section):
+    """How the driver connects to Ray."""
+
+    address: str | None = Field(None, description="Cluster address; None uses RAY_ADDRESS or starts a local Ray.")
+    num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for a local Ray (more than cores is fine).")
+
+
+class JobConfig(Section):
+    """Everything one job takes."""
+
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    mode: Literal["full", "incremental"] = Field("full")
+    inputs: InputConfig = Field(default_factory=InputConfig)
+    model_store: Uri | None = Field(None, description="Prefix holding per-product expert artifacts.")
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    resources: Resources = Field(default_factory=Resources)
+    expert: ExpertConfig = Field(default_factory=ExpertConfig)
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    confidence: ConfidenceConfig = Field(default_factory=ConfidenceConfig)
+    regions: RegionsConfig = Field(default_factory=RegionsConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    mllm: MLLMConfig = Field(default_factory=MLLMConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+
+
+RESULT_SECTIONS = ("expert", "threshold", "confidence", "regions", "prompts", "guidance", "mllm", "routing")
+# Expert fields that change how fast the expert runs but not what it computes.
+_HASH_EXCLUDE = {"expert": {"cache_size"}}
+
+
+def config_hash(cfg: JobConfig, sections: tuple[str, ...] = RESULT_SECTIONS) -> str:
+    """Stable content hash (16 hex chars) of the result-affecting sections; key order never matters."""
+    data = cfg.model_dump(mode="json", include=set(sections), exclude=_HASH_EXCLUDE)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, e["loc"][:-1])
+            msg = f"unknown key; allowed here: {', '.join(allowed)}"
+        lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {loc}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at `loc` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``['expert.batch_size=16', 'mllm.model=none']`` into a nested dict; values are YAML scalars/lists."""
+    data: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return data
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_defaults(env: dict[str, str]) -> dict[str, Any]:
+    """Conventional environment variables: AWS settings and RAY_ADDRESS."""
+    storage: dict[str, Any] = {}
+    for key, var in (
+        ("endpoint_url", "AWS_ENDPOINT_URL_S3"),
+        ("endpoint_url", "AWS_ENDPOINT_URL"),
+        ("region", "AWS_REGION"),
+        ("region", "AWS_DEFAULT_REGION"),
+        ("profile", "AWS_PROFILE"),
+    ):
+        if env.get(var) and key not in storage:
+            storage[key] = env[var]
+    out: dict[str, Any] = {"storage": storage} if storage else {}
+    if env.get("RAY_ADDRESS"):
+        out["ray"] = {"address": env["RAY_ADDRESS"]}
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> JobConfig:
+    """Build a JobConfig from (lowest to highest precedence) environment, a YAML file and overrides.
+
+    Raises ConfigError naming the offending key and what is allowed.
+    """
+    data = _env_defaults(dict(os.environ) if env is None else env)
+    if path is not None:
+        text = Path(path).read_text() if "://" not in str(path) else _read_remote_text(str(path))
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = _deep_merge(data, loaded)
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        data = _deep_merge(data, extra)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, JobConfig)) from None
+
+
+def _read_remote_text(uri: str) -> str:
+    from eagle.storage import read_bytes  # storage depends on config, not the other way round
+
+    return read_bytes(uri).decode()
+
+
+_SECRET_FIELDS = {"storage": {"access_key_id", "secret_access_key", "session_token"}}
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """YAML that load_config reads back to an equal config. Credentials are never written."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=_SECRET_FIELDS), sort_keys=False)
