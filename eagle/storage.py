@@ -62,7 +62,6 @@ def s3_options(cfg: StorageConfig | None = None) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "anon": cfg.anon,
         "config_kwargs": {"retries": {"max_attempts": cfg.max_attempts, "mode": "adaptive"}},
-        "retries": cfg.max_attempts,
     }
     client_kwargs: dict[str, Any] = {}
     if endpoint:
@@ -100,7 +99,10 @@ _configs: dict[str, StorageConfig | None] = {}
 def _s3fs(key: str) -> fsspec.AbstractFileSystem:
     import s3fs
 
-    return s3fs.S3FileSystem(**s3_options(_configs[key]))
+    cfg = _configs[key] or StorageConfig()
+    fs = s3fs.S3FileSystem(**s3_options(cfg))
+    fs.retries = cfg.max_attempts  # s3fs's own retry loop (class attribute, not an init argument)
+    return fs
 
 
 def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -1,0 +1,106 @@
+"""Config: validation messages name the key and what is allowed, round trips, stable hash, overrides, env."""
+
+from __future__ import annotations
+
+import pytest
+
+from eagle.config import ConfigError, JobConfig, config_hash, dump_config, load_config, parse_overrides
+
+
+def _load_yaml(tmp_path, text: str, **kw):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return load_config(path, env={}, **kw)
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        _load_yaml(tmp_path, "expert:\n  batchsize: 4\n")
+    msg = str(exc.value)
+    assert "expert.batchsize" in msg
+    assert "backbone" in msg and "coreset_ratio" in msg  # the allowed keys of that section
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"expertt: unknown key; allowed here: .*expert"):
+        _load_yaml(tmp_path, "expertt: {}\n")
+
+
+def test_bad_literal_value_lists_choices(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        _load_yaml(tmp_path, "threshold:\n  method: sigma\n")
+    msg = str(exc.value)
+    assert "threshold.method" in msg and "'k-sigma'" in msg and "'evt'" in msg and "'sigma'" in msg
+
+
+def test_bad_number_and_pool_bounds():
+    with pytest.raises(ConfigError, match=r"resources.expert.batch_size"):
+        load_config(overrides=["resources.expert.batch_size=0"], env={})
+    with pytest.raises(ConfigError, match=r"max_actors \(1\) must be >= min_actors \(2\)"):
+        load_config(overrides=["resources.mllm.min_actors=2"], env={})
+
+
+@pytest.mark.parametrize("uri", ["http://host/x", "gs://bucket/x", "s3:///nobucket", ""])
+def test_bad_uri(uri):
+    with pytest.raises(ConfigError, match=r"model_store"):
+        load_config(overrides={"model_store": uri}, env={})
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/prefix", "file:///tmp/x", "/tmp/x", "relative/dir"])
+def test_good_uri(uri):
+    assert load_config(overrides={"model_store": uri}, env={}).model_store == uri
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(overrides=["expert.backbone=resnet18", "mllm.model=none", "routing.policy=uncertain",
+                                 "guidance.layers=[3, 4]", "inputs.uris=[s3://b/p, /data]"], env={})
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path, env={})
+    assert again == cfg
+    assert again.mllm.model is None and again.guidance.layers == [3, 4]
+
+
+def test_hash_stable_and_sensitive_to_results_only(tmp_path):
+    a = load_config(env={})
+    # same content written with a different key order gives the same hash
+    b = _load_yaml(tmp_path, "threshold:\n  k: 3.0\n  method: k-sigma\nexpert:\n  seed: 0\n  backbone: wide_resnet50_2\n")
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 16
+    # resources, run id and storage do not change results, so not the hash
+    c = load_config(overrides=["resources.expert.batch_size=64", "run_id=abc", "expert.cache_size=9"], env={})
+    assert config_hash(c) == config_hash(a)
+    # result-affecting settings do
+    d = load_config(overrides=["threshold.method=mad"], env={})
+    assert config_hash(d) != config_hash(a)
+
+
+def test_overrides_beat_file_and_env_fills_storage(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("resources:\n  expert:\n    batch_size: 4\n")
+    cfg = load_config(path, overrides=["resources.expert.batch_size=16"],
+                      env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1",
+                           "RAY_ADDRESS": "ray://head:10001"})
+    assert cfg.resources.expert.batch_size == 16
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9000" and cfg.storage.region == "eu-west-1"
+    assert cfg.ray.address == "ray://head:10001"
+
+
+def test_parse_overrides_rejects_garbage():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["expert.batch_size"])
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_secrets_never_dumped():
+    cfg = JobConfig.model_validate({"storage": {"access_key_id": "AKIAXXXX", "secret_access_key": "s3cr3t"}})
+    text = dump_config(cfg) + repr(cfg) + str(cfg)
+    assert "s3cr3t" not in text and "AKIAXXXX" not in text
+
+
+def test_device_resolution():
+    cfg = load_config(overrides=["resources.expert.num_gpus=1"], env={})
+    assert cfg.resources.expert.resolved_device() == "cuda"
+    assert cfg.resources.mllm.resolved_device() == "cpu"
+    with pytest.raises(ConfigError, match="device"):
+        load_config(overrides=["resources.mllm.device=tpu"], env={})
