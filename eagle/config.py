@@ -273,7 +273,7 @@ class RayConfig(Section):
 class JobConfig(Section):
     """Everything one job takes."""
 
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
     mode: Literal["full", "incremental"] = Field("full")
     inputs: InputConfig = Field(default_factory=InputConfig)
     model_store: Uri | None = Field(None, description="Prefix holding per-product expert artifacts.")
@@ -349,11 +349,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return data
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -395,10 +395,10 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = _deep_merge(data, loaded)
+        data = deep_merge(data, loaded)
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        data = _deep_merge(data, extra)
+        data = deep_merge(data, extra)
     try:
         return JobConfig.model_validate(data)
     except ValidationError as err:

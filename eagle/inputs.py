@@ -1,0 +1,77 @@
+"""Which images a job audits: list prefixes (recursively) or read a manifest, and name each image's product.
+
+The listing is a pyarrow table (uri, product, image_version, image_size_bytes), sorted by product then URI so
+that Ray blocks stay product-homogeneous and an actor's bounded cache of memory banks does not thrash.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from eagle import storage
+from eagle.config import ConfigError, InputConfig, StorageConfig
+
+LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("product", pa.string()),
+                            ("image_version", pa.string()), ("image_size_bytes", pa.int64())])
+
+# MVTec-AD / VisA folders that sit between a product and its images; never products themselves.
+_NOT_PRODUCTS = {"train", "test", "good", "ground_truth", "validation", "images", "Data"}
+
+
+def product_of(uri: str, prefix: str) -> str:
+    """First path segment below `prefix` (so an MVTec-layout root works as is); the prefix's own name when the
+    image sits directly in it (a prefix pointing at one product)."""
+    base = storage.strip_scheme(prefix).rstrip("/")
+    path = storage.strip_scheme(uri)
+    rel = posixpath.relpath(path, base) if path.startswith(base + "/") else posixpath.basename(path)
+    parts = rel.split("/")
+    if len(parts) > 1 and parts[0] not in _NOT_PRODUCTS:
+        return parts[0]
+    return posixpath.basename(base) or "unknown"
+
+
+def list_prefix(prefix: str, extensions: list[str], cfg: StorageConfig | None = None) -> pa.Table:
+    files = storage.list_files(prefix, tuple(extensions), cfg)
+    return pa.table({
+        "image_uri": [f.uri for f in files],
+        "product": [product_of(f.uri, prefix) for f in files],
+        "image_version": [f.version for f in files],
+        "image_size_bytes": [f.size for f in files],
+    }, schema=LISTING_SCHEMA)
+
+
+def read_manifest(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
+    """A Parquet or CSV manifest with a 'uri' column and optionally 'product'."""
+    data = storage.read_bytes(uri, cfg)
+    table = pq.read_table(io.BytesIO(data)) if uri.lower().endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
+    if "uri" not in table.column_names:
+        raise ConfigError(f"manifest {uri} has no 'uri' column (columns: {', '.join(table.column_names)})")
+    uris = [str(u) for u in table.column("uri").to_pylist()]
+    products = (table.column("product").cast(pa.string()).to_pylist() if "product" in table.column_names
+                else [product_of(u, posixpath.dirname(posixpath.dirname(u))) for u in uris])
+    return pa.table({
+        "image_uri": uris,
+        "product": [p or "unknown" for p in products],
+        "image_version": [""] * len(uris),  # filled when the image is read (content hash)
+        "image_size_bytes": pa.nulls(len(uris), pa.int64()),
+    }, schema=LISTING_SCHEMA)
+
+
+def list_inputs(cfg: InputConfig, storage_cfg: StorageConfig | None = None) -> pa.Table:
+    """All input images, deduplicated by URI, sorted by (product, uri)."""
+    tables = [list_prefix(p, cfg.extensions, storage_cfg) for p in cfg.uris]
+    if cfg.manifest:
+        tables.append(read_manifest(cfg.manifest, storage_cfg))
+    if not tables:
+        raise ConfigError("no inputs: give inputs.uris (--input) or inputs.manifest")
+    table = pa.concat_tables(tables)
+    seen: set[str] = set()
+    first = [not (u in seen or seen.add(u)) for u in table.column("image_uri").to_pylist()]
+    table = table.filter(pa.array(first, pa.bool_()))
+    return table.take(pc.sort_indices(table, [("product", "ascending"), ("image_uri", "ascending")]))

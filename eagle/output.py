@@ -1,0 +1,116 @@
+"""The output store: run manifests, deterministic Parquet file names, and reading back what is already done.
+
+Exactly-once per run rests on three facts:
+  * a write task's file name depends only on (run id, attempt, write uuid, task index), so a retried task
+    overwrites its own file instead of adding one;
+  * a re-run with the same run id starts a new attempt that audits only the images that have no row of
+    that run yet (`completed`), so a resumed run adds exactly the missing rows;
+  * a file left unreadable by a crash mid-write is deleted before the done-set is computed, so its images
+    are audited again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import posixpath
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
+
+from eagle import storage
+from eagle.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = "_runs"
+
+
+@dataclass
+class RunInfo:
+    """A run's identity, kept in ``{output}/_runs/{run_id}.json`` so a resume reuses its audit date."""
+
+    run_id: str
+    started_at: str
+    audit_date: str
+    config_hash: str
+    attempts: list[str] = field(default_factory=list)
+
+    @property
+    def attempt(self) -> int:
+        return len(self.attempts)
+
+
+def begin_run(output_uri: str, run_id: str, config_hash: str, cfg: StorageConfig | None = None) -> RunInfo:
+    """Create the run manifest, or load it and register a new attempt when the run id already exists."""
+    uri = storage.join(output_uri, RUNS_DIR, f"{run_id}.json")
+    now = dt.datetime.now(dt.timezone.utc)
+    if storage.exists(uri, cfg):
+        info = RunInfo(**json.loads(storage.read_bytes(uri, cfg)))
+        if info.config_hash != config_hash:
+            log.warning("run %s resumes with a different config hash (%s, was %s); rows record their own hash",
+                        run_id, config_hash, info.config_hash)
+    else:
+        info = RunInfo(run_id=run_id, started_at=now.isoformat(), audit_date=now.date().isoformat(),
+                       config_hash=config_hash)
+    info.attempts.append(now.isoformat())
+    storage.write_bytes(uri, json.dumps(asdict(info), indent=2).encode(), cfg)
+    return info
+
+
+class RunFilenames(FilenameProvider):
+    """``{run_id}_{attempt}_{write_uuid}_{task_index}-{i}.parquet``: stable across task retries."""
+
+    def __init__(self, run_id: str, attempt: int) -> None:
+        super().__init__(file_format="parquet")
+        self.run_id, self.attempt = run_id, attempt
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.run_id}_a{self.attempt:03d}_{write_uuid}_{task_index:06d}"
+
+
+def parquet_files(output_uri: str, cfg: StorageConfig | None = None) -> list[str]:
+    """Every Parquet file under the output prefix (run manifests and hidden files excluded)."""
+    files = storage.list_files(output_uri, (".parquet",), cfg)
+    return [f.uri for f in files if f"/{RUNS_DIR}/" not in f.uri and not posixpath.basename(f.uri).startswith(".")]
+
+
+def _partition_values(uri: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in uri.split("/") if "=" in part)
+
+
+def read_rows(output_uri: str, columns: list[str], cfg: StorageConfig | None = None,
+              drop_corrupt: bool = False) -> pa.Table:
+    """Selected columns of every output row, Hive partition values filled in. Unreadable files are skipped
+    (and deleted when `drop_corrupt`, which only a writer about to redo their images should ask for)."""
+    tables = []
+    for uri in parquet_files(output_uri, cfg):
+        fs, path = storage.pyarrow_filesystem(uri, cfg)
+        parts = _partition_values(uri)
+        try:
+            file_cols = pq.read_schema(path, filesystem=fs).names
+            table = pq.read_table(path, filesystem=fs, columns=[c for c in columns if c in file_cols])
+        except (OSError, pa.ArrowInvalid) as exc:
+            log.warning("unreadable output file %s (%s)%s", uri, exc, "; deleting it" if drop_corrupt else "")
+            if drop_corrupt:
+                storage.remove(uri, cfg)
+            continue
+        for col in columns:
+            if col not in table.column_names:
+                value = parts.get(col)
+                table = table.append_column(col, pa.array([value] * table.num_rows, pa.string()))
+        tables.append(table.select(columns))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def done_in_run(output_uri: str, run_id: str, cfg: StorageConfig | None = None) -> set[str]:
+    """Image URIs that already have a row in this run (ok or error): a resume must not redo them."""
+    rows = read_rows(output_uri, ["image_uri", "run_id"], cfg, drop_corrupt=True)
+    mine = rows.filter(pc.equal(rows.column("run_id"), run_id))
+    return set(mine.column("image_uri").to_pylist())

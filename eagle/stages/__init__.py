@@ -1,0 +1,33 @@
+"""Ray Data stages: each module pairs a batch UDF with the map_batches arguments it runs under.
+
+Batches are dicts of column → numpy array (Ray's "numpy" batch format). Rows that already failed pass
+through every later stage untouched, so each input image leaves the pipeline as exactly one row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Column batch → list of row dicts."""
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def batch_of(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, np.ndarray]:
+    """List of row dicts → column batch (object arrays, so ragged images and nested lists survive)."""
+    out: dict[str, np.ndarray] = {}
+    for col in columns:
+        arr = np.empty(len(rows), dtype=object)
+        arr[:] = [r.get(col) for r in rows]
+        out[col] = arr
+    return out
+
+
+def fail(row: dict[str, Any], stage: str, message: str) -> None:
+    """Mark a row as an error of `stage` (first error wins)."""
+    if row.get("status") != "error":
+        row.update(status="error", error=message[:2000], error_stage=stage)
