@@ -1,0 +1,17 @@
+"""The README tells the truth: its schema table is the code's schema, its set-up commands are what CI runs."""
+
+from __future__ import annotations
+
+from eagle.schema import markdown_table
+
+
+def test_readme_schema_matches_code(repo_root):
+    readme = (repo_root / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate the README schema table with `python -m eagle.schema`"
+
+
+def test_ci_runs_readme_commands(repo_root):
+    readme = (repo_root / "README.md").read_text()
+    ci = (repo_root / ".ci" / "run").read_text()
+    assert "pip install -e '.[dev]'" in readme and "pip install --quiet -e '.[dev]'" in ci
+    assert "python -m pytest" in readme and "\npython -m pytest\n" in ci
