@@ -185,6 +185,15 @@ class PromptConfig(Section):
     system: str = Field(
         "You are an industrial quality inspector. Answer precisely and briefly.",
     )
+    instruction: str = Field(
+        "Inspect the {product} in the query image for manufacturing defects.",
+        description="First line of the user turn; {product} is filled in.",
+    )
+    notes_line: str = Field("Notes on this product: {notes}", description="Added when prompts.notes has the product.")
+    references_intro: str = Field(
+        "Images of normal {product} samples for reference:", description="Precedes the few-shot reference images."
+    )
+    query_label: str = Field("Query image:", description="Immediately precedes the query image; '' omits it.")
     prior_normal: str = Field("The query image is predicted as normal.")
     prior_anomalous: str = Field("The query image is predicted as anomalous.")
     boxes_note: str = Field("The second image marks the suspected anomalous regions with red boxes.")
@@ -196,6 +205,10 @@ class PromptConfig(Section):
     few_shot: int = Field(0, ge=0, le=4, description="Normal reference images of the same product to include.")
     notes: dict[str, str] = Field(default_factory=dict, description="Per-product domain notes added to the prompt.")
     use_expert: bool = Field(True, description="False = baseline: same question, plain image, no expert prior.")
+    answer_options: dict[str, Literal["yes", "no"]] = Field(
+        default_factory=lambda: {"A": "yes", "B": "no"},
+        description="Option letters the parser accepts as answers (for multiple-choice answer formats).",
+    )
 
 
 class GuidanceConfig(Section):
@@ -250,6 +263,10 @@ class InputConfig(Section):
     uris: list[Uri] = Field(default_factory=list, description="Local or s3:// prefixes, listed recursively.")
     manifest: Uri | None = Field(None, description="Parquet/CSV with a 'uri' column and optionally 'product'.")
     extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    exclude: list[str] = Field(
+        default_factory=lambda: ["*/ground_truth/*"],
+        description="Glob patterns (fnmatch, '*' spans '/') of listed URIs to skip; default skips MVTec masks.",
+    )
     max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are refused (decompression bombs).")
 
 

@@ -6,6 +6,7 @@ that Ray blocks stay product-homogeneous and an actor's bounded cache of memory 
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import posixpath
 
@@ -21,23 +22,32 @@ LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("product", pa.string())
                             ("image_version", pa.string()), ("image_size_bytes", pa.int64())])
 
 # MVTec-AD / VisA folders that sit between a product and its images; never products themselves.
-_NOT_PRODUCTS = {"train", "test", "good", "ground_truth", "validation", "images", "Data"}
+_SPLITS = {"train", "test", "validation"}
+_NOT_PRODUCTS = _SPLITS | {"good", "ground_truth", "images", "Data"}
 
 
 def product_of(uri: str, prefix: str) -> str:
-    """First path segment below `prefix` (so an MVTec-layout root works as is); the prefix's own name when the
-    image sits directly in it (a prefix pointing at one product)."""
+    """First path segment below `prefix`, so an MVTec-layout root works as is. When the prefix already points
+    into one product (images directly in it, or the prefix is its train/test folder) the product is the
+    prefix's nearest ancestor that is not a split folder."""
     base = storage.strip_scheme(prefix).rstrip("/")
     path = storage.strip_scheme(uri)
     rel = posixpath.relpath(path, base) if path.startswith(base + "/") else posixpath.basename(path)
     parts = rel.split("/")
-    if len(parts) > 1 and parts[0] not in _NOT_PRODUCTS:
+    if len(parts) > 1 and parts[0] not in _NOT_PRODUCTS and posixpath.basename(base) not in _SPLITS:
         return parts[0]
+    while posixpath.basename(base) in _SPLITS:
+        base = posixpath.dirname(base)
     return posixpath.basename(base) or "unknown"
 
 
-def list_prefix(prefix: str, extensions: list[str], cfg: StorageConfig | None = None) -> pa.Table:
-    files = storage.list_files(prefix, tuple(extensions), cfg)
+def _excluded(uri: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(uri, p) for p in patterns)
+
+
+def list_prefix(prefix: str, extensions: list[str], exclude: list[str],
+                cfg: StorageConfig | None = None) -> pa.Table:
+    files = [f for f in storage.list_files(prefix, tuple(extensions), cfg) if not _excluded(f.uri, exclude)]
     return pa.table({
         "image_uri": [f.uri for f in files],
         "product": [product_of(f.uri, prefix) for f in files],
@@ -65,7 +75,7 @@ def read_manifest(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
 
 def list_inputs(cfg: InputConfig, storage_cfg: StorageConfig | None = None) -> pa.Table:
     """All input images, deduplicated by URI, sorted by (product, uri)."""
-    tables = [list_prefix(p, cfg.extensions, storage_cfg) for p in cfg.uris]
+    tables = [list_prefix(p, cfg.extensions, cfg.exclude, storage_cfg) for p in cfg.uris]
     if cfg.manifest:
         tables.append(read_manifest(cfg.manifest, storage_cfg))
     if not tables:
