@@ -6,9 +6,14 @@ through every later stage untouched, so each input image leaves the pipeline as 
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("eagle.progress")
 
 
 def rows_of(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -31,3 +36,21 @@ def fail(row: dict[str, Any], stage: str, message: str) -> None:
     """Mark a row as an error of `stage` (first error wins)."""
     if row.get("status") != "error":
         row.update(status="error", error=message[:2000], error_stage=stage)
+
+
+class Throughput:
+    """Logs a stage's images/s every `interval` seconds from the worker (Ray forwards it to the driver log)."""
+
+    def __init__(self, stage: str, interval: float = 30.0) -> None:
+        self.stage, self.interval = stage, interval
+        self.count, self.busy = 0, 0.0
+        self._last = time.monotonic()
+
+    def add(self, images: int, seconds: float) -> None:
+        self.count += images
+        self.busy += seconds
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            log.info("%s worker %d: %d images, %.2f images/s while busy", self.stage, os.getpid(), self.count,
+                     self.count / self.busy if self.busy else 0.0)

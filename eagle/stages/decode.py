@@ -11,22 +11,25 @@ import numpy as np
 from eagle import storage
 from eagle.config import JobConfig
 from eagle.decode import DecodeError, decode_image
-from eagle.stages import batch_of, fail, rows_of
+from eagle.stages import Throughput, batch_of, fail, rows_of
 
 OUTPUT_COLUMNS = ["image_uri", "product", "image_version", "image_size_bytes", "content_sha256", "width",
                   "height", "status", "error", "error_stage", "decode_ms", "image"]
 _EMPTY = np.zeros((0, 0, 3), np.uint8)
+_progress = Throughput("decode")  # per worker process; decode runs as stateless tasks
 
 
 def read_decode(batch: dict[str, np.ndarray], cfg: JobConfig) -> dict[str, np.ndarray]:
     """Read each image's bytes and decode it; failures become error rows, never exceptions."""
     rows = rows_of(batch)
+    batch_start = time.perf_counter()
     for row in rows:
         start = time.perf_counter()
         row.update(status="ok", error=None, error_stage=None, image=_EMPTY, content_sha256=None,
                    width=None, height=None)
         _read_and_decode(row, cfg)
         row["decode_ms"] = (time.perf_counter() - start) * 1000.0
+    _progress.add(len(rows), time.perf_counter() - batch_start)
     return batch_of(rows, OUTPUT_COLUMNS)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from eagle.config import JobConfig
-from eagle.stages import batch_of, fail, rows_of
+from eagle.stages import Throughput, batch_of, fail, rows_of
 from eagle.stages.decode import OUTPUT_COLUMNS as DECODE_COLUMNS
 
 EXPERT_COLUMNS = ["expert_score", "threshold", "score_max", "threshold_method", "expert_verdict", "confidence",
@@ -34,6 +34,7 @@ class ExpertStage:
         self.versions = versions  # product -> artifact version, resolved once by the driver
         self.device = cfg.resources.expert.resolved_device()
         self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._progress = Throughput("expert")
 
     def _expert(self, product: str) -> tuple[Any, Any]:
         """(artifact, Expert) for a product, via the LRU cache."""
@@ -50,6 +51,7 @@ class ExpertStage:
         return entry
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
         rows = rows_of(batch)
         by_product: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
@@ -62,6 +64,7 @@ class ExpertStage:
             by_product.setdefault(row["product"], []).append(row)
         for product, group in by_product.items():
             self._score_group(product, group)
+        self._progress.add(len(rows), time.perf_counter() - start)
         return batch_of(rows, OUTPUT_COLUMNS)
 
     def _score_group(self, product: str, group: list[dict[str, Any]]) -> None:

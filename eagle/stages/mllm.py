@@ -14,7 +14,7 @@ import numpy as np
 from eagle.config import JobConfig
 from eagle.routing import expert_explanation, final_verdict, needs_mllm
 from eagle.schema import COLUMN_NAMES
-from eagle.stages import batch_of, rows_of
+from eagle.stages import Throughput, batch_of, rows_of
 from eagle.types import Box
 
 RESULT_COLUMNS = [c for c in COLUMN_NAMES if c not in ("run_id", "audited_at", "audit_date", "eagle_version",
@@ -47,9 +47,11 @@ class MLLMStage:
 
         configure_threads(torch)
         self.cfg = cfg
+        self._progress = Throughput("mllm")
         self.runner = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=cfg.resources.mllm.resolved_device())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
         rows = rows_of(batch)
         routed = [r for r in rows if r["status"] == "ok" and needs_mllm(r["confidence"], self.cfg.routing.policy)]
         routed_ids = {id(r) for r in routed}
@@ -59,6 +61,7 @@ class MLLMStage:
         size = self.cfg.resources.mllm.batch_size
         for i in range(0, len(routed), size):
             self._generate(routed[i:i + size])
+        self._progress.add(len(rows), time.perf_counter() - start)
         return batch_of(rows, RESULT_COLUMNS)
 
     def _generate(self, chunk: list[dict[str, Any]]) -> None:
