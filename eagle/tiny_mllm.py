@@ -103,6 +103,7 @@ _CORPUS = [
     "crack hole contamination missing part broken bent cut color stain print fabric screw bottle cable",
     "Answer: A. Yes B. No. The defect is a small dent near the center, at the bottom right edge.",
     "0 1 2 3 4 5 6 7 8 9 10 the a an of in on at with where what which why because",
+    "system user assistant You are a helpful assistant. Picture Video Query image: Notes on this product:",
 ]
 
 

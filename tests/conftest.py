@@ -111,3 +111,22 @@ def ray_local(s3_server: str) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- tiny MLLMs
+# Built once per session into a temp dir (a few seconds each); load them through AutoProcessor /
+# AutoModelForImageTextToText. Random weights: their words are noise, the machinery is what gets tested.
+@pytest.fixture(scope="session")
+def tiny_qwen25vl(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Qwen2.5-VL (8 decoder layers, locally trained tokenizer); returns the saved dir."""
+    from eagle.tiny_mllm import build_tiny_mllm
+
+    return build_tiny_mllm("qwen2_5_vl", str(tmp_path_factory.mktemp("tiny_qwen25vl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Qwen3-VL (6 decoder layers, deepstack, locally trained tokenizer); returns the saved dir."""
+    from eagle.tiny_mllm import build_tiny_mllm
+
+    return build_tiny_mllm("qwen3_vl", str(tmp_path_factory.mktemp("tiny_qwen3vl")))
