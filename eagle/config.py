@@ -130,10 +130,14 @@ class ExpertConfig(Section):
         description="'imagenet' (timm pretrained, hub or local cache), 'random' (tests/offline demo) "
         "or a local/object-store path to a safetensors checkpoint of the backbone.",
     )
-    resize: int = Field(256, gt=0, description="Shorter side after resize, before the center crop.")
+    resize: int = Field(
+        256, gt=0, description="Images are resized to resize x resize (aspect ratio not kept, as anomalib's "
+        "pre-processor), then center-cropped.")
     crop: int = Field(224, gt=0, description="Center-crop size fed to the backbone.")
     patch_size: int = Field(3, ge=1, description="Neighbourhood aggregation kernel.")
-    projection_dim: int | None = Field(None, gt=0, description="Optional random projection (paper: 1024).")
+    projection_dim: int | None = Field(
+        None, gt=0, description="Optional reduction of each patch vector to this many dims by channel average "
+        "pooling, as the PatchCore paper's code (paper: 1024); None keeps all (1536 for WRN50 layer2+layer3).")
     coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of training patches kept in the memory bank.")
     coreset_projection_dim: int = Field(128, gt=0, description="Random projection used only to pick the coreset.")
     scoring: Literal["anomalib", "mean_k"] = Field(
@@ -161,11 +165,15 @@ class ThresholdConfig(Section):
 class ConfidenceConfig(Section):
     """The band in which the expert counts as unsure (where guidance applies).
 
-    uncertain when  low_factor*threshold < score < high_factor*score_max  (EAGLE: both factors 1.0).
+    uncertain when  low_factor*threshold <= score < high_factor*score_max, the verdict being anomalous iff
+    score >= threshold (EAGLE: both factors 1.0, i.e. threshold <= score < score_max). See docs/EXPERT.md.
     """
 
-    low_factor: float = Field(1.0, gt=0, description="Lower edge as a multiple of the threshold.")
-    high_factor: float = Field(1.0, gt=0, description="Upper edge as a multiple of score_max.")
+    low_factor: float = Field(
+        1.0, gt=0, le=1, description="Lower edge as a multiple of the threshold; < 1 also marks normal verdicts "
+        "just under the threshold as uncertain.")
+    high_factor: float = Field(
+        1.0, ge=1, description="Upper edge as a multiple of score_max; > 1 widens the band above score_max.")
 
 
 class RegionsConfig(Section):
