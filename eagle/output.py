@@ -114,3 +114,24 @@ def done_in_run(output_uri: str, run_id: str, cfg: StorageConfig | None = None) 
     rows = read_rows(output_uri, ["image_uri", "run_id"], cfg, drop_corrupt=True)
     mine = rows.filter(pc.equal(rows.column("run_id"), run_id))
     return set(mine.column("image_uri").to_pylist())
+
+
+def up_to_date(output_uri: str, listing: pa.Table, versions: dict[str, str], mllm_model: str | None,
+               config_hash: str, cfg: StorageConfig | None = None) -> set[str]:
+    """Image URIs whose last successful audit (any run) used the same image version, the same expert artifact
+    version for its product, the same MLLM and the same config hash: an incremental run skips them.
+    Images listed without a version (manifests) match on URI alone."""
+    rows = read_rows(output_uri, ["image_uri", "image_version", "status", "expert_model_version", "mllm_model",
+                                  "config_hash", "product"], cfg, drop_corrupt=True)
+    current = {u: v for u, v in zip(listing.column("image_uri").to_pylist(),
+                                    listing.column("image_version").to_pylist())}
+    done = set()
+    for r in rows.filter(pc.equal(rows.column("status"), "ok")).to_pylist():
+        uri = r["image_uri"]
+        if uri not in current:
+            continue
+        same_image = not current[uri] or current[uri] == r["image_version"]
+        if (same_image and r["expert_model_version"] == versions.get(r["product"])
+                and r["mllm_model"] == mllm_model and r["config_hash"] == config_hash):
+            done.add(uri)
+    return done

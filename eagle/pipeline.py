@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from eagle import __version__, storage
 from eagle.config import ConfigError, JobConfig, StageResources, config_hash
 from eagle.inputs import list_inputs
-from eagle.output import RunFilenames, begin_run, done_in_run, read_rows
+from eagle.output import RunFilenames, begin_run, done_in_run, read_rows, up_to_date
 from eagle.schema import OUTPUT_SCHEMA, to_table
 from eagle.stages import rows_of
 from eagle.stages.decode import read_decode
@@ -134,12 +134,14 @@ def run_inspect(cfg: JobConfig) -> Summary:
     except (OSError, PermissionError) as exc:
         raise JobFailed(f"cannot list inputs: {type(exc).__name__}: {exc}") from exc
     run = begin_run(cfg.output.uri, run_id, chash, cfg.storage)
+    versions = resolve_versions(cfg, sorted(set(listing.column("product").to_pylist())))
     done = done_in_run(cfg.output.uri, run_id, cfg.storage)
+    if cfg.mode == "incremental":
+        done |= up_to_date(cfg.output.uri, listing, versions, cfg.mllm.model, chash, cfg.storage)
     todo = listing.filter(pc.invert(pc.is_in(listing.column("image_uri"), pa.array(sorted(done), pa.string()))))
-    log.info("run %s attempt %d: %d listed, %d already written, %d to audit",
-             run_id, run.attempt, listing.num_rows, len(done), todo.num_rows)
+    log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",
+             run_id, run.attempt, cfg.mode, listing.num_rows, len(done), todo.num_rows)
     if todo.num_rows:
-        versions = resolve_versions(cfg, sorted(set(todo.column("product").to_pylist())))
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": chash,
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
         ds = ray.data.from_arrow(_blocks(todo, cfg.resources.decode.batch_size))
