@@ -1,10 +1,14 @@
-"""MLLM stage on a tiny random Qwen2.5-VL: batched vs one-by-one throughput, and the cost of guidance.
+"""MLLM stage: batched vs one-by-one throughput, and the cost of attention guidance and recording.
 
-One run, single-threaded CPU, every generation forced to the same length (min_new_tokens = max_new_tokens)
-so the variants do the same work. Prints a table; ratios are what carries over, not absolute numbers (a tiny
-model is dominated by per-call overheads that a 7B model on a GPU is not).
+Every generation is forced to the same length (min_new_tokens = max_new_tokens) so that the variants do the
+same work; one run, best of two passes after a warm-up. Prints a table.
 
-    OMP_NUM_THREADS=1 python bench/bench_mllm.py [--images 16] [--new-tokens 16] [--family qwen2_5_vl]
+--shape tiny (default): the tiny random checkpoint, CPU-sized images; ratios only, as a tiny model is all
+per-call overhead. --shape 7b: the same processor with a random model shaped like Qwen2.5-VL-7B (28 layers,
+hidden 3584, the 32-block vision tower) and ~500 visual tokens per image, for a GPU:
+
+    OMP_NUM_THREADS=1 python bench/bench_mllm.py
+    python bench/bench_mllm.py --shape 7b --device cuda --dtype bfloat16 --images 8 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -17,79 +21,138 @@ import time
 import numpy as np
 import torch
 
+from eagle import guidance as g
 from eagle.config import load_config
 from eagle.mllm import MLLMRequest, MLLMRunner
-from eagle.tiny_mllm import FAMILIES, build_tiny_mllm
+from eagle.tiny_mllm import build_tiny_mllm
 from eagle.types import Box
 
+# Qwen2.5-VL-7B-Instruct's published shapes (weights random here).
+QWEN25_7B_TEXT = dict(
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6, use_sliding_window=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+)
+QWEN25_7B_VISION = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+)
 
-def requests(n: int) -> list[MLLMRequest]:
+
+def requests(n: int, side: int) -> list[MLLMRequest]:
     """Half uncertain-anomalous with a box (two images, guided), half confident-normal (one image)."""
     rng = np.random.default_rng(0)
     out = []
     for i in range(n):
-        image = rng.integers(0, 255, (112 + 28 * (i % 3), 140, 3), dtype=np.uint8)
+        image = rng.integers(0, 255, (side + side // 5 * (i % 3), side, 3), dtype=np.uint8)
         if i % 2 == 0:
-            out.append(MLLMRequest(image, "bolt", "anomalous", "uncertain", [Box(10, 10, 60, 60, 1.0)]))
+            out.append(MLLMRequest(image, "bolt", "anomalous", "uncertain", [Box(10, 10, side // 2, side // 2, 1.0)]))
         else:
             out.append(MLLMRequest(image, "bolt", "normal", "confident_normal"))
     return out
 
 
-def runner(path: str, new_tokens: int, *overrides: str) -> MLLMRunner:
-    cfg = load_config(overrides=[
-        f"mllm.model={path}", "mllm.dtype=float32", "mllm.min_pixels=3136", "mllm.max_pixels=50176",
-        f"mllm.max_new_tokens={new_tokens}", *overrides,
-    ])
-    r = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance)
-    r.model.generation_config.min_new_tokens = new_tokens  # equal work in every variant
-    return r
+def seven_b_model(tiny: MLLMRunner, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A random Qwen2.5-VL-7B-shaped model using the tiny checkpoint's token ids."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+
+    small = tiny.model.config
+    text = dict(QWEN25_7B_TEXT, bos_token_id=small.text_config.bos_token_id,
+                eos_token_id=small.text_config.eos_token_id, pad_token_id=small.text_config.pad_token_id)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=QWEN25_7B_VISION, image_token_id=small.image_token_id,
+                           video_token_id=small.video_token_id, vision_start_token_id=small.vision_start_token_id,
+                           vision_end_token_id=small.vision_end_token_id)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype,
+                                                        attn_implementation={"text_config": g.register()})
+    model.generation_config = tiny.model.generation_config
+    return model.eval()
 
 
-def timed(r: MLLMRunner, reqs: list[MLLMRequest], batch: int) -> float:
-    """Seconds to audit `reqs` in chunks of `batch` (best of two, after one warm-up chunk)."""
+def timed(r: MLLMRunner, reqs: list[MLLMRequest], batch: int) -> tuple[float, float]:
+    """(seconds to audit `reqs` in chunks of `batch`, peak GPU GiB); best of two passes after a warm-up chunk."""
+    r.model.set_attn_implementation(r.attn_implementation)  # runners may share one model
     r.run(reqs[:batch])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     best = float("inf")
     for _ in range(2):
         start = time.perf_counter()
         for i in range(0, len(reqs), batch):
             r.run(reqs[i:i + batch])
         best = min(best, time.perf_counter() - start)
-    return best
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return best, peak
+
+
+@torch.inference_mode()
+def bias_zero_gap(r: MLLMRunner, enc) -> tuple[float, float]:
+    """(max |next-token logit difference|, logit std) between stock sdpa and guidance with bias 0, all layers."""
+    model, n = r.model, enc.inputs["input_ids"].shape[0]
+    model.set_attn_implementation("sdpa")
+    stock = model(**enc.inputs, logits_to_keep=1).logits.float()
+    model.set_attn_implementation(r.attn_implementation)
+    ctx = g.GuidanceContext(layers=frozenset(range(model.config.get_text_config().num_hidden_layers)),
+                            column_bias=torch.zeros(n, enc.inputs["input_ids"].shape[1]))
+    with g.guidance(ctx):
+        guided = model(**enc.inputs, logits_to_keep=1).logits.float()
+    return float((guided - stock).abs().max()), float(stock.std())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=["tiny", "7b"], default="tiny")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    reqs = requests(args.images)
+    big = args.shape == "7b"
+    pixels = [] if big else ["mllm.min_pixels=3136", "mllm.max_pixels=50176"]  # 7b: the config's ~512 tokens
+    reqs = requests(args.images, 640 if big else 112)
+    variants = {
+        "stock sdpa, no guidance": ["guidance.enabled=false", "guidance.record_attention=false"],
+        "guided (uncertain half)": ["guidance.record_attention=false"],
+        "guided + record attention": [],
+        "guided all rows + record": ["guidance.rows=all"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_mllm(args.family, tmp)
-        variants = {
-            "stock sdpa, no guidance": runner(path, args.new_tokens, "guidance.enabled=false",
-                                              "guidance.record_attention=false"),
-            "guided (uncertain half)": runner(path, args.new_tokens, "guidance.record_attention=false"),
-            "guided + record attention": runner(path, args.new_tokens),
-            "guided all rows + record": runner(path, args.new_tokens, "guidance.rows=all"),
-        }
+        path = build_tiny_mllm("qwen2_5_vl", tmp)
+        runners = {}
+        for name, extra in variants.items():
+            cfg = load_config(overrides=[f"mllm.model={path}", f"mllm.dtype={args.dtype}",
+                                         f"mllm.max_new_tokens={args.new_tokens}", *pixels, *extra])
+            runners[name] = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=args.device)
+        if big:
+            model = seven_b_model(runners["guided + record attention"], args.device, getattr(torch, args.dtype))
+            for r in runners.values():
+                r.model, r.layers = model, g.resolve_layers(28, r.guidance_cfg.layers)
+        for r in runners.values():
+            r.model.generation_config.min_new_tokens = args.new_tokens  # equal work in every variant
+        enc = runners["stock sdpa, no guidance"].encode([runners["stock sdpa, no guidance"].prompt(q) for q in reqs])
         rows = []
-        base = variants["stock sdpa, no guidance"]
-        one = timed(base, reqs, 1)
-        rows.append(("stock sdpa, no guidance", 1, one))
+        base = runners["stock sdpa, no guidance"]
+        rows.append(("stock sdpa, no guidance", 1, *timed(base, reqs, 1)))
         for batch in (4, 8):
-            rows.append(("stock sdpa, no guidance", batch, timed(base, reqs, batch)))
-        batched = rows[-1][2]
-        for name, r in list(variants.items())[1:]:
-            rows.append((name, 8, timed(r, reqs, 8)))
+            rows.append(("stock sdpa, no guidance", batch, *timed(base, reqs, batch)))
+        for name in list(variants)[1:]:
+            rows.append((name, 8, *timed(runners[name], reqs, 8)))
 
-    print(f"\n{args.family} tiny model, {args.images} images, {args.new_tokens} new tokens each, "
-          f"{torch.get_num_threads()} thread(s)")
-    print(f"{'variant':28s} {'batch':>5s} {'seconds':>8s} {'images/s':>9s} {'vs one-by-one':>14s} {'vs stock b8':>12s}")
-    for name, batch, sec in rows:
-        print(f"{name:28s} {batch:5d} {sec:8.3f} {args.images / sec:9.1f} {one / sec:13.2f}x {sec / batched:11.2f}x")
+        gap, spread = bias_zero_gap(runners["guided + record attention"], enc)
+
+    one, batched = rows[0][2], rows[2][2]
+    prompt_len = enc.inputs["attention_mask"].sum(dim=1).float()
+    print(f"\n{args.shape} Qwen2.5-VL (random weights) on {args.device} {args.dtype}, {args.images} images, "
+          f"{args.new_tokens} new tokens each, prompts {prompt_len.min():.0f}-{prompt_len.max():.0f} tokens, "
+          f"guided layers {runners['guided + record attention'].layers}, {torch.get_num_threads()} CPU thread(s)")
+    print(f"{'variant':28s} {'batch':>5s} {'seconds':>8s} {'images/s':>9s} {'vs one-by-one':>14s} "
+          f"{'time vs stock b8':>17s} {'peak GiB':>9s}")
+    for name, batch, sec, peak in rows:
+        print(f"{name:28s} {batch:5d} {sec:8.3f} {args.images / sec:9.2f} {one / sec:13.2f}x "
+              f"{sec / batched:16.2f}x {peak:9.1f}")
+    print(f"guidance with bias 0 in every layer vs stock sdpa, batch of {len(reqs)}: max |delta next-token logit| "
+          f"{gap:.2e} (logit std {spread:.2e})")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ class MLLMRunner:
         if guidance.enabled or guidance.record_attention:
             name = g.register()
             attn = {"text_config": name} if "text_config" in getattr(config, "sub_configs", {}) else name
+        self.attn_implementation = attn
         self.model = AutoModelForImageTextToText.from_pretrained(
             source, dtype=getattr(torch, mllm.dtype), attn_implementation=attn, **hub, **trust
         ).to(self.device).eval()

@@ -4,6 +4,7 @@ of the bias in prefill and decode, per-sample spans under left padding, no state
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from eagle.mllm import Encoded, MLLMRequest, MLLMRunner
 from eagle.types import Box
 
 TINY_OVERRIDES = ["mllm.dtype=float32", "mllm.min_pixels=3136", "mllm.max_pixels=50176", "mllm.max_new_tokens=4"]
+DEVICE = os.environ.get("EAGLE_TEST_DEVICE", "cpu")  # "cuda" runs the same checks on a GPU machine
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -83,9 +85,9 @@ def bundle(request: pytest.FixtureRequest) -> Bundle:
 
     path = request.getfixturevalue(request.param)
     cfg = load_config(overrides=[*TINY_OVERRIDES, f"mllm.model={path}"])
-    runner = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance)
-    stock = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    eager = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    runner = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=DEVICE)
+    stock, eager = (AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)
+                    .to(DEVICE).eval() for impl in ("sdpa", "eager"))
     enc = runner.encode([runner.prompt(r) for r in _requests()])
     assert enc.inputs["attention_mask"].min() == 0  # the batch really is left-padded
     return Bundle(runner, stock, eager, enc, runner.model.config.get_text_config().num_hidden_layers)
@@ -117,7 +119,7 @@ def test_bias_zero_equals_stock_attention_and_the_recorded_rows_equal_eager_weig
 
     eager = bundle.eager(**bundle.enc.inputs, output_attentions=True).attentions
     for layer, probs in ctx.prefill_attention().items():
-        torch.testing.assert_close(probs, eager[layer][:, :, -1, :].float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(probs, eager[layer][:, :, -1, :].float().cpu(), atol=1e-5, rtol=0)
 
 
 def _mass(probs: torch.Tensor, spans) -> torch.Tensor:

@@ -4,6 +4,7 @@ baseline mode, model sources (local dir, s3:// prefix) and the command."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,12 @@ from eagle.storage import list_files, write_bytes
 from eagle.types import Box
 
 TINY = ["mllm.dtype=float32", "mllm.min_pixels=3136", "mllm.max_pixels=50176", "mllm.max_new_tokens=6"]
+DEVICE = os.environ.get("EAGLE_TEST_DEVICE", "cpu")  # "cuda" runs the same checks on a GPU machine
 
 
 def _runner(path: str, *overrides: str) -> MLLMRunner:
     cfg = load_config(overrides=[*TINY, f"mllm.model={path}", *overrides])
-    return MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance)
+    return MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=DEVICE)
 
 
 def _requests() -> list[MLLMRequest]:
