@@ -1,0 +1,122 @@
+"""Versioned per-product expert artifacts in a model store (local path or s3://): safetensors + JSON, no pickle.
+
+Layout::
+
+    {store}/{product}/{version}/tensors.safetensors   memory bank and other tensors
+    {store}/{product}/{version}/meta.json             everything else (backbone, threshold, training scores, ...)
+    {store}/{product}/LATEST                          the version of the newest fit
+
+The version is a content hash of both files, so loading can check that neither changed by a single byte;
+fitting the same data with the same config and libraries gives the same version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from eagle.config import StorageConfig
+from eagle.storage import exists, join, read_bytes, write_bytes
+
+FORMAT = "eagle-expert/1"
+TENSORS_FILE = "tensors.safetensors"
+META_FILE = "meta.json"
+LATEST_FILE = "LATEST"
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ArtifactError(ValueError):
+    """A missing, unreadable or tampered artifact."""
+
+
+@dataclass(frozen=True)
+class ExpertArtifact:
+    """One loaded, verified artifact."""
+
+    product: str
+    version: str
+    uri: str
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"]["value"])
+
+    @property
+    def score_max(self) -> float:
+        return float(self.meta["threshold"]["score_max"])
+
+    @property
+    def memory_bank(self) -> torch.Tensor:
+        return self.tensors["memory_bank"]
+
+
+def _segment(name: str, what: str) -> str:
+    if not _SEGMENT.match(name):
+        raise ArtifactError(f"{what} {name!r} is not a safe path segment (letters, digits, '._-', max 128)")
+    return name
+
+
+def content_version(meta_bytes: bytes, tensor_bytes: bytes) -> str:
+    """16 hex chars of SHA-256 over the format tag and the hashes of both files."""
+    digest = hashlib.sha256(FORMAT.encode())
+    digest.update(hashlib.sha256(meta_bytes).digest())
+    digest.update(hashlib.sha256(tensor_bytes).digest())
+    return digest.hexdigest()[:16]
+
+
+def save_artifact(store: str, product: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  storage: StorageConfig | None = None, set_latest: bool = True) -> str:
+    """Write the artifact, then move ``LATEST`` to it (last, so readers never see a half-written version)."""
+    _segment(product, "product")
+    tensor_bytes = save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    meta = {**meta, "format": FORMAT, "product": product,
+            "files": {TENSORS_FILE: hashlib.sha256(tensor_bytes).hexdigest()}}
+    meta_bytes = json.dumps(meta, sort_keys=True, indent=1, allow_nan=False).encode()
+    version = content_version(meta_bytes, tensor_bytes)
+    base = join(store, product, version)
+    write_bytes(join(base, TENSORS_FILE), tensor_bytes, storage)
+    write_bytes(join(base, META_FILE), meta_bytes, storage)
+    if set_latest:
+        write_bytes(join(store, product, LATEST_FILE), f"{version}\n".encode(), storage)
+    return version
+
+
+def resolve_version(store: str, product: str, version: str = "latest",
+                    storage: StorageConfig | None = None) -> str:
+    """The concrete version for 'latest' (from the product's LATEST pointer) or the version given."""
+    _segment(product, "product")
+    if version != "latest":
+        return _segment(version, "version")
+    pointer = join(store, product, LATEST_FILE)
+    if not exists(pointer, storage):
+        raise ArtifactError(f"no fitted expert for product {product!r} in {store} ({pointer} missing)")
+    return _segment(read_bytes(pointer, storage).decode().strip(), "version in LATEST")
+
+
+def load_artifact(store: str, product: str, version: str = "latest",
+                  storage: StorageConfig | None = None) -> ExpertArtifact:
+    """Read and verify an artifact; raises ArtifactError if it is missing or its content hash does not match."""
+    version = resolve_version(store, product, version, storage)
+    base = join(store, product, version)
+    try:
+        meta_bytes = read_bytes(join(base, META_FILE), storage)
+        tensor_bytes = read_bytes(join(base, TENSORS_FILE), storage)
+    except FileNotFoundError as err:
+        raise ArtifactError(f"artifact {base} is incomplete: {err}") from None
+    actual = content_version(meta_bytes, tensor_bytes)
+    if actual != version:
+        raise ArtifactError(f"artifact {base} fails its content check (files hash to {actual}, expected "
+                            f"{version}): it was modified or damaged; refit the product or restore the files")
+    meta = json.loads(meta_bytes)
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"artifact {base} has format {meta.get('format')!r}; this code reads {FORMAT}")
+    return ExpertArtifact(product=product, version=version, uri=base, meta=meta, tensors=load_tensors(tensor_bytes))

@@ -1,0 +1,72 @@
+"""The fitted expert as the pipeline uses it: numpy images in, score + anomaly maps out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eagle.config import ExpertConfig, StorageConfig
+from eagle.expert.artifact import ArtifactError, ExpertArtifact
+from eagle.expert.backbone import build_extractor, fingerprint
+from eagle.expert.model import PatchCore
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    """One scored image. anomaly_map: float32 (H, W) at the original size; patch_map: float32 (h, w) grid."""
+
+    score: float
+    anomaly_map: np.ndarray
+    patch_map: np.ndarray
+
+
+def build_model(cfg: ExpertConfig, storage: StorageConfig | None = None,
+                memory_bank: torch.Tensor | None = None) -> PatchCore:
+    """A PatchCore (CPU, float32) as the expert config describes it."""
+    extractor = build_extractor(cfg.backbone, cfg.layers, cfg.weights, cfg.seed, storage)
+    return PatchCore(extractor, cfg.layers, resize=cfg.resize, crop=cfg.crop, patch_size=cfg.patch_size,
+                     projection_dim=cfg.projection_dim, scoring=cfg.scoring, num_neighbors=cfg.num_neighbors,
+                     k=cfg.k, memory_bank=memory_bank).eval()
+
+
+class Expert:
+    """Scores batches of HxWx3 uint8 RGB images with a fitted PatchCore."""
+
+    def __init__(self, model: PatchCore) -> None:
+        self.model = model
+
+    @classmethod
+    def from_artifact(cls, art: ExpertArtifact, device: str = "cpu", dtype: str = "float32",
+                      storage: StorageConfig | None = None) -> Expert:
+        """Rebuild the backbone the artifact was fitted with (refusing different weights) and load its bank.
+
+        ``dtype`` applies to the backbone; nearest-neighbour search always runs in float32.
+        """
+        cfg = ExpertConfig.model_validate(art.meta["expert"])
+        model = build_model(cfg, storage, memory_bank=art.memory_bank)
+        expected = art.meta["backbone"]["fingerprint"]
+        actual = fingerprint(model.extractor)
+        if actual != expected:
+            raise ArtifactError(
+                f"backbone {cfg.backbone!r} with weights {cfg.weights!r} differs from the one artifact {art.uri} "
+                f"was fitted with (fingerprint {actual[:12]} != {expected[:12]}): different timm/anomalib "
+                "version, cache or checkpoint; refit or restore the original weights")
+        model = model.to(device)
+        model.extractor.to(DTYPES[dtype])
+        return cls(model)
+
+    def score(self, images: Sequence[np.ndarray]) -> list[ExpertResult]:
+        """Scores and anomaly maps for a batch of images of any sizes, in one backbone pass."""
+        if not images:
+            return []
+        batch = self.model.preprocess(images)
+        scores, patch_maps = self.model(batch)
+        maps = self.model.anomaly_maps(patch_maps, [img.shape[:2] for img in images])
+        scores_np, patch_np = scores.float().cpu().numpy(), patch_maps.float().cpu().numpy()
+        return [ExpertResult(score=float(s), anomaly_map=m.float().cpu().numpy(), patch_map=p)
+                for s, m, p in zip(scores_np, maps, patch_np, strict=True)]

@@ -1,0 +1,98 @@
+"""PatchCore model: embedding and scores match anomalib's PatchcoreModel; the scoring functions do what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eagle.config import ExpertConfig
+from eagle.expert import Expert, build_model
+from eagle.expert.scoring import nearest_neighbors, patch_scores
+
+LAYERS = ["layer2", "layer3"]
+
+
+def tiny_cfg(**kw) -> ExpertConfig:
+    return ExpertConfig(backbone="resnet18", layers=LAYERS, weights="random", resize=64, crop=64, **kw)
+
+
+def images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 200, (size, size, 3), dtype=np.uint8)
+    return [np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model_and_bank():
+    model = build_model(tiny_cfg())
+    emb = model.embed(model.preprocess(images(4)))  # (4, 8, 8, 384)
+    bank = emb.reshape(-1, emb.shape[-1])[::3].clone()
+    model.memory_bank = bank
+    return model, bank
+
+
+def test_scores_and_maps_match_anomalib_patchcore(model_and_bank):
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    model, bank = model_and_bank
+    reference = PatchcoreModel(layers=LAYERS, backbone="resnet18", pre_trained=False, num_neighbors=9).eval()
+    reference.feature_extractor.load_state_dict(model.extractor.state_dict())
+    reference.memory_bank = bank
+    test = images(3, seed=1)
+    test[2][20:30, 20:30] = 255  # a bright square: a clearly higher score
+    batch = model.preprocess(test)
+    expected = reference(batch)
+    scores, patch_maps = model(batch)
+    assert torch.allclose(scores, expected.pred_score, rtol=1e-4, atol=0)
+    assert scores[2] > scores[:2].max()
+    # resize == crop == image size: preprocessing is the identity geometry, so maps compare pixel for pixel
+    maps = Expert(model).score(test)
+    for result, ref_map in zip(maps, expected.anomaly_map[:, 0], strict=True):
+        assert result.anomaly_map.shape == (64, 64) and result.patch_map.shape == (8, 8)
+        np.testing.assert_allclose(result.anomaly_map, ref_map.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_anomaly_map_is_at_original_size_and_follows_the_defect():
+    model = build_model(ExpertConfig(backbone="resnet18", layers=LAYERS, weights="random", resize=80, crop=64))
+    model.memory_bank = model.embed(model.preprocess(images(3, size=96))).reshape(-1, 384)
+    test = images(1, size=96, seed=3)[0][:, :80].copy()  # 96 x 80, not square
+    test[40:56, 30:46] = 255
+    (result,) = Expert(model).score([test])
+    assert result.anomaly_map.shape == (96, 80) and result.anomaly_map.dtype == np.float32
+    y, x = np.unravel_index(result.anomaly_map.argmax(), result.anomaly_map.shape)
+    assert 32 <= y <= 64 and 22 <= x <= 54
+
+
+def test_nearest_neighbors_exact_and_exclusion():
+    g = torch.Generator().manual_seed(0)
+    query, bank = torch.randn(50, 16, generator=g), torch.randn(200, 16, generator=g)
+    full = torch.cdist(query, bank)
+    dist, idx = nearest_neighbors(query, bank, k=3)
+    ref_d, ref_i = full.topk(3, largest=False)
+    assert torch.equal(idx, ref_i) and torch.allclose(dist, ref_d, atol=1e-5)
+    exclude = torch.zeros(200, dtype=torch.bool)
+    exclude[ref_i[:, 0]] = True  # remove every query's nearest row
+    dist_ex, idx_ex = nearest_neighbors(query, bank, k=1, exclude=exclude)
+    assert not exclude[idx_ex[:, 0]].any()
+    assert torch.allclose(dist_ex[:, 0], full.masked_fill(exclude, float("inf")).min(1).values, atol=1e-5)
+
+
+def test_mean_k_scoring_is_mean_of_k_distances_and_max_over_patches():
+    g = torch.Generator().manual_seed(1)
+    emb, bank = torch.randn(2, 10, 8, generator=g), torch.randn(40, 8, generator=g)
+    image, patch = patch_scores(emb, bank, "mean_k", num_neighbors=9, k=5)
+    expected = torch.cdist(emb.reshape(-1, 8), bank).topk(5, largest=False).values.mean(1).reshape(2, 10)
+    assert torch.allclose(patch, expected, atol=1e-5)
+    assert torch.allclose(image, expected.amax(1))
+
+
+def test_projection_reduces_patch_dims():
+    model = build_model(tiny_cfg(projection_dim=100))
+    assert model.embed(model.preprocess(images(1))).shape == (1, 8, 8, 100)
+
+
+def test_preprocess_refuses_non_rgb():
+    model = build_model(tiny_cfg())
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        model.preprocess([np.zeros((64, 64), np.uint8)])
