@@ -81,16 +81,14 @@ def _map_args(res: StageResources, actor: bool) -> dict[str, Any]:
 
 def resolve_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
     """Pin each product's expert artifact version for the whole run (products without a model are left out)."""
-    from eagle.expert import resolve_version
+    from eagle.expert.artifact import ArtifactError, resolve_version
 
     versions = {}
     for product in products:
-        version = resolve_version(cfg.model_store, product, storage=cfg.storage)
-        if version:
-            versions[product] = version
-        else:
-            log.warning("no fitted expert for product %r under %s: its images become error rows",
-                        product, cfg.model_store)
+        try:
+            versions[product] = resolve_version(cfg.model_store, product, storage=cfg.storage)
+        except ArtifactError as exc:
+            log.warning("%s: its images become error rows", exc)
     return versions
 
 
@@ -100,7 +98,8 @@ def _stamp(batch: dict[str, np.ndarray], stamp: dict[str, Any]) -> pa.Table:
     now = dt.datetime.now(dt.timezone.utc)
     for row in rows:
         row.update(stamp, audited_at=now)
-        row["boxes"] = list(row["boxes"]) if row.get("boxes") is not None else []
+        boxes = row.get("boxes")  # Ray turns a missing list into NaN between stages
+        row["boxes"] = list(boxes) if isinstance(boxes, (list, tuple, np.ndarray)) else []
     return to_table(rows)
 
 

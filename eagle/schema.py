@@ -6,8 +6,10 @@ exactly this schema (missing columns become nulls), so every Parquet file of eve
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 BOX = pa.struct([("x1", pa.int32()), ("y1", pa.int32()), ("x2", pa.int32()), ("y2", pa.int32()),
@@ -58,9 +60,24 @@ OUTPUT_SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in COLUMNS])
 COLUMN_NAMES = [name for name, _, _ in COLUMNS]
 
 
+def _plain(value: Any) -> Any:
+    """Python value for Arrow: numpy scalars/arrays unwrapped, NaN (Ray's stand-in for a missing number) → None."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows (dicts with any subset of the columns; extra keys ignored) → a table with OUTPUT_SCHEMA."""
-    return pa.Table.from_pydict({name: [row.get(name) for row in rows] for name in COLUMN_NAMES},
+    return pa.Table.from_pydict({name: [_plain(row.get(name)) for row in rows] for name in COLUMN_NAMES},
                                 schema=OUTPUT_SCHEMA)
 
 

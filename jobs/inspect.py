@@ -10,13 +10,19 @@ Exit codes: 0 success (individual bad images are error rows, not failures), 2 ba
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
+from pathlib import Path
 
-from eagle.config import ConfigError, deep_merge, load_config, parse_overrides
-from eagle.logs import setup_logging
+# Run as a script, this folder comes first on sys.path, where this very file would shadow the standard
+# library's `inspect` module for every later import: take the folder off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+
+from eagle.config import ConfigError, deep_merge, load_config, parse_overrides  # noqa: E402
+from eagle.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("eagle.inspect")
 

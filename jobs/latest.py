@@ -7,12 +7,18 @@ The same logic as SQL for ad-hoc use: eagle/sql/latest.sql (DuckDB views `audit`
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+from pathlib import Path
 
-from eagle.latest import write_latest
-from eagle.logs import setup_logging
+# Run as a script, this folder comes first on sys.path, where jobs/inspect.py would shadow the standard
+# library's `inspect` module for every later import: take the folder off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+from eagle.latest import write_latest  # noqa: E402
+from eagle.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("eagle.latest")
 
