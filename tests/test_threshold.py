@@ -9,6 +9,7 @@ from scipy import stats
 
 from eagle.config import ConfidenceConfig, ThresholdConfig
 from eagle.expert.scoring import patch_scores
+from eagle.expert.search import MemoryBank
 from eagle.threshold import classify, fit_threshold, leave_own_out_scores, threshold_value
 
 
@@ -46,7 +47,9 @@ def test_fit_keeps_distribution_and_score_max():
         threshold_value(np.array([1.0]), rule("k-sigma"))
 
 
-def anomalib_scorer(bank: torch.Tensor):
+def anomalib_scorer(vectors: torch.Tensor):
+    bank = MemoryBank(vectors)
+
     def score(query: torch.Tensor, exclude: torch.Tensor) -> float:
         return float(patch_scores(query.unsqueeze(0), bank, "anomalib", 1, 1, exclude)[0][0])
     return score

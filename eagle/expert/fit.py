@@ -18,6 +18,7 @@ from eagle.expert.backbone import fingerprint
 from eagle.expert.coreset import greedy_coreset
 from eagle.expert.expert import DTYPES, build_model
 from eagle.expert.scoring import patch_scores
+from eagle.expert.search import MemoryBank
 from eagle.storage import join, list_files, read_bytes
 from eagle.threshold import ThresholdFit, fit_threshold, leave_own_out_scores
 
@@ -94,9 +95,10 @@ def fit_expert(images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu"
     selected = greedy_coreset(flat, size, ecfg.coreset_projection_dim, seed=ecfg.seed)
     bank = flat[selected]
     t_coreset = time.perf_counter()
+    index = MemoryBank(bank)
 
     def score_image(query: torch.Tensor, exclude: torch.Tensor) -> float:
-        image, _ = patch_scores(query.unsqueeze(0), bank, ecfg.scoring, ecfg.num_neighbors, ecfg.k, exclude)
+        image, _ = patch_scores(query.unsqueeze(0), index, ecfg.scoring, ecfg.num_neighbors, ecfg.k, exclude)
         return float(image[0])
 
     scores, skipped = leave_own_out_scores(embeddings.reshape(n_images, grid_h * grid_w, dim), selected,
