@@ -60,21 +60,24 @@ def _rest(text: str, end: int) -> str:
     return text[end:].lstrip(" \t.,:;!-–—)").strip()
 
 
+def _yes_no(word: str) -> Answer:
+    return "yes" if word.lower() == "yes" else "no"
+
+
 def parse_answer(text: str, options: Mapping[str, Answer] | None = None) -> ParsedAnswer:
     """Map a free-text reply to an answer; `options` maps option letters (e.g. {"A": "yes"}) to answers."""
     options = {k.upper(): v for k, v in (options or {}).items()}
     reply = clean_reply(text)
     if m := _LEAD_WORD.match(reply):
-        return ParsedAnswer(m.group(1).lower(), _rest(reply, m.end()))  # type: ignore[arg-type]
+        return ParsedAnswer(_yes_no(m.group(1)), _rest(reply, m.end()))
     if (m := _LEAD_LETTER.match(reply)) and (m.group(2) or m.group(1) in options):
-        answer = m.group(2).lower() if m.group(2) else options[m.group(1)]
-        return ParsedAnswer(answer, _rest(reply, m.end()))  # type: ignore[arg-type]
-    if m := _LATER.search(reply):
-        word, letter = m.group(1), m.group(2)
-        if word or letter in options:
-            return ParsedAnswer(word.lower() if word else options[letter], _rest(reply, m.end()))  # type: ignore[arg-type]
+        answer = _yes_no(m.group(2)) if m.group(2) else options[m.group(1)]
+        return ParsedAnswer(answer, _rest(reply, m.end()))
+    if (m := _LATER.search(reply)) and (m.group(1) or m.group(2) in options):
+        answer = _yes_no(m.group(1)) if m.group(1) else options[m.group(2)]
+        return ParsedAnswer(answer, _rest(reply, m.end()))
     if m := _SENTENCE_START.search(reply):
-        return ParsedAnswer(m.group(1).lower(), _rest(reply, m.end()))  # type: ignore[arg-type]
+        return ParsedAnswer(_yes_no(m.group(1)), _rest(reply, m.end()))
     if _HEDGE.search(reply):
         return ParsedAnswer("unparsed", reply)
     if _NEGATIVE.search(reply):

@@ -10,7 +10,8 @@ OPTIONS = {"A": "yes", "B": "no"}
 
 CASES = [
     # (reply, answer, explanation)
-    ("Yes, there is a scratch on the upper left of the bolt.", "yes", "there is a scratch on the upper left of the bolt."),
+    ("Yes, there is a scratch on the upper left of the bolt.", "yes",
+     "there is a scratch on the upper left of the bolt."),
     ("No. The object is intact and evenly coloured.", "no", "The object is intact and evenly coloured."),
     ("**Yes** - a crack runs along the bottom edge.", "yes", "a crack runs along the bottom edge."),
     ("yes", "yes", ""),
@@ -32,7 +33,8 @@ CASES = [
     ("A scratch runs across the lower half of the screw head.", "yes",
      "A scratch runs across the lower half of the screw head."),
     ("Nothing unusual.", "unparsed", "Nothing unusual."),
-    ("It is hard to tell whether the mark is a defect.", "unparsed", "It is hard to tell whether the mark is a defect."),
+    ("It is hard to tell whether the mark is a defect.", "unparsed",
+     "It is hard to tell whether the mark is a defect."),
     ("", "unparsed", ""),
     ("� first firstsing", "unparsed", "� first firstsing"),
     ("Not defective; the seam is straight.", "no", "Not defective; the seam is straight."),

@@ -112,7 +112,8 @@ def test_encoded_spans_point_at_the_query_image_and_the_prior(runner: MLLMRunner
         s, e = enc.image_spans[b]
         assert (ids[b, s:e] == runner.image_token_id).all() and e - s == enc.grids[b][0] * enc.grids[b][1]
         assert ids[b, s - 1] != runner.image_token_id and ids[b, e] != runner.image_token_id
-        prior = runner.prompt_cfg.prior_anomalous if req.expert_verdict == "anomalous" else runner.prompt_cfg.prior_normal
+        cfg = runner.prompt_cfg
+        prior = cfg.prior_anomalous if req.expert_verdict == "anomalous" else cfg.prior_normal
         ps, pe = enc.prior_spans[b]
         assert tok.decode(ids[b, ps:pe]).strip() == prior
     # an anomalous request with boxes has a second (boxed) image after the query image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from eagle.config import PromptConfig
-from eagle.prompts import box_thickness, build_prompt, draw_boxes
+from eagle.prompts import box_thickness, build_prompt
 from eagle.types import Box
 
 
