@@ -24,6 +24,7 @@ def latest_table(output_uri: str, cfg: StorageConfig | None = None) -> pa.Table:
         raise FileNotFoundError(f"no Parquet output under {output_uri}")
     if storage.is_remote(output_uri):
         fs, _ = storage.filesystem(output_uri, cfg)
+        fs.invalidate_cache()
         con.register_filesystem(fs)
     con.execute(latest_sql(output_uri))
     return con.sql("SELECT * FROM latest ORDER BY product, image_uri").to_arrow_table()

@@ -24,7 +24,7 @@ from eagle.config import ConfigError, JobConfig, StageResources, config_hash
 from eagle.inputs import list_inputs
 from eagle.output import RunFilenames, begin_run, done_in_run, read_rows, up_to_date
 from eagle.schema import OUTPUT_SCHEMA, to_table
-from eagle.stages import rows_of
+from eagle.stages import boxes_of, rows_of
 from eagle.stages.decode import read_decode
 from eagle.stages.expert import ExpertStage
 from eagle.stages.mllm import MLLMStage, finalize
@@ -98,8 +98,7 @@ def _stamp(batch: dict[str, np.ndarray], stamp: dict[str, Any]) -> pa.Table:
     now = dt.datetime.now(dt.timezone.utc)
     for row in rows:
         row.update(stamp, audited_at=now)
-        boxes = row.get("boxes")  # Ray turns a missing list into NaN between stages
-        row["boxes"] = list(boxes) if isinstance(boxes, (list, tuple, np.ndarray)) else []
+        row["boxes"] = [b.as_dict() for b in boxes_of(row)]
     return to_table(rows)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eagle.types import Answer, Confidence, Verdict
+from eagle.types import Answer, Box, Confidence, Verdict
 
 _ROUTED: dict[str, set[str]] = {
     "all": {"confident_normal", "uncertain", "confident_anomalous"},
@@ -31,20 +31,19 @@ def final_verdict(answer: Answer | None, expert_verdict: Verdict) -> Verdict:
     return expert_verdict
 
 
-def expert_explanation(row: dict[str, Any]) -> str:
+def expert_explanation(row: dict[str, Any], boxes: list[Box]) -> str:
     """A sentence from the expert alone: verdict, score against threshold, and where the region is."""
     score, threshold = row["expert_score"], row["threshold"]
     ratio = score / threshold if threshold else float("nan")
     if row["expert_verdict"] == "normal":
         return (f"Expert: normal, score {score:.3g} is {ratio:.2f}x the threshold {threshold:.3g}; "
                 f"no anomalous region.")
-    boxes = row.get("boxes") or []
     width, height = row["width"], row["height"]
     if boxes:
         b = boxes[0]
-        area = 100.0 * (b["x2"] - b["x1"]) * (b["y2"] - b["y1"]) / max(1, width * height)
-        cx, cy = (b["x1"] + b["x2"]) / 2 / width, (b["y1"] + b["y2"]) / 2 / height
-        where = (f"strongest region at x={b['x1']}-{b['x2']}, y={b['y1']}-{b['y2']} "
+        area = 100.0 * (b.x2 - b.x1) * (b.y2 - b.y1) / max(1, width * height)
+        cx, cy = (b.x1 + b.x2) / 2 / width, (b.y1 + b.y2) / 2 / height
+        where = (f"strongest region at x={b.x1}-{b.x2}, y={b.y1}-{b.y2} "
                  f"({_place(cx, cy)}, {area:.1f}% of the image)")
     else:
         where = "no compact region found"

@@ -158,6 +158,7 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
 
 def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
     fs, path = filesystem(uri, cfg)
+    fs.invalidate_cache(path)  # other processes write to the same prefixes: never answer from a stale listing
     return fs.exists(path)
 
 
@@ -169,6 +170,7 @@ def list_files(prefix: str, extensions: tuple[str, ...] | list[str] | None = Non
                cfg: StorageConfig | None = None) -> list[FileInfo]:
     """All files under `prefix` (recursive), sorted by URI, optionally filtered by extension (case-insensitive)."""
     fs, path = filesystem(prefix, cfg)
+    fs.invalidate_cache(path)  # other processes write to the same prefixes: never answer from a stale listing
     if not fs.exists(path):
         return []
     exts = tuple(e.lower() for e in extensions) if extensions else None

@@ -93,18 +93,21 @@ def s3_bucket(s3_server: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server: str) -> Iterator[None]:
-    """A local Ray with more logical CPUs than cores, so actor pools cannot starve read tasks on 2 cores.
+def ray_local(s3_server: str) -> Iterator[str]:
+    """A local Ray with a dashboard (for `ray job submit` and the state API); yields the dashboard URL.
 
-    Depends on the S3 server so that workers inherit its endpoint and keys (set before ``ray.init``).
+    8 logical CPUs on 2 cores, so fractional actor pools cannot starve read tasks. Depends on the S3 server so
+    that workers inherit its endpoint and keys (they must be set before ``ray.init``).
     """
     import ray
 
+    port = _free_port()
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                           "AWS_DEFAULT_REGION", "OMP_NUM_THREADS", "HF_HUB_OFFLINE")}
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    yield
+        ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=False, runtime_env={"env_vars": env})
+    yield f"http://127.0.0.1:{port}"
     ray.shutdown()
 
 
@@ -130,3 +133,11 @@ def tiny_qwen3vl(tmp_path_factory: pytest.TempPathFactory) -> str:
     from eagle.tiny_mllm import build_tiny_mllm
 
     return build_tiny_mllm("qwen3_vl", str(tmp_path_factory.mktemp("tiny_qwen3vl")))
+
+
+@pytest.fixture(scope="session")
+def audit_setup(s3_server: str, ray_local: str, tiny_qwen25vl: str) -> dict:
+    """Synthetic data (with bad files) on S3 and experts fitted for it; shared by the end-to-end tests."""
+    from e2e import make_audit_setup
+
+    return make_audit_setup(s3_server, tiny_qwen25vl)

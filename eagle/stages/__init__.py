@@ -6,12 +6,15 @@ through every later stage untouched, so each input image leaves the pipeline as 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from typing import Any
 
 import numpy as np
+
+from eagle.types import Box
 
 log = logging.getLogger("eagle.progress")
 
@@ -30,6 +33,17 @@ def batch_of(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, np.nda
         arr[:] = [r.get(col) for r in rows]
         out[col] = arr
     return out
+
+
+def boxes_of(row: dict[str, Any]) -> list[Box]:
+    """The row's boxes. Between stages they travel as a JSON string: Ray's numpy batches mangle ragged
+    lists of dicts (an empty list comes back as an empty array, a missing one as NaN)."""
+    text = row.get("boxes_json")
+    return [Box(**b) for b in json.loads(text)] if isinstance(text, str) else []
+
+
+def set_boxes(row: dict[str, Any], boxes: list[Box]) -> None:
+    row["boxes_json"] = json.dumps([b.as_dict() for b in boxes])
 
 
 def fail(row: dict[str, Any], stage: str, message: str) -> None:

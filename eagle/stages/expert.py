@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from eagle.config import JobConfig
-from eagle.stages import Throughput, batch_of, fail, rows_of
+from eagle.stages import Throughput, batch_of, fail, rows_of, set_boxes
 from eagle.stages.decode import OUTPUT_COLUMNS as DECODE_COLUMNS
 
 EXPERT_COLUMNS = ["expert_score", "threshold", "score_max", "threshold_method", "expert_verdict", "confidence",
-                  "boxes", "mask_png", "anomaly_map_png", "map_max", "expert_model_version", "expert_ms"]
+                  "boxes_json", "mask_png", "anomaly_map_png", "map_max", "expert_model_version", "expert_ms"]
 OUTPUT_COLUMNS = DECODE_COLUMNS + EXPERT_COLUMNS
 
 
@@ -105,9 +105,9 @@ class ExpertStage:
             threshold_method=art.meta["threshold"]["method"],
             expert_verdict=verdict,
             confidence=confidence,
-            boxes=[b.as_dict() for b in regions.boxes] if anomalous else [],
             mask_png=regions.mask_png if anomalous else None,
             anomaly_map_png=regions.map_png,
             map_max=regions.map_max,
             expert_model_version=art.version,
         )
+        set_boxes(row, regions.boxes if anomalous else [])

@@ -14,17 +14,16 @@ import numpy as np
 from eagle.config import JobConfig
 from eagle.routing import expert_explanation, final_verdict, needs_mllm
 from eagle.schema import COLUMN_NAMES
-from eagle.stages import Throughput, batch_of, rows_of
-from eagle.types import Box
+from eagle.stages import Throughput, batch_of, boxes_of, rows_of
 
 RESULT_COLUMNS = [c for c in COLUMN_NAMES if c not in ("run_id", "audited_at", "audit_date", "eagle_version",
-                                                       "config_hash")]
+                                                       "config_hash", "boxes")] + ["boxes_json"]
 
 
 def _finish_without_mllm(row: dict[str, Any]) -> None:
     row.update(mllm_ran=False, guided=False, answer=None, image_attention_share=None)
     if row["status"] == "ok":
-        row.update(verdict=row["expert_verdict"], explanation=expert_explanation(row),
+        row.update(verdict=row["expert_verdict"], explanation=expert_explanation(row, boxes_of(row)),
                    explanation_source="expert")
 
 
@@ -68,7 +67,7 @@ class MLLMStage:
         from eagle.mllm import MLLMRequest
 
         requests = [MLLMRequest(image=r["image"], product=r["product"], expert_verdict=r["expert_verdict"],
-                                confidence=r["confidence"], boxes=[Box(**b) for b in (r["boxes"] or [])])
+                                confidence=r["confidence"], boxes=boxes_of(r))
                     for r in chunk]
         start = time.perf_counter()
         try:
@@ -90,4 +89,4 @@ class MLLMStage:
             if res.explanation:
                 row.update(explanation=res.explanation, explanation_source="mllm")
             else:
-                row.update(explanation=expert_explanation(row), explanation_source="expert")
+                row.update(explanation=expert_explanation(row, boxes_of(row)), explanation_source="expert")

@@ -1,0 +1,93 @@
+"""Shared end-to-end set-up: a synthetic dataset with bad and odd files on the local S3 server, fitted experts,
+and helpers to build job configs and read output rows back through DuckDB."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import duckdb
+import numpy as np
+from PIL import Image
+
+from eagle import storage
+from eagle.config import JobConfig, load_config
+from eagle.expert.fit import fit_products
+from eagle.synth import generate, image_rng, render_normal
+
+PRODUCTS = ("grid", "nut")
+
+
+def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _odd_files(normal: np.ndarray) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(files that must become error rows with a reason, odd but valid files that must be audited)."""
+    good_png = png(Image.fromarray(normal))
+    rotated = Image.fromarray(normal[:, : normal.shape[1] // 2])  # a 2:1 tall image stored wide, EXIF-rotated
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    bad = {
+        "zero.png": b"",
+        "text.png": b"not an image at all\n",
+        "truncated.png": good_png[: len(good_png) // 3],
+        "bomb.png": png(Image.new("L", (9000, 9000))),
+    }
+    odd = {
+        "sixteen.png": png(Image.fromarray((normal[..., 0].astype(np.uint16) * 257))),
+        "cmyk.jpg": png(Image.fromarray(normal).convert("CMYK"), "JPEG", quality=95),
+        "palette.png": png(Image.fromarray(normal).convert("P", palette=Image.Palette.ADAPTIVE)),
+        "alpha.png": png(Image.fromarray(normal).convert("RGBA")),
+        "gray.png": png(Image.fromarray(normal).convert("L")),
+        "exif.jpg": png(rotated, "JPEG", exif=exif, quality=95),
+    }
+    return bad, odd
+
+
+def make_audit_setup(s3_server: str, tiny_model: str) -> dict:
+    import boto3
+
+    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    root = f"s3://{bucket}"
+    data = f"{root}/data"
+    generate(data, products=PRODUCTS, n_train=8, n_test_good=2, n_test_defect=1, size=96, seed=3)
+    normal = render_normal("nut", image_rng(9, "nut", "extra", 0), 96)
+    bad, odd = _odd_files(normal)
+    for name, payload in {**bad, **odd}.items():
+        storage.write_bytes(f"{data}/nut/test/good/zz_{name}", payload)
+    storage.write_bytes(f"{data}/widget/test/good/000.png", png(Image.fromarray(normal)))  # no fitted model
+    overrides = {
+        "inputs": {"uris": [data], "exclude": ["*/ground_truth/*", "*/train/*"],
+                   "max_image_pixels": 50_000_000},
+        "model_store": f"{root}/models",
+        "output": {"uri": f"{root}/audit", "max_error_rate": 0.9},
+        "expert": {"backbone": "resnet18", "weights": "random", "resize": 128, "crop": 112},
+        "mllm": {"model": tiny_model, "dtype": "float32", "max_new_tokens": 8,
+                 "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        "routing": {"policy": "all"},
+        "resources": {"expert": {"batch_size": 4}, "mllm": {"batch_size": 4}, "decode": {"batch_size": 8}},
+    }
+    cfg = load_config(overrides=overrides)
+    fitted = fit_products(data, PRODUCTS, cfg)
+    assert all(not isinstance(v, Exception) for v in fitted.values()), fitted
+    return {"root": root, "data": data, "overrides": overrides, "bad": bad, "odd": odd, "cfg": cfg}
+
+
+def job_config(setup: dict, **extra) -> JobConfig:
+    return load_config(overrides={**setup["overrides"], **extra})
+
+
+def output_rows(cfg: JobConfig, where: str = "true") -> list[dict]:
+    con = duckdb.connect()
+    fs, _ = storage.filesystem(cfg.output.uri, cfg.storage)
+    fs.invalidate_cache()
+    con.register_filesystem(fs)
+    rel = con.sql(f"SELECT * FROM read_parquet('{cfg.output.uri}/**/*.parquet', hive_partitioning = true) "
+                  f"WHERE {where}")
+    return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+
+
