@@ -47,7 +47,8 @@ def run_demo(root: str = "demo") -> int:
     cfg = demo_config(root)
     data = os.path.join(root, "data")
     if not storage.exists(os.path.join(data, "labels.csv")):
-        summary = generate(data, products=DEMO_PRODUCTS, seed=0)
+        summary = generate(data, products=DEMO_PRODUCTS, n_train=16, n_test_good=4, n_test_defect=2, size=192,
+                           seed=0)
         log.info("wrote synthetic dataset to %s (%s)", data, summary.counts)
     if not os.path.exists(os.path.join(cfg.mllm.model, "config.json")):
         build_tiny_mllm("qwen2_5_vl", cfg.mllm.model)
@@ -60,10 +61,11 @@ def run_demo(root: str = "demo") -> int:
     summary = run_inspect(cfg)
     for line in summary.lines():
         log.info("%s", line)
-    query = (f"SELECT product, expert_verdict, verdict, count(*) AS n FROM read_parquet('{cfg.output.uri}/**/*.parquet', "
-             f"hive_partitioning = true) WHERE run_id = 'demo' GROUP BY ALL ORDER BY ALL")
+    query = (f"SELECT product, expert_verdict, verdict, count(*) AS n FROM read_parquet("
+             f"'{cfg.output.uri}/**/*.parquet', hive_partitioning = true) WHERE run_id = 'demo' GROUP BY ALL ORDER BY ALL")
     import duckdb
 
-    print(f"\n{BANNER}\nOutput: {cfg.output.uri}\nLook at it with DuckDB:\n  duckdb -c \"{query}\"\n")
-    print(duckdb.sql(query))
+    print(f"\n{BANNER}\nOutput: {cfg.output.uri}\nLook at it with DuckDB:\n"
+          f"  python -c \"import duckdb; duckdb.sql(\\\"{query}\\\").show()\"\n")
+    duckdb.sql(query).show()
     return 0

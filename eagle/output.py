@@ -117,21 +117,33 @@ def done_in_run(output_uri: str, run_id: str, cfg: StorageConfig | None = None) 
 
 
 def up_to_date(output_uri: str, listing: pa.Table, versions: dict[str, str], mllm_model: str | None,
-               config_hash: str, cfg: StorageConfig | None = None) -> set[str]:
-    """Image URIs whose last successful audit (any run) used the same image version, the same expert artifact
-    version for its product, the same MLLM and the same config hash: an incremental run skips them.
-    Images listed without a version (manifests) match on URI alone."""
-    rows = read_rows(output_uri, ["image_uri", "image_version", "status", "expert_model_version", "mllm_model",
-                                  "config_hash", "product"], cfg, drop_corrupt=True)
-    current = {u: v for u, v in zip(listing.column("image_uri").to_pylist(),
-                                    listing.column("image_version").to_pylist())}
-    done = set()
-    for r in rows.filter(pc.equal(rows.column("status"), "ok")).to_pylist():
-        uri = r["image_uri"]
-        if uri not in current:
-            continue
+               config_hash: str, cfg: StorageConfig | None = None) -> tuple[set[str], set[str]]:
+    """(up to date, failed before) for an incremental run, judged on each listed image's latest row.
+
+    Up to date: the latest row used the same image version (manifest images without one match on URI), and —
+    where it got that far — the same expert artifact version for its product, the same MLLM and config hash.
+    A failure is redone only when something it depended on changed (a changed file, a newly fitted expert, a
+    new config) or when it failed while reading (possibly transient). "Failed before": listed images whose
+    latest row is an error; the caller keeps them out of the run's error budget.
+    """
+    rows = read_rows(output_uri, ["image_uri", "image_version", "status", "error_stage", "expert_model_version",
+                                  "mllm_model", "config_hash", "product", "audited_at"], cfg, drop_corrupt=True)
+    current = dict(zip(listing.column("image_uri").to_pylist(), listing.column("image_version").to_pylist()))
+    latest: dict[str, dict] = {}
+    for r in sorted(rows.to_pylist(), key=lambda r: str(r["audited_at"])):
+        if r["image_uri"] in current:
+            latest[r["image_uri"]] = r
+    done, failed = set(), set()
+    for uri, r in latest.items():
         same_image = not current[uri] or current[uri] == r["image_version"]
-        if (same_image and r["expert_model_version"] == versions.get(r["product"])
-                and r["mllm_model"] == mllm_model and r["config_hash"] == config_hash):
+        same_models = (r["expert_model_version"] == versions.get(r["product"]) and r["mllm_model"] == mllm_model
+                       and r["config_hash"] == config_hash)
+        if r["status"] == "ok":
+            if same_image and same_models:
+                done.add(uri)
+            continue
+        failed.add(uri)
+        stage = r["error_stage"]
+        if same_image and (stage == "decode" or (stage in ("expert", "mllm") and same_models)):
             done.add(uri)
-    return done
+    return done, failed

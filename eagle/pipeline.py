@@ -48,6 +48,8 @@ class Summary:
     verdict: dict[str, int] = field(default_factory=dict)
     by_product: dict[str, dict[str, int]] = field(default_factory=dict)
     mllm_calls: int = 0
+    audited_fresh: int = 0  # rows of this run for images not already known to fail
+    new_errors: int = 0  # error rows among those
 
     @property
     def images_per_second(self) -> float:
@@ -134,8 +136,10 @@ def run_inspect(cfg: JobConfig) -> Summary:
     run = begin_run(cfg.output.uri, run_id, chash, cfg.storage)
     versions = resolve_versions(cfg, sorted(set(listing.column("product").to_pylist())))
     done = done_in_run(cfg.output.uri, run_id, cfg.storage)
+    known_bad: set[str] = set()
     if cfg.mode == "incremental":
-        done |= up_to_date(cfg.output.uri, listing, versions, cfg.mllm.model, chash, cfg.storage)
+        current, known_bad = up_to_date(cfg.output.uri, listing, versions, cfg.mllm.model, chash, cfg.storage)
+        done |= current
     todo = listing.filter(pc.invert(pc.is_in(listing.column("image_uri"), pa.array(sorted(done), pa.string()))))
     log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",
              run_id, run.attempt, cfg.mode, listing.num_rows, len(done), todo.num_rows)
@@ -155,19 +159,22 @@ def run_inspect(cfg: JobConfig) -> Summary:
         fs, path = storage.pyarrow_filesystem(cfg.output.uri, cfg.storage)
         ds.write_parquet(path, filesystem=fs, partition_cols=cfg.output.partition_by,
                          filename_provider=RunFilenames(run_id, run.attempt), schema=OUTPUT_SCHEMA)
-    summary = summarize(cfg, run_id, listing.num_rows, len(done), todo.num_rows, time.time() - start)
-    errors = summary.status.get("error", 0)
-    total = sum(summary.status.values())
+    summary = summarize(cfg, run_id, listing.num_rows, len(done), todo.num_rows, time.time() - start, known_bad)
+    errors, total = summary.new_errors, summary.audited_fresh
     if total and errors / total > cfg.output.max_error_rate:
         raise JobFailed(f"error rate {errors}/{total} = {errors / total:.0%} exceeds output.max_error_rate "
                         f"{cfg.output.max_error_rate:.0%}; see the error column of run {run_id}")
     return summary
 
 
-def summarize(cfg: JobConfig, run_id: str, listed: int, skipped: int, audited: int, seconds: float) -> Summary:
-    """Counts of this run's rows, read back from the output (so it also proves what was written)."""
-    rows = read_rows(cfg.output.uri, ["run_id", "product", "status", "verdict", "mllm_ran"], cfg.storage)
+def summarize(cfg: JobConfig, run_id: str, listed: int, skipped: int, audited: int, seconds: float,
+              known_bad: set[str] = frozenset()) -> Summary:
+    """Counts of this run's rows, read back from the output (so it also proves what was written).
+    Images that already failed in earlier runs (`known_bad`) stay out of the error budget."""
+    rows = read_rows(cfg.output.uri, ["run_id", "image_uri", "product", "status", "verdict", "mllm_ran"],
+                     cfg.storage)
     rows = rows.filter(pc.equal(rows.column("run_id"), run_id)).to_pylist()
+    fresh = [r for r in rows if r["image_uri"] not in known_bad]
     by_product: dict[str, Counter[str]] = {}
     for r in rows:
         by_product.setdefault(r["product"], Counter())[r["verdict"] or "error"] += 1
@@ -177,4 +184,5 @@ def summarize(cfg: JobConfig, run_id: str, listed: int, skipped: int, audited: i
         verdict=dict(Counter(r["verdict"] for r in rows if r["verdict"])),
         by_product={p: dict(c) for p, c in by_product.items()},
         mllm_calls=sum(1 for r in rows if r["mllm_ran"] in (True, "true")),
+        audited_fresh=len(fresh), new_errors=sum(1 for r in fresh if r["status"] == "error"),
     )

@@ -61,20 +61,18 @@ def test_same_run_id_again_adds_nothing(audit_setup):
 def test_incremental_audits_new_images_and_refit_product_only(audit_setup):
     base = {"mllm": {"model": "none"}, "mode": "incremental"}
     run_inspect(job_config(audit_setup, run_id="inc0", **base))  # baseline for this model/config
-    errors = {r["image_uri"] for r in output_rows(audit_setup["cfg"], "run_id = 'inc0' AND status = 'error'")}
     data = audit_setup["data"]
     new = [f"{data}/grid/test/good/new_{i}.png" for i in range(5)]
     for i, uri in enumerate(new):
         storage.write_bytes(uri, png(Image.fromarray(render_normal("grid", image_rng(77, "grid", "new", i), 96))))
     run_inspect(job_config(audit_setup, run_id="inc1", **base))
     audited = {r["image_uri"] for r in output_rows(audit_setup["cfg"], "run_id = 'inc1'")}
-    assert audited == set(new) | errors  # failures are retried, successes are not redone
+    assert audited == set(new)  # unchanged images, good or bad, are not redone
 
     # a new artifact version for one product (another threshold method) re-audits that product only
     refit = job_config(audit_setup, threshold={"method": "mad"})
     assert not isinstance(fit_products(data, ["grid"], refit)["grid"], Exception)
     run_inspect(job_config(audit_setup, run_id="inc2", **base))
     rows = output_rows(audit_setup["cfg"], "run_id = 'inc2'")
-    assert {r["product"] for r in rows if r["status"] == "ok"} == {"grid"}
     grid_listed = [u for u in list_inputs(refit.inputs).column("image_uri").to_pylist() if "/grid/" in u]
-    assert sorted(r["image_uri"] for r in rows if r["product"] == "grid") == sorted(grid_listed)
+    assert sorted(r["image_uri"] for r in rows) == sorted(grid_listed)

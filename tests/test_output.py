@@ -18,8 +18,8 @@ from eagle.schema import OUTPUT_SCHEMA, to_table
 
 
 def _row(uri: str, run: str, status: str = "ok", version: str = "v1", expert: str = "e1", when: int = 0,
-         verdict: str = "normal", product: str = "p") -> dict:
-    return {"image_uri": uri, "run_id": run, "status": status, "image_version": version,
+         verdict: str = "normal", product: str = "p", stage: str | None = None) -> dict:
+    return {"image_uri": uri, "run_id": run, "status": status, "image_version": version, "error_stage": stage,
             "expert_model_version": expert, "mllm_model": "m", "config_hash": "h", "product": product,
             "verdict": verdict if status == "ok" else None,
             "audited_at": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(hours=when)}
@@ -63,14 +63,29 @@ def test_done_in_run_drops_corrupt_files(tmp_path):
 
 def test_up_to_date_rules(tmp_path):
     out = str(tmp_path)
-    _write(out, "f.parquet", [_row("same", "r1"), _row("changed", "r1"), _row("failed", "r1", status="error"),
-                              _row("old-model", "r1", expert="e0"), _row("gone", "r1")])
-    listing = pa.table({"image_uri": ["same", "changed", "failed", "old-model", "new"],
-                        "product": ["p"] * 5, "image_version": ["v1", "v2", "v1", "v1", "v1"],
-                        "image_size_bytes": [1] * 5}, schema=LISTING_SCHEMA)
-    assert up_to_date(out, listing, {"p": "e1"}, "m", "h") == {"same"}
-    assert up_to_date(out, listing, {"p": "e1"}, "m", "other-hash") == set()
-    assert up_to_date(out, listing, {"p": "e1"}, "other-model", "h") == set()
+    _write(out, "f.parquet", [
+        _row("same", "r1"), _row("changed", "r1"), _row("old-model", "r1", expert="e0"), _row("gone", "r1"),
+        _row("corrupt", "r1", status="error", stage="decode", expert=None),
+        _row("unreadable", "r1", status="error", stage="read", expert=None),
+        _row("unfitted", "r1", status="error", stage="expert", expert=None),
+        _row("fixed-later", "r1", status="error", stage="decode", expert=None),
+        _row("fixed-later", "r2", when=1),
+        _row("broke-later", "r1"), _row("broke-later", "r2", status="error", stage="decode", when=1),
+    ])
+    uris = ["same", "changed", "old-model", "new", "corrupt", "unreadable", "unfitted", "fixed-later",
+            "broke-later"]
+    versions = {"changed": "v2"}
+    listing = pa.table({"image_uri": uris, "product": ["p"] * len(uris),
+                        "image_version": [versions.get(u, "v1") for u in uris],
+                        "image_size_bytes": [1] * len(uris)}, schema=LISTING_SCHEMA)
+    done, failed = up_to_date(out, listing, {"p": "e1"}, "m", "h")
+    # unchanged successes and unchanged decode failures are skipped; read failures are retried, and so is
+    # a product whose expert now exists; the latest row decides
+    assert done == {"same", "corrupt", "fixed-later", "broke-later"}
+    assert failed == {"corrupt", "unreadable", "unfitted", "broke-later"}
+    # a new config or MLLM redoes every success; undecodable files do not depend on either
+    assert up_to_date(out, listing, {"p": "e1"}, "m", "other-hash")[0] == {"corrupt", "broke-later"}
+    assert up_to_date(out, listing, {"p": "e1"}, "other-model", "h")[0] == {"corrupt", "broke-later"}
 
 
 def test_latest_prefers_newest_success(tmp_path):

@@ -1,0 +1,130 @@
+"""Operations: `ray job submit`, a killed driver resumed by run id, a killed actor, a flaky object store,
+and credentials that never reach logs or output. Each run must leave every image exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import TEST_SECRET
+from e2e import job_config, output_rows
+from faulty_proxy import FaultyProxy
+
+from eagle import storage
+from eagle.inputs import list_inputs
+from eagle.output import parquet_files
+from eagle.pipeline import run_inspect
+
+pytestmark = pytest.mark.slow
+
+INSPECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "inspect.py")
+
+
+def _cli_args(setup: dict, output: str, run_id: str, *extra: str) -> list[str]:
+    """Command-line form of the shared test config, with a fresh output prefix."""
+    o = setup["overrides"]
+    return ["--input", setup["data"], "--model-store", o["model_store"], "--output", output, "--run-id", run_id,
+            'inputs.exclude=["*/ground_truth/*", "*/train/*"]', "inputs.max_image_pixels=50000000",
+            "expert.backbone=resnet18", "expert.weights=random", "expert.resize=128", "expert.crop=112",
+            "output.max_error_rate=0.9", *extra]
+
+
+def _assert_exactly_once(setup: dict, output: str, run_id: str) -> list[dict]:
+    cfg = job_config(setup, output={"uri": output})
+    listed = sorted(list_inputs(cfg.inputs, cfg.storage).column("image_uri").to_pylist())
+    rows = output_rows(cfg, f"run_id = '{run_id}'")
+    assert sorted(r["image_uri"] for r in rows) == listed
+    return rows
+
+
+def _gcs_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def test_ray_job_submit_and_no_credentials_in_logs(audit_setup, ray_local, tmp_path):
+    output = f"{audit_setup['root']}/submitted"
+    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                           "AWS_DEFAULT_REGION")}
+    env_vars.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_local,
+           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--",
+           sys.executable, INSPECT, *_cli_args(audit_setup, output, "submitted", "--mllm", "none")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "run submitted:" in log and "status:" in log  # the job's summary reached the submitter
+    rows = _assert_exactly_once(audit_setup, output, "submitted")
+    assert {r["status"] for r in rows} == {"ok", "error"}
+    # the secret key travelled in the runtime env; it must appear in no log, output row or manifest
+    assert TEST_SECRET not in log
+    for uri in parquet_files(output) + [f"{output}/_runs/submitted.json"]:
+        assert TEST_SECRET.encode() not in storage.read_bytes(uri)
+
+
+def test_killed_driver_resumes_exactly_once(audit_setup, ray_local):
+    output = f"{audit_setup['root']}/resumed"
+    cmd = [sys.executable, INSPECT, *_cli_args(audit_setup, output, "resume", "--mllm", audit_setup["overrides"]
+                                               ["mllm"]["model"], f"ray.address={_gcs_address()}",
+                                               "mllm.dtype=float32", "mllm.max_new_tokens=24",
+                                               "resources.decode.batch_size=2", "resources.expert.batch_size=2",
+                                               "resources.mllm.batch_size=2")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not parquet_files(output):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed; make it slower"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
+    proc.wait()
+    written_before = len(output_rows(job_config(audit_setup, output={"uri": output}), "run_id = 'resume'"))
+    cfg = job_config(audit_setup, output={"uri": output}, run_id="resume", mllm={"model": "none"})
+    summary = run_inspect(cfg)
+    assert 0 < written_before < summary.listed
+    assert summary.skipped == written_before and summary.audited == summary.listed - written_before
+    _assert_exactly_once(audit_setup, output, "resume")
+
+
+def test_killed_actor_is_replaced_exactly_once(audit_setup, ray_local):
+    from ray.util.state import list_actors
+
+    output = f"{audit_setup['root']}/actor-kill"
+    cmd = [sys.executable, INSPECT, *_cli_args(audit_setup, output, "actorkill", "--mllm", "none",
+                                               f"ray.address={_gcs_address()}", "resources.expert.batch_size=2",
+                                               "resources.decode.batch_size=2")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    killed = None
+    deadline = time.time() + 600
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        for actor in list_actors(filters=[("state", "=", "ALIVE")], address=_gcs_address(), detail=True):
+            if "ExpertStage" in (actor.get("class_name") or "") + (actor.get("repr_name") or "") and actor.get("pid"):
+                time.sleep(1.0)  # let it take work
+                os.kill(actor["pid"], signal.SIGKILL)
+                killed = actor["pid"]
+                break
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=900)
+    assert killed, "never saw an expert actor to kill"
+    assert proc.returncode == 0, out[-4000:]
+    _assert_exactly_once(audit_setup, output, "actorkill")
+
+
+def test_flaky_object_store_is_survived(audit_setup, s3_server, ray_local):
+    output = f"{audit_setup['root']}/flaky"
+    with FaultyProxy(s3_server, every=5) as proxy:
+        cfg = job_config(audit_setup, output={"uri": output}, run_id="flaky", mllm={"model": "none"},
+                         storage={"endpoint_url": proxy.url, "max_attempts": 10})
+        summary = run_inspect(cfg)
+    assert sum(proxy.injected.values()) >= 10, proxy.injected  # faults really happened, of every kind
+    assert all(proxy.injected.values())
+    rows = _assert_exactly_once(audit_setup, output, "flaky")
+    failed = {r["image_uri"].rsplit("/", 1)[1] for r in rows if r["status"] == "error" and r["product"] != "widget"}
+    assert failed == {f"zz_{name}" for name in audit_setup["bad"]}  # no image failed because of the faults
+    assert summary.audited == len(rows)
