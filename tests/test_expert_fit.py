@@ -101,11 +101,12 @@ def test_missing_product_is_a_clear_error(tmp_path: Path):
         load_artifact(str(tmp_path), "bolt")
 
 
-def test_fit_uses_no_labels(data_root: Path, fitted, tmp_path: Path):
+def test_fit_uses_no_labels(data_root: Path, fitted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Without any test/ or ground_truth/ folder the fit is byte-identical (same content-hash version)."""
     _, summary = fitted
     train_only = tmp_path / "data"
     shutil.copytree(data_root / "nut" / "train", train_only / "nut" / "train")
-    assert list_products(str(train_only)) == list_products(str(data_root)) == ["nut"]
+    monkeypatch.chdir(tmp_path)
+    assert list_products("data") == list_products(str(data_root)) == ["nut"]  # relative roots too
     again = fit_product(str(train_only), "nut", tiny_cfg(tmp_path / "store"))
     assert again.version == summary.version and again.threshold == summary.threshold

@@ -19,7 +19,7 @@ from eagle.expert.coreset import greedy_coreset
 from eagle.expert.expert import DTYPES, build_model
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
-from eagle.storage import join, list_files, read_bytes
+from eagle.storage import join, list_files, read_bytes, strip_scheme
 from eagle.threshold import ThresholdFit, fit_threshold, leave_own_out_scores
 
 TRAIN_FOLDER = ("train", "good")  # MVTec-AD layout: {root}/{product}/train/good/*.png
@@ -57,10 +57,10 @@ class FitSummary:
 
 def list_products(root: str, storage: StorageConfig | None = None) -> list[str]:
     """Products under an MVTec-layout root: the first path segment of every ``*/train/good/<image>``."""
-    base = root.rstrip("/") + "/"
+    base = strip_scheme(root).rstrip("/") + "/"
     products = set()
     for info in list_files(root, IMAGE_EXTENSIONS, storage):
-        parts = info.uri[len(base):].split("/") if info.uri.startswith(base) else []
+        parts = strip_scheme(info.uri)[len(base):].split("/")
         if len(parts) == 4 and tuple(parts[1:3]) == TRAIN_FOLDER:
             products.add(parts[0])
     return sorted(products)
