@@ -131,10 +131,15 @@ def run_inspect(cfg: JobConfig) -> Summary:
     start = time.time()
     try:
         listing = list_inputs(cfg.inputs, cfg.storage)
-    except (OSError, PermissionError) as exc:
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any storage failure here (after retries) ends the job
         raise JobFailed(f"cannot list inputs: {type(exc).__name__}: {exc}") from exc
-    run = begin_run(cfg.output.uri, run_id, chash, cfg.storage)
-    versions = resolve_versions(cfg, sorted(set(listing.column("product").to_pylist())))
+    try:
+        run = begin_run(cfg.output.uri, run_id, chash, cfg.storage)
+        versions = resolve_versions(cfg, sorted(set(listing.column("product").to_pylist())))
+    except Exception as exc:  # noqa: BLE001
+        raise JobFailed(f"cannot reach the output or model store: {type(exc).__name__}: {exc}") from exc
     done = done_in_run(cfg.output.uri, run_id, cfg.storage)
     known_bad: set[str] = set()
     if cfg.mode == "incremental":

@@ -15,6 +15,10 @@ _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_
                   "HF_HOME", "EAGLE_TORCH_THREADS")
 
 
+# Set by Ray's job supervisor for the entrypoint of a submitted job.
+_SUBMITTED_JOB_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def init_ray(cfg: JobConfig) -> None:
     """ray.init once; a local Ray gets at least 8 logical CPUs so fractional actors never starve read tasks."""
     import ray
@@ -23,6 +27,11 @@ def init_ray(cfg: JobConfig) -> None:
         return
     env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if os.environ.get(_SUBMITTED_JOB_VAR):
+        # Started by `ray job submit`: the job's runtime env already reaches the workers, and Ray refuses to
+        # merge a second one that sets the same variables.
+        ray.init(address=address, log_to_driver=True)
+        return
     if address:
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
         return

@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", metavar="FILE", help="YAML job config (local or s3://).")
     p.add_argument("--demo-dir", default="demo", help="Where the no-argument demo writes (default ./demo).")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may stand before, between or after flags
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict:

@@ -69,18 +69,20 @@ def test_ray_job_submit_and_no_credentials_in_logs(audit_setup, ray_local, tmp_p
         assert TEST_SECRET.encode() not in storage.read_bytes(uri)
 
 
-def test_killed_driver_resumes_exactly_once(audit_setup, ray_local):
+def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path):
     output = f"{audit_setup['root']}/resumed"
     cmd = [sys.executable, INSPECT, *_cli_args(audit_setup, output, "resume", "--mllm", audit_setup["overrides"]
                                                ["mllm"]["model"], f"ray.address={_gcs_address()}",
                                                "mllm.dtype=float32", "mllm.max_new_tokens=24",
                                                "resources.decode.batch_size=2", "resources.expert.batch_size=2",
                                                "resources.mllm.batch_size=2")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not parquet_files(output):
         time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed; make it slower"
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
     proc.wait()
     written_before = len(output_rows(job_config(audit_setup, output={"uri": output}), "run_id = 'resume'"))

@@ -1,0 +1,47 @@
+"""jobs/inspect.py's command line: flags map onto config keys, overrides may stand anywhere, errors exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def cli(repo_root):
+    spec = importlib.util.spec_from_file_location("inspect_job", repo_root / "jobs" / "inspect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flags_and_intermixed_overrides(cli):
+    args = cli.parse_args(["--input", "s3://b/a", "expert.k=7", "--input", "/data/list.csv", "--output", "/o",
+                           "--mllm", "none", "--route", "uncertain", "--run-id", "r1", "--mode", "incremental",
+                           "resources.mllm.batch_size=2"])
+    assert args.overrides == ["expert.k=7", "resources.mllm.batch_size=2"]
+    flags = cli._flag_overrides(args)
+    assert flags == {"inputs": {"uris": ["s3://b/a"], "manifest": "/data/list.csv"}, "output": {"uri": "/o"},
+                     "mllm": {"model": "none"}, "routing": {"policy": "uncertain"}, "run_id": "r1",
+                     "mode": "incremental"}
+
+
+def test_bad_config_exits_2_with_the_key(repo_root, tmp_path):
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs" / "inspect.py"), "--input", str(tmp_path),
+                           "--model-store", str(tmp_path), "--output", str(tmp_path), "expert.batchsize=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "expert.batchsize: unknown key" in proc.stderr
+
+
+def test_unreachable_storage_exits_3(repo_root, tmp_path):
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs" / "inspect.py"), "--input", "s3://no-such/x",
+                           "--model-store", str(tmp_path), "--output", str(tmp_path / "out"), "--mllm", "none",
+                           "storage.endpoint_url=http://127.0.0.1:9", "storage.max_attempts=1"],
+                          capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                               "HOME": str(tmp_path)})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "cannot list inputs" in proc.stderr
