@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import posixpath
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -73,8 +74,20 @@ def read_manifest(uri: str, cfg: StorageConfig | None = None) -> pa.Table:
     }, schema=LISTING_SCHEMA)
 
 
+_SAFE_PRODUCT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_products(products: list[str]) -> None:
+    """Product names become path segments (Hive partitions, model-store folders): refuse anything that could
+    leave its prefix ('..', '/', odd characters) before a single file is written."""
+    bad = sorted({p for p in products if not _SAFE_PRODUCT.match(p) or ".." in p})
+    if bad:
+        raise ConfigError(f"unsafe product name(s) {bad[:5]}: use letters, digits, '.', '_' and '-' "
+                          f"(no '..'); fix the manifest's 'product' column or the folder names")
+
+
 def list_inputs(cfg: InputConfig, storage_cfg: StorageConfig | None = None) -> pa.Table:
-    """All input images, deduplicated by URI, sorted by (product, uri)."""
+    """All input images, deduplicated by URI, sorted by (product, uri); product names are validated."""
     tables = [list_prefix(p, cfg.extensions, cfg.exclude, storage_cfg) for p in cfg.uris]
     if cfg.manifest:
         tables.append(read_manifest(cfg.manifest, storage_cfg))
@@ -84,4 +97,5 @@ def list_inputs(cfg: InputConfig, storage_cfg: StorageConfig | None = None) -> p
     seen: set[str] = set()
     first = [not (u in seen or seen.add(u)) for u in table.column("image_uri").to_pylist()]
     table = table.filter(pa.array(first, pa.bool_()))
+    check_products(pc.unique(table.column("product")).to_pylist())
     return table.take(pc.sort_indices(table, [("product", "ascending"), ("image_uri", "ascending")]))

@@ -81,6 +81,17 @@ def _map_args(res: StageResources, actor: bool) -> dict[str, Any]:
     return args
 
 
+# Bare gateway errors (no S3 XML body) from proxies and S3-compatible stores, retried like Ray's defaults.
+_EXTRA_RETRIED_IO_ERRORS = tuple(f"AWS Error UNKNOWN (HTTP status {code})" for code in (500, 502, 504))
+
+
+def _configure_data_context() -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *_EXTRA_RETRIED_IO_ERRORS]))
+
+
 def resolve_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
     """Pin each product's expert artifact version for the whole run (products without a model are left out)."""
     from eagle.expert.artifact import ArtifactError, resolve_version
@@ -151,6 +162,7 @@ def run_inspect(cfg: JobConfig) -> Summary:
     if todo.num_rows:
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": chash,
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
+        _configure_data_context()
         ds = ray.data.from_arrow(_blocks(todo, cfg.resources.decode.batch_size))
         ds = ds.map_batches(read_decode, fn_kwargs={"cfg": cfg}, **_map_args(cfg.resources.decode, actor=False))
         ds = ds.map_batches(ExpertStage, fn_constructor_kwargs={"cfg": cfg, "versions": versions},

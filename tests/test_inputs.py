@@ -60,3 +60,11 @@ def test_manifest_and_dedup(tmp_path):
 def test_no_inputs_is_a_config_error():
     with pytest.raises(ConfigError, match="no inputs"):
         list_inputs(InputConfig())
+
+
+@pytest.mark.parametrize("product", ["../../etc", "a/b", "..", ".hidden", "x y"])
+def test_unsafe_products_refused(tmp_path, product):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri,product\n/data/1.png,{product}\n")
+    with pytest.raises(ConfigError, match="unsafe product name"):
+        list_inputs(InputConfig(manifest=str(manifest)))
