@@ -19,6 +19,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,7 @@ def child_run(root: str, n: int, batch: int) -> dict:
 
     data = variants(root, n)
     cfg = _cfg(root, f"mem{n}", data, batch)
+    shutil.rmtree(cfg.output.uri, ignore_errors=True)  # a rerun with --root must not resume the old run
     sampler = Sampler()
     sampler.start()
     init_ray(cfg)

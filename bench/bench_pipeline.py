@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -194,6 +195,7 @@ def ray_job(cfg: JobConfig) -> tuple[Any, dict[str, float]]:
     from eagle.output import read_rows
     from eagle.pipeline import run_inspect
 
+    shutil.rmtree(cfg.output.uri, ignore_errors=True)  # a rerun with --root must not resume the old run
     summary = run_inspect(cfg)
     rows = read_rows(cfg.output.uri, ["audited_at", "expert_ms", "mllm_ms"], cfg.storage).to_pylist()
     stamps = sorted({r["audited_at"] for r in rows})

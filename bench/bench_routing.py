@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -53,6 +54,7 @@ def main() -> None:
     for policy in POLICIES:
         cfg = job_config(root, f"route-{policy}", route=policy, mllm_batch=args.mllm_batch,
                          extra={"confidence": {"low_factor": args.low_factor}})
+        shutil.rmtree(cfg.output.uri, ignore_errors=True)  # a rerun with --root must not resume the old run
         seconds[policy] = run_inspect(cfg).seconds
         runs[policy] = {r["image_uri"]: r for r in read_rows(cfg.output.uri, cols, cfg.storage).to_pylist()}
     uris = sorted(runs["all"])
