@@ -13,12 +13,10 @@ def configure_threads(torch: Any) -> int:
     if wanted:
         n = int(wanted)
     else:
-        try:
-            import ray
+        import ray
 
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        except Exception:  # noqa: BLE001 - outside Ray
-            cpus = 1.0
+        # get_runtime_context() would start a local Ray when called outside one
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
         n = max(1, math.floor(cpus))
     torch.set_num_threads(n)
     return n
