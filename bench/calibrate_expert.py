@@ -4,8 +4,9 @@ Per product: fit once on train/good (labels never seen), then put each threshold
 scores and score the held-out test images. Labels (labels.csv) are used only here, to evaluate. "clear" =
 defects with strength >= --clear (labels.csv), "all" = every defect. Prints a Markdown table.
 
-    OMP_NUM_THREADS=2 python bench/calibrate_expert.py                       # writes a synthetic set in a temp dir
-    python bench/calibrate_expert.py --data ROOT --backbone resnet18 expert.layers=[layer2,layer3]
+    # the table in docs/EXPERT.md (a synthetic set in a temp dir; random weights work best shallow):
+    OMP_NUM_THREADS=1 python bench/calibrate_expert.py --backbone resnet18 expert.layers=[layer1,layer2] expert.crop=256
+    python bench/calibrate_expert.py --data ROOT        # an existing MVTec-layout root with labels.csv
 """
 
 from __future__ import annotations

@@ -88,3 +88,22 @@ def test_preprocess_refuses_non_rgb():
     model = build_model(tiny_cfg())
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         model.preprocess([np.zeros((64, 64), np.uint8)])
+
+
+def test_checkpoint_weights_from_safetensors(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from eagle.expert.backbone import build_extractor, fingerprint
+
+    torch.manual_seed(7)
+    full = timm.create_model("resnet18", pretrained=False)  # a whole classifier: fc.* is ignored
+    path = tmp_path / "resnet18.safetensors"
+    save_file(full.state_dict(), str(path))
+    extractor = build_extractor("resnet18", LAYERS, str(path))
+    assert torch.equal(extractor.feature_extractor.layer2[0].conv1.weight, full.layer2[0].conv1.weight)
+    assert fingerprint(extractor) != fingerprint(build_extractor("resnet18", LAYERS, "random"))
+    partial = {k: v for k, v in full.state_dict().items() if not k.startswith("layer3.")}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="lacks .* backbone tensors"):
+        build_extractor("resnet18", LAYERS, str(tmp_path / "partial.safetensors"))

@@ -30,7 +30,7 @@ def build_extractor(backbone: str, layers: list[str], weights: str, seed: int = 
     from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 
     pretrained = weights == WEIGHTS_IMAGENET
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():  # manual_seed seeds every device: restore them all
         torch.manual_seed(seed)
         extractor = TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=pretrained)
     if len(extractor.layers) != len(layers):

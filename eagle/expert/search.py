@@ -48,7 +48,7 @@ class MemoryBank:
         self.sq = torch.linalg.vector_norm(vectors, dim=1).square_()
         self.candidates = candidates
         self.mean = vectors.mean(0)
-        with torch.random.fork_rng(devices=[vectors.device] if vectors.is_cuda else []):
+        with torch.random.fork_rng():  # seeds every device: restore them all
             torch.manual_seed(0)  # pca_lowrank is randomised; any orthonormal basis keeps results exact
             _, _, basis = torch.pca_lowrank(vectors - self.mean, q=min(dims, *vectors.shape), center=False)
         self.basis = basis  # (D, d), orthonormal columns
