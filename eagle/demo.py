@@ -27,7 +27,9 @@ def demo_config(root: str) -> JobConfig:
         "inputs": {"uris": [os.path.join(root, "data")], "exclude": ["*/ground_truth/*", "*/train/*"]},
         "model_store": os.path.join(root, "models"),
         "output": {"uri": os.path.join(root, "audit")},
-        "expert": {"backbone": "resnet18", "weights": "random", "dtype": "float32"},
+        # with random weights, shallow layers and no center crop find the small synthetic defects best
+        # (docs/EXPERT.md, calibration)
+        "expert": {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": "random", "crop": 256},
         "mllm": {"model": os.path.join(root, "tiny-mllm"), "dtype": "float32", "max_new_tokens": 12,
                  "min_pixels": 56 * 56, "max_pixels": 112 * 112},
         "routing": {"policy": "not-confident-normal"},

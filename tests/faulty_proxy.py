@@ -1,16 +1,22 @@
-"""A fault-injecting HTTP proxy for the S3 test server: every `every`-th request fails (503 SlowDown, a
-500, or a dropped connection) before reaching the server. Loopback only; stops with the test."""
+"""A fault-injecting HTTP proxy for the S3 test server: every `every`-th read request (GET/HEAD: object
+reads, listings, metadata) fails before reaching the server, cycling through 503 SlowDown, 500 InternalError
+and a dropped connection. Writes pass through untouched. Loopback only; stops with the test."""
 
 from __future__ import annotations
 
 import http.client
 import itertools
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
+_ERRORS = {
+    "slowdown": (503, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                      b"<Message>Please reduce your request rate.</Message></Error>"),
+    "internal": (500, b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+                      b"<Message>We encountered an internal error. Please try again.</Message></Error>"),
+}
 
 
 class FaultyProxy:
@@ -36,13 +42,17 @@ class FaultyProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _fault(self) -> str | None:
+    def _fault(self, method: str) -> str | None:
+        if method not in ("GET", "HEAD"):
+            return None
         with self._lock:
             n = next(self.counter)
             if n % self.every:
                 self.forwarded += 1
                 return None
             kind = ("slowdown", "internal", "reset")[(n // self.every) % 3]
+            if kind == "reset" and method == "HEAD":  # a HEAD gets a 5xx instead of a torn connection
+                kind = "internal"
             self.injected[kind] += 1
             return kind
 
@@ -58,14 +68,16 @@ class FaultyProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                fault = proxy._fault()
+                fault = proxy._fault(self.command)
                 if fault == "reset":
                     self.close_connection = True
-                    self.connection.close()
+                    # shutdown, not just close: rfile/wfile keep the socket open until they are closed too
+                    self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if fault:
-                    code, payload = (503, _SLOWDOWN) if fault == "slowdown" else (500, b"")
+                    code, payload = _ERRORS[fault]
                     self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
