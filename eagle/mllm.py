@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -25,7 +24,8 @@ import torch
 
 from eagle import guidance as g
 from eagle.answers import parse_answer
-from eagle.config import GuidanceConfig, MLLMConfig, PromptConfig, StorageConfig, load_config
+from eagle.config import GuidanceConfig, InputConfig, MLLMConfig, PromptConfig, StorageConfig, load_config
+from eagle.decode import decode_image
 from eagle.prompts import Prompt, build_prompt
 from eagle.routing import final_verdict
 from eagle.storage import filesystem, is_remote, list_files, read_bytes, strip_scheme
@@ -241,10 +241,8 @@ class MLLMRunner:
 
 # ---------------------------------------------------------------------------------------------- command
 def _read_image(uri: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(read_bytes(uri))) as im:
-        return np.array(im.convert("RGB"))
+    """The same decoding as the pipeline (EXIF orientation, 16-bit, CMYK, palette, size guard)."""
+    return decode_image(read_bytes(uri), InputConfig().max_image_pixels)
 
 
 def _box(text: str) -> Box:
