@@ -4,7 +4,7 @@ Exactly-once per run rests on three facts:
   * a write task's file name depends only on (run id, attempt, write uuid, task index), so a retried task
     overwrites its own file instead of adding one;
   * a re-run with the same run id starts a new attempt that audits only the images that have no row of
-    that run yet (`completed`), so a resumed run adds exactly the missing rows;
+    that run yet (`done_in_run`), so a resumed run adds exactly the missing rows;
   * a file left unreadable by a crash mid-write is deleted before the done-set is computed, so its images
     are audited again.
 """
@@ -109,15 +109,24 @@ def read_rows(output_uri: str, columns: list[str], cfg: StorageConfig | None = N
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def done_in_run(output_uri: str, run_id: str, cfg: StorageConfig | None = None) -> set[str]:
+LEDGER_COLUMNS = ["image_uri", "run_id", "image_version", "status", "error_stage", "expert_model_version",
+                  "mllm_model", "config_hash", "product", "audited_at"]
+
+
+def read_ledger(output_uri: str, cfg: StorageConfig | None = None) -> pa.Table:
+    """What earlier runs wrote, as far as deciding what to audit needs: read once per run, before writing.
+    Files torn by a crash are deleted here, so their images count as not done."""
+    return read_rows(output_uri, LEDGER_COLUMNS, cfg, drop_corrupt=True)
+
+
+def done_in_run(rows: pa.Table, run_id: str) -> set[str]:
     """Image URIs that already have a row in this run (ok or error): a resume must not redo them."""
-    rows = read_rows(output_uri, ["image_uri", "run_id"], cfg, drop_corrupt=True)
     mine = rows.filter(pc.equal(rows.column("run_id"), run_id))
     return set(mine.column("image_uri").to_pylist())
 
 
-def up_to_date(output_uri: str, listing: pa.Table, versions: dict[str, str], mllm_model: str | None,
-               config_hash: str, cfg: StorageConfig | None = None) -> tuple[set[str], set[str]]:
+def up_to_date(rows: pa.Table, listing: pa.Table, versions: dict[str, str], mllm_model: str | None,
+               config_hash: str) -> tuple[set[str], set[str]]:
     """(up to date, failed before) for an incremental run, judged on each listed image's latest row.
 
     Up to date: the latest row used the same image version (manifest images without one match on URI), and —
@@ -126,8 +135,6 @@ def up_to_date(output_uri: str, listing: pa.Table, versions: dict[str, str], mll
     new config) or when it failed while reading (possibly transient). "Failed before": listed images whose
     latest row is an error; the caller keeps them out of the run's error budget.
     """
-    rows = read_rows(output_uri, ["image_uri", "image_version", "status", "error_stage", "expert_model_version",
-                                  "mllm_model", "config_hash", "product", "audited_at"], cfg, drop_corrupt=True)
     current = dict(zip(listing.column("image_uri").to_pylist(), listing.column("image_version").to_pylist()))
     latest: dict[str, dict] = {}
     for r in sorted(rows.to_pylist(), key=lambda r: str(r["audited_at"])):

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from eagle import __version__, storage
 from eagle.config import ConfigError, JobConfig, StageResources, config_hash
 from eagle.inputs import list_inputs
-from eagle.output import RunFilenames, begin_run, done_in_run, read_rows, up_to_date
+from eagle.output import RunFilenames, begin_run, done_in_run, read_ledger, read_rows, up_to_date
 from eagle.schema import OUTPUT_SCHEMA, to_table
 from eagle.stages import boxes_of, rows_of
 from eagle.stages.decode import read_decode
@@ -151,10 +151,11 @@ def run_inspect(cfg: JobConfig) -> Summary:
         versions = resolve_versions(cfg, sorted(set(listing.column("product").to_pylist())))
     except Exception as exc:  # noqa: BLE001
         raise JobFailed(f"cannot reach the output or model store: {type(exc).__name__}: {exc}") from exc
-    done = done_in_run(cfg.output.uri, run_id, cfg.storage)
+    ledger = read_ledger(cfg.output.uri, cfg.storage)
+    done = done_in_run(ledger, run_id)
     known_bad: set[str] = set()
     if cfg.mode == "incremental":
-        current, known_bad = up_to_date(cfg.output.uri, listing, versions, cfg.mllm.model, chash, cfg.storage)
+        current, known_bad = up_to_date(ledger, listing, versions, cfg.mllm.model, chash)
         done |= current
     todo = listing.filter(pc.invert(pc.is_in(listing.column("image_uri"), pa.array(sorted(done), pa.string()))))
     log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",

@@ -13,7 +13,7 @@ import pytest
 from eagle import storage
 from eagle.inputs import LISTING_SCHEMA
 from eagle.latest import latest_table, write_latest
-from eagle.output import RunFilenames, begin_run, done_in_run, read_rows, up_to_date
+from eagle.output import RunFilenames, begin_run, done_in_run, read_ledger, read_rows, up_to_date
 from eagle.schema import OUTPUT_SCHEMA, to_table
 
 
@@ -55,7 +55,8 @@ def test_done_in_run_drops_corrupt_files(tmp_path):
     bad = _write(out, "torn.parquet", [_row("d", "r1")])
     data = storage.read_bytes(bad)
     storage.write_bytes(bad, data[: len(data) // 2])  # a crash mid-write
-    assert done_in_run(out, "r1") == {"a", "b"}  # error rows count as done within a run; d must be redone
+    # error rows count as done within a run; d must be redone
+    assert done_in_run(read_ledger(out), "r1") == {"a", "b"}
     assert not os.path.exists(bad)
     rows = read_rows(out, ["image_uri", "product", "audit_date"])
     assert set(rows.column("product").to_pylist()) == {"p"}  # partition values filled in
@@ -78,14 +79,14 @@ def test_up_to_date_rules(tmp_path):
     listing = pa.table({"image_uri": uris, "product": ["p"] * len(uris),
                         "image_version": [versions.get(u, "v1") for u in uris],
                         "image_size_bytes": [1] * len(uris)}, schema=LISTING_SCHEMA)
-    done, failed = up_to_date(out, listing, {"p": "e1"}, "m", "h")
+    done, failed = up_to_date(read_ledger(out), listing, {"p": "e1"}, "m", "h")
     # unchanged successes and unchanged decode failures are skipped; read failures are retried, and so is
     # a product whose expert now exists; the latest row decides
     assert done == {"same", "corrupt", "fixed-later", "broke-later"}
     assert failed == {"corrupt", "unreadable", "unfitted", "broke-later"}
     # a new config or MLLM redoes every success; undecodable files do not depend on either
-    assert up_to_date(out, listing, {"p": "e1"}, "m", "other-hash")[0] == {"corrupt", "broke-later"}
-    assert up_to_date(out, listing, {"p": "e1"}, "other-model", "h")[0] == {"corrupt", "broke-later"}
+    assert up_to_date(read_ledger(out), listing, {"p": "e1"}, "m", "other-hash")[0] == {"corrupt", "broke-later"}
+    assert up_to_date(read_ledger(out), listing, {"p": "e1"}, "other-model", "h")[0] == {"corrupt", "broke-later"}
 
 
 def test_latest_prefers_newest_success(tmp_path):
