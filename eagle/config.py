@@ -291,8 +291,15 @@ class OutputConfig(Section):
 class RayConfig(Section):
     """How the driver connects to Ray."""
 
-    address: str | None = Field(None, description="Cluster address; None uses RAY_ADDRESS or starts a local Ray.")
-    num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for a local Ray (more than cores is fine).")
+    address: str | None = Field(
+        None,
+        description="Cluster address (HOST:PORT, ray://..., 'auto'); 'local' always starts a Ray of the job's "
+        "own. None: RAY_ADDRESS, else a Ray already running on this machine (joined, and logged), else a local "
+        "Ray of the job's own.",
+    )
+    num_cpus: int | None = Field(
+        None, gt=0, description="Logical CPUs for a Ray the job starts itself (more than cores is fine); "
+        "ignored when joining a running Ray.")
 
 
 class JobConfig(Section):

@@ -7,6 +7,7 @@ anything printable.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import fsspec
 import pyarrow.fs as pafs
 
 from eagle.config import StorageConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,26 +165,60 @@ def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
     return fs.exists(path)
 
 
-def _uri_for(path: str, like: str) -> str:
-    return f"s3://{path}" if is_remote(like) else path
-
-
 def list_files(prefix: str, extensions: tuple[str, ...] | list[str] | None = None,
                cfg: StorageConfig | None = None) -> list[FileInfo]:
-    """All files under `prefix` (recursive), sorted by URI, optionally filtered by extension (case-insensitive)."""
+    """All files under `prefix` (recursive), sorted by URI, optionally filtered by extension (case-insensitive).
+
+    Local folders and files reached through symlinks are listed under the linked name (datasets often live on
+    shared storage); a link back into a folder already being walked is reported and not followed again."""
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    if not is_remote(prefix):
+        found = _walk_local(strip_scheme(prefix))
+        return sorted((f for f in found if not exts or f.uri.lower().endswith(exts)), key=lambda f: f.uri)
     fs, path = filesystem(prefix, cfg)
     fs.invalidate_cache(path)  # other processes write to the same prefixes: never answer from a stale listing
     if not fs.exists(path):
         return []
-    exts = tuple(e.lower() for e in extensions) if extensions else None
-    found = fs.find(path, detail=True)
     out = []
-    for name, info in found.items():
+    for name, info in fs.find(path, detail=True).items():
         if info.get("type") == "directory" or (exts and not name.lower().endswith(exts)):
             continue
-        version = info.get("ETag") or info.get("etag") or str(info.get("mtime") or info.get("LastModified") or "")
-        out.append(FileInfo(uri=_uri_for(name, prefix), size=int(info.get("size") or 0), version=str(version).strip('"')))
+        version = info.get("ETag") or info.get("etag") or str(info.get("LastModified") or "")
+        out.append(FileInfo(uri=f"s3://{name}", size=int(info.get("size") or 0), version=str(version).strip('"')))
     return sorted(out, key=lambda f: f.uri)
+
+
+def _walk_local(root: str) -> list[FileInfo]:
+    """Files under a local folder, following symlinks; each real folder is entered once per branch."""
+    if os.path.isfile(root):
+        st = os.stat(root)
+        return [FileInfo(uri=root, size=st.st_size, version=str(st.st_mtime))]
+    out: list[FileInfo] = []
+    ancestors: dict[str, set[tuple[int, int]]] = {}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        seen = ancestors.get(os.path.dirname(folder), set()) | {(st.st_dev, st.st_ino)}
+        ancestors[folder] = seen
+        for d in list(dirs):
+            child = os.path.join(folder, d)
+            try:
+                cst = os.stat(child)
+            except OSError:  # a dangling link
+                log.warning("skipping %s: broken symlink", child)
+                dirs.remove(d)
+                continue
+            if (cst.st_dev, cst.st_ino) in seen:
+                log.warning("not following %s: it links back to %s (a symlink cycle)", child, os.path.realpath(child))
+                dirs.remove(d)
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                fst = os.stat(path)
+            except OSError:
+                log.warning("skipping %s: broken symlink", path)
+                continue
+            out.append(FileInfo(uri=path, size=fst.st_size, version=str(fst.st_mtime)))
+    return out
 
 
 def remove(uri: str, cfg: StorageConfig | None = None, recursive: bool = False) -> None:

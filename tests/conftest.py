@@ -105,7 +105,7 @@ def ray_local(s3_server: str) -> Iterator[str]:
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                           "AWS_DEFAULT_REGION", "OMP_NUM_THREADS", "HF_HUB_OFFLINE")}
-        ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  log_to_driver=False, runtime_env={"env_vars": env})
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()

@@ -55,6 +55,10 @@ def _project() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
+def _lock_pins(lock: Path) -> dict[str, str]:
+    return dict(re.findall(r"^([a-z0-9._-]+)==(\S+)", lock.read_text(), flags=re.M))
+
+
 def _pin(name: str) -> str:
     for dep in _project()["dependencies"]:
         m = re.fullmatch(rf"{re.escape(name)}(\[[^\]]*\])?==(\S+)", dep)
@@ -248,7 +252,9 @@ def test_cluster_yaml_installs_this_project_with_token_auth():
     cfg = prepare_config(yaml.safe_load(CLUSTER_YAML.read_text()))
     remote = next(r for r, local in cfg["file_mounts"].items() if Path(local) == Path("."))
     commands = cfg["head_setup_commands"]  # setup_commands + head_setup_commands after prepare_config
-    assert any(re.search(rf"pip install\b.*-e {re.escape(remote)}\b", c) for c in commands), commands
+    assert any(re.search(rf"pip install\b.*--require-hashes -r {re.escape(remote)}/requirements.lock\b", c)
+               for c in commands), commands
+    assert any(re.search(rf"pip install\b.*--no-deps -e {re.escape(remote)}\b", c) for c in commands), commands
     assert any("--python 3.11" in c for c in commands)
     assert not cfg.get("docker", {}).get("image"), "docker disabled: nodes run the synced working tree"
     assert {".venv", ".git"} <= set(cfg["rsync_exclude"])
@@ -507,9 +513,12 @@ def test_dockerfile():
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
     assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py311(-gpu|-cu\d+)?", base), base
     runs = " ".join(a for op, a in ins if op == "RUN")
-    for pkg in ("torch", "torchvision"):
-        assert f"{pkg}=={_pin(pkg)}" in runs, pkg
-    assert re.search(r"pip install [^&]*\.(\s|$)", runs), "the project itself is installed"
+    # The image installs the hash-checked runtime lock, then only the project itself.
+    assert "pip install --no-cache-dir --require-hashes -r requirements.lock" in runs
+    assert re.search(r"pip install [^&]*--no-deps [^&]*\.(\s|$)", runs), "the project itself is installed"
+    pins = _lock_pins(ROOT / "requirements.lock")
+    for pkg in ("torch", "torchvision", "ray"):
+        assert pins[pkg] == _pin(pkg), pkg
     user = [a for op, a in ins if op == "USER"][-1].split(":")[0]
     assert user not in ("root", "0"), "the image must end as a non-root user"
     env = " ".join(a for op, a in ins if op == "ENV")

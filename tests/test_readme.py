@@ -13,5 +13,6 @@ def test_readme_schema_matches_code(repo_root):
 def test_ci_runs_readme_commands(repo_root):
     readme = (repo_root / "README.md").read_text()
     ci = (repo_root / ".ci" / "run").read_text()
-    assert "pip install -e '.[dev]'" in readme and "pip install --quiet -e '.[dev]'" in ci
+    for cmd in ("pip install --require-hashes -r requirements-dev.lock", "pip install --no-deps -e ."):
+        assert cmd in readme and cmd.replace("pip install", "pip install --quiet") in ci, cmd
     assert "python -m pytest" in readme and "\npython -m pytest\n" in ci

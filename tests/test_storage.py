@@ -59,3 +59,22 @@ def test_options_never_expose_secrets_in_repr():
     cfg = StorageConfig(access_key_id="AKIAEXAMPLE", secret_access_key="verysecret")
     assert "verysecret" not in repr(cfg) and "verysecret" not in cfg.model_dump_json()
     assert storage.s3_options(cfg)["secret"] == "verysecret"  # reaches the client, nothing else
+
+
+def test_local_listing_follows_symlinked_folders_and_files_and_stops_at_cycles(tmp_path, caplog):
+    shared = tmp_path / "shared" / "weave"
+    (shared / "train" / "good").mkdir(parents=True)
+    (shared / "train" / "good" / "000.png").write_bytes(b"a")
+    (tmp_path / "elsewhere.png").write_bytes(b"bb")
+    root = tmp_path / "root"
+    (root / "grid" / "train" / "good").mkdir(parents=True)
+    (root / "grid" / "train" / "good" / "000.png").write_bytes(b"ccc")
+    (root / "weave").symlink_to(shared, target_is_directory=True)  # a product folder on "shared storage"
+    (root / "grid" / "train" / "good" / "001.png").symlink_to(tmp_path / "elsewhere.png")
+    (shared / "train" / "good" / "loop").symlink_to(shared, target_is_directory=True)  # a cycle
+    (root / "grid" / "train" / "dangling").symlink_to(tmp_path / "gone")
+    files = storage.list_files(str(root), extensions=(".png",))
+    assert [(f.uri[len(str(root)):], f.size) for f in files] == [
+        ("/grid/train/good/000.png", 3), ("/grid/train/good/001.png", 2), ("/weave/train/good/000.png", 1)]
+    assert "symlink cycle" in caplog.text and "loop" in caplog.text  # reported, not silently skipped
+    assert "broken symlink" in caplog.text
