@@ -26,10 +26,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from eagle.config import ExpertConfig  # noqa: E402
-from eagle.expert import Expert, build_model  # noqa: E402
 from eagle.expert.coreset import greedy_coreset  # noqa: E402
+from eagle.expert.detector import Expert, build_model  # noqa: E402
 from eagle.expert.search import brute_force  # noqa: E402
-from eagle.synth import render_defect, render_normal  # noqa: E402
+from eagle.testing.synth import render_defect, render_normal  # noqa: E402
 
 
 def sync(device: str) -> None:

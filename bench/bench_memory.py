@@ -152,8 +152,8 @@ def child_prep(root: str) -> None:
 def child_run(root: str, n: int, batch: int) -> dict:
     import ray
 
-    from eagle.pipeline import run_inspect
-    from eagle.ray_init import init_ray
+    from eagle.pipeline.inspection import run_inspect
+    from eagle.pipeline.ray_setup import init_ray
 
     data = variants(root, n)
     cfg = _cfg(root, f"mem{n}", data, batch)

@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from eagle import guidance as g
 from eagle.config import load_config
-from eagle.mllm import MLLMRequest, MLLMRunner
-from eagle.tiny_mllm import build_tiny_mllm
-from eagle.types import Box
+from eagle.findings import Box
+from eagle.mllm import guidance as g
+from eagle.mllm.runner import MLLMRequest, MLLMRunner
+from eagle.testing.tiny_mllm import build_tiny_mllm
 
 # Qwen2.5-VL-7B-Instruct's published shapes (weights random here).
 QWEN25_7B_TEXT = dict(

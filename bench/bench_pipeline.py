@@ -1,7 +1,7 @@
 """End-to-end inspect job (Ray Data) vs its slowest stage alone, vs a one-image-at-a-time loop; 1 vs 2 experts.
 
-One run on a synthetic MVTec-style set (eagle.synth), experts fitted with resnet18 RANDOM weights, the tiny
-random Qwen2.5-VL (eagle.tiny_mllm): the numbers are about the machinery (scheduling, batching, overlap), not
+One run on a synthetic MVTec-style set (eagle.testing.synth), experts fitted with resnet18 RANDOM weights, the tiny
+random Qwen2.5-VL (eagle.testing.tiny_mllm): the numbers are about the machinery (scheduling, batching, overlap), not
 about what real models cost. Prints three tables:
 
 1. each stage's UDF run alone, in this process, on pre-built batches of the same images (read_decode on the
@@ -87,11 +87,11 @@ def prepare(root: str, train: int, good: int, defect: int, size: int, mllm: bool
             products: tuple[str, ...] = PRODUCTS, fit_size: int | None = None,
             copies: int = 1) -> tuple[JobConfig, dict[str, str]]:
     """Synthetic data, tiny MLLM, local Ray, fitted experts; returns (a base config, pinned versions)."""
-    from eagle.expert.fit import fit_products
-    from eagle.pipeline import resolve_versions
-    from eagle.ray_init import init_ray
-    from eagle.synth import generate
-    from eagle.tiny_mllm import build_tiny_mllm
+    from eagle.pipeline.fitting import fit_products
+    from eagle.pipeline.inspection import resolve_versions
+    from eagle.pipeline.ray_setup import init_ray
+    from eagle.testing.synth import generate
+    from eagle.testing.tiny_mllm import build_tiny_mllm
 
     data = os.path.join(root, "data")
     if not os.path.exists(os.path.join(data, "labels.csv")):
@@ -101,7 +101,7 @@ def prepare(root: str, train: int, good: int, defect: int, size: int, mllm: bool
         build_tiny_mllm("qwen2_5_vl", os.path.join(root, "tiny-mllm"))
     cfg = job_config(root, "prepare", mllm=mllm, size=fit_size)
     init_ray(cfg)
-    for product, fitted in fit_products(data, products, cfg).items():
+    for fitted in fit_products(data, products, cfg).values():
         if isinstance(fitted, Exception):
             raise fitted
     return cfg, resolve_versions(cfg, list(products))
@@ -130,10 +130,10 @@ def _timed(fn, batches: list[dict[str, np.ndarray]]) -> tuple[float, list[dict[s
 
 def stages_alone(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, list[tuple[str, float]]]:
     """(images, [(stage, seconds)]) for each stage UDF in this process, single-threaded torch."""
-    from eagle.inputs import list_inputs
-    from eagle.pipeline import _blocks
-    from eagle.stages.decode import read_decode
-    from eagle.stages.expert import ExpertStage
+    from eagle.io.inputs import list_inputs
+    from eagle.pipeline.inspection import _blocks
+    from eagle.pipeline.stages.decode_stage import read_decode
+    from eagle.pipeline.stages.expert_stage import ExpertStage
 
     listing = list_inputs(cfg.inputs, cfg.storage)
     batches = [_numpy(t) for t in _blocks(listing, cfg.resources.decode.batch_size)]
@@ -146,7 +146,7 @@ def stages_alone(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, list[tu
     sec, scored = _timed(expert, _rechunk(decoded, cfg.resources.expert.batch_size))
     rows.append(("ExpertStage (actor)", sec))
     if cfg.mllm.model:
-        from eagle.stages.mllm import MLLMStage
+        from eagle.pipeline.stages.mllm_stage import MLLMStage
 
         mllm = MLLMStage(cfg)
         sec, _ = _timed(mllm, _rechunk(scored, cfg.resources.mllm.batch_size))
@@ -157,12 +157,14 @@ def stages_alone(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, list[tu
 # ---------------------------------------------------------------------------------------------- reference loop
 def reference_loop(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, float, float, int]:
     """(images, load seconds, loop seconds, MLLM calls): one image at a time, no Ray, no batching."""
-    from eagle.decode import decode_image
-    from eagle.expert import Expert, classify, load_artifact
-    from eagle.inputs import list_inputs
-    from eagle.mllm import MLLMRequest, MLLMRunner
-    from eagle.regions import find_regions
-    from eagle.routing import needs_mllm
+    from eagle.expert.artifact import load_artifact
+    from eagle.expert.detector import Expert
+    from eagle.expert.regions import find_regions
+    from eagle.expert.threshold import classify
+    from eagle.io.images import decode_image
+    from eagle.io.inputs import list_inputs
+    from eagle.mllm.runner import MLLMRequest, MLLMRunner
+    from eagle.pipeline.routing import needs_mllm
 
     listing = list_inputs(cfg.inputs, cfg.storage).to_pylist()
     start = time.perf_counter()
@@ -192,8 +194,8 @@ def reference_loop(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, float
 def ray_job(cfg: JobConfig) -> tuple[Any, dict[str, float]]:
     """(Summary, in-job figures): steady = images/s between the first and the last written batch (start-up
     excluded); expert/mllm = images/s from the per-image busy times the stages record (expert_ms, mllm_ms)."""
-    from eagle.output import read_rows
-    from eagle.pipeline import run_inspect
+    from eagle.io.runs import read_rows
+    from eagle.pipeline.inspection import run_inspect
 
     shutil.rmtree(cfg.output.uri, ignore_errors=True)  # a rerun with --root must not resume the old run
     summary = run_inspect(cfg)

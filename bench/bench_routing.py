@@ -42,8 +42,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import torch
 
-    from eagle.output import read_rows
-    from eagle.pipeline import run_inspect
+    from eagle.io.runs import read_rows
+    from eagle.pipeline.inspection import run_inspect
 
     torch.set_num_threads(1)
     tmp = None if args.root else tempfile.TemporaryDirectory()

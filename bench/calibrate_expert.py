@@ -25,11 +25,11 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from eagle.config import ThresholdConfig, load_config  # noqa: E402
-from eagle.decode import decode_image  # noqa: E402
-from eagle.expert import Expert, build_model  # noqa: E402
-from eagle.expert.fit import fit_expert, load_training_images  # noqa: E402
-from eagle.storage import join, read_bytes  # noqa: E402
-from eagle.threshold import threshold_value  # noqa: E402
+from eagle.expert.detector import Expert, build_model  # noqa: E402
+from eagle.expert.threshold import threshold_value  # noqa: E402
+from eagle.expert.training import fit_expert, load_training_images  # noqa: E402
+from eagle.io.images import decode_image  # noqa: E402
+from eagle.io.storage import join, read_bytes  # noqa: E402
 
 METHODS = ("k-sigma", "mad", "quantile", "evt")
 
@@ -94,7 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data
         if root is None:
-            from eagle.synth import generate
+            from eagle.testing.synth import generate
 
             root = tmp
             generate(root, products, n_train=args.n_train, n_test_good=args.n_test_good,

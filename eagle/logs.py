@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN")
+from eagle.io.storage import SECRET_ENV_VARS
+
+_SECRET_VARS = (*SECRET_ENV_VARS, "HF_TOKEN")
 
 
 def secret_values(extra: list[str] | None = None) -> list[str]:

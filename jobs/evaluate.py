@@ -7,8 +7,6 @@ Exit codes: 0 success, 2 bad arguments or nothing to evaluate (no rows, unknown 
 3 storage failure.
 """
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 
@@ -16,47 +14,7 @@ from pathlib import Path
 # library's `inspect` module for every later import: take the folder off the path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-from eagle.evaluation import EvaluationError, evaluate, load_train_scores, model_version  # noqa: E402
-from eagle.logs import setup_logging  # noqa: E402
-from eagle.report import format_value, write_outputs  # noqa: E402
-
-log = logging.getLogger("eagle.evaluate")
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--output", required=True, metavar="URI", help="Inspect output prefix (Hive-partitioned Parquet).")
-    p.add_argument("--data", required=True, metavar="ROOT", help="MVTec-AD-layout root the run audited.")
-    p.add_argument("--run-id", help="Run to evaluate (default: the latest, by audited_at).")
-    p.add_argument("--model-store", metavar="URI", help="Expert artifacts, for the training-score histograms.")
-    p.add_argument("--out", required=True, metavar="DIR", help="Where metrics.json and report.html go.")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        result = evaluate(args.output, args.data, args.run_id)
-        train = {p: load_train_scores(args.model_store, p, model_version(r))
-                 for p, r in result.products.items()} if args.model_store else {}
-        metrics_uri, report_uri = write_outputs(result, args.out, train)
-    except EvaluationError as exc:
-        log.error("%s", exc)
-        return 2
-    except OSError as exc:
-        log.error("storage failure: %s", exc)
-        return 3
-    o = result.overall
-    log.info("run %s: %d images scored, %d error rows; image AUROC %s, AUPRO %s, final F1 %s; wrote %s and %s",
-             result.run_id, o["n_images"], o["n_errors"], format_value(o["image_auroc"]), format_value(o["aupro"]),
-             format_value(o["final"]["f1"]), metrics_uri, report_uri)
-    return 0
-
+from eagle.cli.evaluate_cmd import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -122,7 +122,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen25vl(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Qwen2.5-VL (8 decoder layers, locally trained tokenizer); returns the saved dir."""
-    from eagle.tiny_mllm import build_tiny_mllm
+    from eagle.testing.tiny_mllm import build_tiny_mllm
 
     return build_tiny_mllm("qwen2_5_vl", str(tmp_path_factory.mktemp("tiny_qwen25vl")))
 
@@ -130,7 +130,7 @@ def tiny_qwen25vl(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen3vl(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Qwen3-VL (6 decoder layers, deepstack, locally trained tokenizer); returns the saved dir."""
-    from eagle.tiny_mllm import build_tiny_mllm
+    from eagle.testing.tiny_mllm import build_tiny_mllm
 
     return build_tiny_mllm("qwen3_vl", str(tmp_path_factory.mktemp("tiny_qwen3vl")))
 

@@ -10,10 +10,10 @@ import duckdb
 import numpy as np
 from PIL import Image
 
-from eagle import storage
 from eagle.config import JobConfig, load_config
-from eagle.expert.fit import fit_products
-from eagle.synth import generate, image_rng, render_normal
+from eagle.io import storage
+from eagle.pipeline.fitting import fit_products
+from eagle.testing.synth import generate, image_rng, render_normal
 
 PRODUCTS = ("grid", "nut")
 
@@ -37,7 +37,7 @@ def _odd_files(normal: np.ndarray) -> tuple[dict[str, bytes], dict[str, bytes]]:
         "bomb.png": png(Image.new("L", (9000, 9000))),
     }
     odd = {
-        "sixteen.png": png(Image.fromarray((normal[..., 0].astype(np.uint16) * 257))),
+        "sixteen.png": png(Image.fromarray(normal[..., 0].astype(np.uint16) * 257)),
         "cmyk.jpg": png(Image.fromarray(normal).convert("CMYK"), "JPEG", quality=95),
         "palette.png": png(Image.fromarray(normal).convert("P", palette=Image.Palette.ADAPTIVE)),
         "alpha.png": png(Image.fromarray(normal).convert("RGBA")),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eagle.answers import parse_answer
+from eagle.mllm.answers import parse_answer
 
 OPTIONS = {"A": "yes", "B": "no"}
 

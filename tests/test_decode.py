@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eagle.decode import DecodeError, decode_image
+from eagle.io.images import DecodeError, decode_image
 
 LIMIT = 10_000_000
 

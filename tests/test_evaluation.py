@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from eagle import storage
-from eagle.evaluation import EvaluationError, evaluate, load_ground_truth, load_train_scores, relative_path
-from eagle.metrics import PixelCounts, aupro, auroc, binary_stats, fpr_at_threshold, pixel_auroc
-from eagle.report import write_outputs
-from eagle.schema import to_table
-from eagle.synth import generate
+from eagle.evaluation.metrics import PixelCounts, aupro, auroc, binary_stats, fpr_at_threshold, pixel_auroc
+from eagle.evaluation.report import write_outputs
+from eagle.evaluation.scorecard import EvaluationError, evaluate, load_ground_truth, load_train_scores, relative_path
+from eagle.io import storage
+from eagle.io.schema import to_table
+from eagle.testing.synth import generate
 
 # ------------------------------------------------------------------------------------------------ metrics
 
@@ -150,7 +150,7 @@ def test_relative_path_across_schemes(tmp_path):
 # ------------------------------------------------------------------------------------------------ end to end
 
 SIZE, MAP = 64, 32  # image side; stored maps are smaller, so ground-truth masks must be resized to them
-NEW = dt.datetime(2026, 5, 2, 12, tzinfo=dt.timezone.utc)
+NEW = dt.datetime(2026, 5, 2, 12, tzinfo=dt.UTC)
 OLD = NEW - dt.timedelta(days=1)
 
 

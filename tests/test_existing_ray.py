@@ -4,15 +4,18 @@ Ray of their own with ray.address=local. The data root's product folder is a sym
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from eagle.synth import generate
+from eagle.testing.synth import generate
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +31,32 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def ray_head() -> str:
-    """A Ray head started the way users start one; yields ":PORT " as its address ends in the log. Stopped
-    (and its address file removed) afterwards."""
+    """A Ray head started the way users start one (``ray start --head``, kept in the foreground with --block so
+    that stopping it stops only this head, not every Ray on the machine as ``ray stop`` would). Yields ":PORT "
+    as its address ends in the log."""
     ray = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = _free_port()
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
-                    f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                             "--include-dashboard=false", f"--ray-client-server-port={_free_port()}",
+                             "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.time() + 120
+        while not (address_file.exists() and address_file.read_text().strip().endswith(f":{port}")):
+            assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
         yield f":{port} "
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)  # --block: `ray start` stops its own node's processes
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        if address_file.exists() and address_file.read_text().strip().endswith(f":{port}"):
+            address_file.unlink()
 
 
 def _job(repo_root: Path, *args: str) -> subprocess.CompletedProcess:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from eagle.config import load_config
-from eagle.decode import decode_image
-from eagle.expert import ArtifactError, Expert, build_model, load_artifact, save_artifact
-from eagle.expert.artifact import LATEST_FILE, META_FILE, TENSORS_FILE
-from eagle.expert.fit import fit_expert, fit_product, list_products, load_training_images
+from eagle.expert.artifact import LATEST_FILE, META_FILE, TENSORS_FILE, ArtifactError, load_artifact, save_artifact
+from eagle.expert.detector import Expert, build_model
+from eagle.expert.training import fit_expert, fit_product, list_products, load_training_images
+from eagle.io.images import decode_image
 
 TINY = ["expert.backbone=resnet18", "expert.weights=random", "expert.resize=64", "expert.crop=64",
         "threshold.min_unselected_patches=4"]
@@ -21,7 +21,7 @@ TINY = ["expert.backbone=resnet18", "expert.weights=random", "expert.resize=64",
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from eagle.synth import generate
+    from eagle.testing.synth import generate
 
     root = tmp_path_factory.mktemp("synth")
     generate(str(root), products=("nut",), n_train=6, n_test_good=2, n_test_defect=1, size=64, seed=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eagle.config import ExpertConfig
-from eagle.expert import Expert, build_model
+from eagle.expert.detector import Expert, build_model
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eagle.expert import Expert, load_artifact
+from eagle.expert.artifact import load_artifact
+from eagle.expert.detector import Expert
 
 
 @pytest.mark.slow
 def test_fit_job_end_to_end(tmp_path: Path, s3_bucket: str, repo_root: Path):
-    from eagle.synth import generate
+    from eagle.testing.synth import generate
 
     generate(str(tmp_path), products=("grid", "nut"), n_train=5, n_test_good=1, n_test_defect=1, size=64)
     store = f"{s3_bucket}/models"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from eagle import guidance as g
 from eagle.config import load_config
-from eagle.mllm import Encoded, MLLMRequest, MLLMRunner
-from eagle.types import Box
+from eagle.findings import Box
+from eagle.mllm import guidance as g
+from eagle.mllm.runner import Encoded, MLLMRequest, MLLMRunner
 
 TINY_OVERRIDES = ["mllm.dtype=float32", "mllm.min_pixels=3136", "mllm.max_pixels=50176", "mllm.max_new_tokens=4"]
 DEVICE = os.environ.get("EAGLE_TEST_DEVICE", "cpu")  # "cuda" runs the same checks on a GPU machine

@@ -183,10 +183,10 @@ def job_calls(text: str) -> list[tuple[str, list[str]]]:
 
 
 def _load_job_module(script: str):
-    spec = importlib.util.spec_from_file_location(f"_infra_{Path(script).stem}", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command-line module behind a thin `jobs/X.py` (eagle.cli.X_cmd), checked to be the one it runs."""
+    name = f"eagle.cli.{Path(script).stem}_cmd"
+    assert f"from {name} import main" in (ROOT / script).read_text(), f"{script} does not run {name}"
+    return importlib.import_module(name)
 
 
 def _parse(module, argv: list[str]):

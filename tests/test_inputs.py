@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eagle import storage
 from eagle.config import ConfigError, InputConfig
-from eagle.inputs import list_inputs, product_of
+from eagle.io import storage
+from eagle.io.inputs import list_inputs, product_of
 
 
 @pytest.mark.parametrize("uri, prefix, product", [

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
+from eagle.cli import inspect_cmd
+
 
 @pytest.fixture(scope="module")
-def cli(repo_root):
-    spec = importlib.util.spec_from_file_location("inspect_job", repo_root / "jobs" / "inspect.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def cli():
+    return inspect_cmd
 
 
 def test_flags_and_intermixed_overrides(cli):

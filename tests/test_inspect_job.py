@@ -9,11 +9,11 @@ import pytest
 from e2e import job_config, output_rows, png
 from PIL import Image
 
-from eagle import storage
-from eagle.expert.fit import fit_products
-from eagle.inputs import list_inputs
-from eagle.pipeline import run_inspect
-from eagle.synth import image_rng, render_normal
+from eagle.io import storage
+from eagle.io.inputs import list_inputs
+from eagle.pipeline.fitting import fit_products
+from eagle.pipeline.inspection import run_inspect
+from eagle.testing.synth import image_rng, render_normal
 
 pytestmark = pytest.mark.slow
 

@@ -61,7 +61,7 @@ def test_installed_reports_a_version_that_differs_from_the_lock(tmp_path: Path, 
     import pytest as installed_pytest
 
     lock = tmp_path / "x.lock"
-    lock.write_text(f"pytest==0.0.1 \\\n    --hash=sha256:00\nnot-installed-pkg==1.0\n")
+    lock.write_text("pytest==0.0.1 \\\n    --hash=sha256:00\nnot-installed-pkg==1.0\n")
     proc = subprocess.run([sys.executable, str(repo_root / "infra" / "lock.py"), "installed", "--lock", str(lock)],
                           capture_output=True, text=True)
     assert proc.returncode == 1

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eagle import guidance as g
 from eagle.config import GuidanceConfig, PromptConfig, load_config
-from eagle.mllm import MLLMRequest, MLLMResult, MLLMRunner, main, resolve_model_source
-from eagle.storage import list_files, write_bytes
-from eagle.types import Box
+from eagle.findings import Box
+from eagle.io.storage import list_files, write_bytes
+from eagle.mllm import guidance as g
+from eagle.mllm.__main__ import main
+from eagle.mllm.download import resolve_model_source
+from eagle.mllm.runner import MLLMRequest, MLLMResult, MLLMRunner
 
 TINY = ["mllm.dtype=float32", "mllm.min_pixels=3136", "mllm.max_pixels=50176", "mllm.max_new_tokens=6"]
 DEVICE = os.environ.get("EAGLE_TEST_DEVICE", "cpu")  # "cuda" runs the same checks on a GPU machine

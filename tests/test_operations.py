@@ -15,10 +15,10 @@ from conftest import TEST_SECRET
 from e2e import job_config, output_rows
 from faulty_proxy import FaultyProxy
 
-from eagle import storage
-from eagle.inputs import list_inputs
-from eagle.output import parquet_files
-from eagle.pipeline import run_inspect
+from eagle.io import storage
+from eagle.io.inputs import list_inputs
+from eagle.io.runs import parquet_files
+from eagle.pipeline.inspection import run_inspect
 
 pytestmark = pytest.mark.slow
 

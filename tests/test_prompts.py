@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from eagle.config import PromptConfig
-from eagle.prompts import box_thickness, build_prompt
-from eagle.types import Box
+from eagle.findings import Box
+from eagle.mllm.prompts import box_thickness, build_prompt
 
 
 def _image(h: int = 120, w: int = 160) -> np.ndarray:

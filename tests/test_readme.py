@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from eagle.schema import markdown_table
+from eagle.io.schema import markdown_table
 
 
 def test_readme_schema_matches_code(repo_root):
     readme = (repo_root / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate the README schema table with `python -m eagle.schema`"
+    assert markdown_table() in readme, "regenerate the README schema table with `python -m eagle.io.schema`"
 
 
 def test_ci_runs_readme_commands(repo_root):

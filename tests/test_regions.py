@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from eagle.config import RegionsConfig
-from eagle.regions import decode_map_png, find_regions, png_shape
+from eagle.expert.regions import decode_map_png, find_regions, png_shape
 
 
 def blob_map(shape: tuple[int, int], blobs: list[tuple[int, int, int, float]]) -> np.ndarray:

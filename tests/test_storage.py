@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eagle import storage
+from eagle.io import storage
 
 
 @pytest.fixture(params=["local", "file", "s3"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from eagle.config import InputConfig
-from eagle.expert.fit import list_products
-from eagle.inputs import list_inputs
-from eagle.synth import generate
+from eagle.expert.training import list_products
+from eagle.io.inputs import list_inputs
+from eagle.testing.synth import generate
 
 
 def test_fit_and_inspect_listings_follow_a_symlinked_product(tmp_path: Path):

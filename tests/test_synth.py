@@ -15,9 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eagle.storage import list_files, read_bytes
-from eagle.synth import (DEFECTS, GRAYSCALE, LABEL_COLUMNS, MASK_TOL, PRODUCT_DEFECTS, PRODUCTS, generate,
-                         render_defect, render_normal, strengths)
+from eagle.io.storage import list_files, read_bytes
+from eagle.testing.synth import (
+    DEFECTS,
+    GRAYSCALE,
+    LABEL_COLUMNS,
+    MASK_TOL,
+    PRODUCT_DEFECTS,
+    PRODUCTS,
+    generate,
+    render_defect,
+    render_normal,
+    strengths,
+)
 
 SMALL = dict(n_train=2, n_test_good=1, n_test_defect=2, size=64)
 CASES = [(p, d) for p in PRODUCTS for d in PRODUCT_DEFECTS[p]]
@@ -173,7 +183,7 @@ def test_rejects_unknown_product_and_inapplicable_defect() -> None:
 def test_cli_writes_dataset(tmp_path: Path, repo_root: Path) -> None:
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "eagle.synth", "--out", str(out), "--products", "nut,marble", "--seed", "2",
+        [sys.executable, "-m", "eagle.testing.synth", "--out", str(out), "--products", "nut,marble", "--seed", "2",
          "--size", "64", "--n-train", "2", "--n-test-good", "1", "--n-test-defect", "2"],
         capture_output=True, text=True, cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
     )
@@ -181,6 +191,6 @@ def test_cli_writes_dataset(tmp_path: Path, repo_root: Path) -> None:
     summary = json.loads(proc.stdout)
     assert summary["counts"]["nut"]["test/missing"] == 2
     assert set(relative(str(out))) == expected_files(products=("nut", "marble"))
-    bad = subprocess.run([sys.executable, "-m", "eagle.synth", "--out", str(out), "--products", "teapot"],
+    bad = subprocess.run([sys.executable, "-m", "eagle.testing.synth", "--out", str(out), "--products", "teapot"],
                          capture_output=True, text=True, cwd=repo_root, timeout=120)
     assert bad.returncode == 2 and "unknown product" in bad.stderr

@@ -10,7 +10,7 @@ from scipy import stats
 from eagle.config import ConfidenceConfig, ThresholdConfig
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
-from eagle.threshold import classify, fit_threshold, leave_own_out_scores, threshold_value
+from eagle.expert.threshold import classify, fit_threshold, leave_own_out_scores, threshold_value
 
 
 def rule(method: str, **kw) -> ThresholdConfig:

@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from eagle.io.storage import StorageConfig, exists, join, read_bytes, safe_segment, write_bytes
 
-from eagle.config import StorageConfig
-from eagle.storage import exists, join, read_bytes, write_bytes
+if TYPE_CHECKING:  # reading metadata (evaluation, version pinning) never loads torch
+    import torch
 
 FORMAT = "eagle-expert/1"
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
-LATEST_FILE = "LATEST"
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LATEST_FILE = "LATEST"  # the product's current-version pointer
 
 
 class ArtifactError(ValueError):
@@ -60,9 +56,10 @@ class ExpertArtifact:
 
 
 def _segment(name: str, what: str) -> str:
-    if not _SEGMENT.match(name):
-        raise ArtifactError(f"{what} {name!r} is not a safe path segment (letters, digits, '._-', max 128)")
-    return name
+    try:
+        return safe_segment(name, what)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 def content_version(meta_bytes: bytes, tensor_bytes: bytes) -> str:
@@ -76,6 +73,8 @@ def content_version(meta_bytes: bytes, tensor_bytes: bytes) -> str:
 def save_artifact(store: str, product: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                   storage: StorageConfig | None = None, set_latest: bool = True) -> str:
     """Write the artifact, then move ``LATEST`` to it (last, so readers never see a half-written version)."""
+    from safetensors.torch import save as save_tensors
+
     _segment(product, "product")
     tensor_bytes = save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     meta = {**meta, "format": FORMAT, "product": product,
@@ -105,6 +104,8 @@ def resolve_version(store: str, product: str, version: str = "latest",
 def load_artifact(store: str, product: str, version: str = "latest",
                   storage: StorageConfig | None = None) -> ExpertArtifact:
     """Read and verify an artifact; raises ArtifactError if it is missing or its content hash does not match."""
+    from safetensors.torch import load as load_tensors
+
     version = resolve_version(store, product, version, storage)
     base = join(store, product, version)
     try:
@@ -120,3 +121,13 @@ def load_artifact(store: str, product: str, version: str = "latest",
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"artifact {base} has format {meta.get('format')!r}; this code reads {FORMAT}")
     return ExpertArtifact(product=product, version=version, uri=base, meta=meta, tensors=load_tensors(tensor_bytes))
+
+
+def read_meta(store: str, product: str, version: str = "latest",
+              storage: StorageConfig | None = None) -> dict[str, Any]:
+    """An artifact's ``meta.json`` alone (no tensors, no content check): for reports and evaluation."""
+    version = resolve_version(store, product, version, storage)
+    uri = join(store, product, version, META_FILE)
+    if not exists(uri, storage):
+        raise ArtifactError(f"artifact {join(store, product, version)} has no {META_FILE}")
+    return {**json.loads(read_bytes(uri, storage)), "uri": uri}

@@ -11,8 +11,7 @@ import hashlib
 import torch
 from safetensors.torch import load as load_safetensors
 
-from eagle.config import StorageConfig
-from eagle.storage import read_bytes
+from eagle.io.storage import StorageConfig, read_bytes
 
 WEIGHTS_IMAGENET = "imagenet"
 WEIGHTS_RANDOM = "random"

@@ -1,4 +1,5 @@
-"""PatchCore in plain PyTorch on anomalib's components: preprocessing, patch embedding, scoring, anomaly maps.
+"""PatchCore in plain PyTorch on anomalib's components: patch embedding and scoring against the memory bank,
+with its pre-processor (`preprocess.py`) and anomaly-map generator (`anomaly_map.py`) as objects of their own.
 
 Embedding and scoring follow anomalib's ``PatchcoreModel`` by default (3x3 average-pooled layer features,
 deeper layers bilinearly resized to the first one's grid and concatenated; nearest-neighbour patch
@@ -11,20 +12,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF  # noqa: N812
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from eagle.expert.anomaly_map import AnomalyMapGenerator
+from eagle.expert.preprocess import PreProcessor
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def crop_offset(resize: int, crop: int) -> int:
-    """Top/left offset of the center crop inside the resized image (as torchvision's ``center_crop``)."""
-    return int(round((resize - crop) / 2.0))
 
 
 class PatchCore(nn.Module):
@@ -49,14 +43,13 @@ class PatchCore(nn.Module):
         self.scoring, self.num_neighbors, self.k = scoring, num_neighbors, k
         self.memory_bank: torch.Tensor
         self.register_buffer("memory_bank", torch.empty(0) if memory_bank is None else memory_bank.float())
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self.preprocessor = PreProcessor(resize, crop)
+        self.map_generator = AnomalyMapGenerator(resize, crop)
         self._bank: tuple[tuple[int, tuple[int, ...], torch.device], MemoryBank] | None = None
-        self._blur_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.mean.device
+        return self.memory_bank.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,20 +64,8 @@ class PatchCore(nn.Module):
         return self._bank[1]
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """HxWx3 uint8 RGB arrays → (B, 3, crop, crop) normalised backbone input, on the model's device.
-
-        Each image is resized to resize x resize (aspect ratio not kept, as anomalib's pre-processor) and
-        center-cropped.
-        """
-        batch = []
-        for image in images:
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
-            x = torch.from_numpy(np.require(image, requirements=("C", "W"))).to(self.device)
-            x = x.permute(2, 0, 1).float() / 255
-            x = TF.resize(x, [self.resize, self.resize], antialias=True)
-            batch.append(TF.center_crop(x, [self.crop, self.crop]))
-        return ((torch.stack(batch) - self.mean) / self.std).to(self.dtype)
+        """HxWx3 uint8 RGB arrays → (B, 3, crop, crop) backbone input on the model's device and dtype."""
+        return self.preprocessor(images, self.device, self.dtype)
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -118,33 +99,6 @@ class PatchCore(nn.Module):
                                     self.num_neighbors, self.k)
         return image, patch.reshape(b, h, w)
 
-    @torch.inference_mode()
     def anomaly_maps(self, patch_maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-        """Anomaly maps at each original (H, W): anomalib's map over the crop (nearest upsampling + Gaussian
-        blur, sigma 4), mapped back through the crop and resize; the border outside the crop repeats the
-        crop's edge values."""
-        maps = F.interpolate(patch_maps.unsqueeze(1).float(), size=(self.crop, self.crop))  # (B, 1, crop, crop)
-        maps = self._blur(maps)
-        top = crop_offset(self.resize, self.crop)
-        bottom = self.resize - self.crop - top
-        if top or bottom:
-            maps = F.pad(maps, (top, bottom, top, bottom), mode="replicate")  # (B, 1, resize, resize)
-        out = []
-        for m, (height, width) in zip(maps, sizes, strict=True):
-            if (height, width) != tuple(m.shape[-2:]):
-                m = F.interpolate(m.unsqueeze(0), size=(height, width), mode="bilinear").squeeze(0)
-            out.append(m[0])
-        return out
-
-    def _blur(self, maps: torch.Tensor) -> torch.Tensor:
-        """anomalib's Gaussian blur (its kernel and reflect padding) applied as two 1-D passes: the 33x33
-        kernel is an outer product, and one 2-D pass costs ~25 ms per map on a CPU core."""
-        if self._blur_rows is None or self._blur_rows[0].device != maps.device:
-            from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
-
-            kernel = AnomalyMapGenerator().blur.kernel[0, 0].to(maps.device)  # (K, K), normalised
-            self._blur_rows = kernel.sum(1).view(1, 1, -1, 1), kernel.sum(0).view(1, 1, 1, -1)
-        rows, cols = self._blur_rows
-        pad = rows.shape[2] // 2
-        maps = F.pad(maps, (pad, pad, pad, pad), mode="reflect")
-        return F.conv2d(F.conv2d(maps, rows), cols)
+        """Anomaly maps (H, W) at each original size from patch-score maps (B, h, w)."""
+        return self.map_generator(patch_maps, sizes)

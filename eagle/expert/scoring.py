@@ -3,7 +3,7 @@
 The default (`anomalib_image_score`) reproduces anomalib's ``PatchcoreModel.compute_anomaly_score``, with
 the exact search of ``eagle.expert.search`` in place of brute force. Every function takes an optional
 ``exclude`` mask over memory-bank rows so that the label-free threshold can score a training image against
-the bank without that image's own patches (see ``eagle.threshold``).
+the bank without that image's own patches (see ``eagle.expert.threshold``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The command lines behind `jobs/*.py` (the entry points users know): arguments, exit codes, summaries."""

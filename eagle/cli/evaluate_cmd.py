@@ -1,0 +1,53 @@
+"""Evaluate an inspect run against MVTec-AD-layout ground truth: metrics.json and a self-contained report.html.
+
+    python jobs/evaluate.py --output s3://plant-a/audit --data s3://plant-a/mvtec-root --out ./eval \
+        [--run-id ID] [--model-store s3://plant-a/models]
+
+Exit codes: 0 success, 2 bad arguments or nothing to evaluate (no rows, unknown run, no test images),
+3 storage failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from eagle.evaluation.report import format_value, write_outputs
+from eagle.evaluation.scorecard import EvaluationError, evaluate, load_train_scores, model_version
+from eagle.logs import setup_logging
+
+log = logging.getLogger("eagle.evaluate")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--output", required=True, metavar="URI", help="Inspect output prefix (Hive-partitioned Parquet).")
+    p.add_argument("--data", required=True, metavar="ROOT", help="MVTec-AD-layout root the run audited.")
+    p.add_argument("--run-id", help="Run to evaluate (default: the latest, by audited_at).")
+    p.add_argument("--model-store", metavar="URI", help="Expert artifacts, for the training-score histograms.")
+    p.add_argument("--out", required=True, metavar="DIR", help="Where metrics.json and report.html go.")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = evaluate(args.output, args.data, args.run_id)
+        train = {p: load_train_scores(args.model_store, p, model_version(r))
+                 for p, r in result.products.items()} if args.model_store else {}
+        metrics_uri, report_uri = write_outputs(result, args.out, train)
+    except EvaluationError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("storage failure: %s", exc)
+        return 3
+    o = result.overall
+    log.info("run %s: %d images scored, %d error rows; image AUROC %s, AUPRO %s, final F1 %s; wrote %s and %s",
+             result.run_id, o["n_images"], o["n_errors"], format_value(o["image_auroc"]), format_value(o["aupro"]),
+             format_value(o["final"]["f1"]), metrics_uri, report_uri)
+    return 0
+

@@ -1,0 +1,300 @@
+"""The job configuration's sections: one pydantic model per concern, every field documented.
+
+One place for every knob a job takes. The storage section is owned by `eagle.io.storage` (with its
+environment fallback) and only mounted here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlparse
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from eagle.io.storage import StorageConfig
+
+SUPPORTED_SCHEMES = ("", "file", "s3")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+def _check_uri(value: str) -> str:
+    """Accept plain paths, ``file://`` and ``s3://bucket/...``; reject anything else with the allowed forms."""
+    value = value.strip()
+    if not value:
+        raise ValueError("URI must not be empty")
+    parsed = urlparse(value)
+    scheme = parsed.scheme if len(parsed.scheme) > 1 else ""  # "C:" style drive letters are paths
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {value!r}; allowed: plain path, file://, s3://")
+    if scheme == "s3" and not parsed.netloc:
+        raise ValueError(f"s3 URI {value!r} has no bucket; expected s3://bucket/prefix")
+    return value
+
+
+Uri = Annotated[str, AfterValidator(_check_uri)]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------------------------------------- resources
+class StageResources(Section):
+    """How one Ray Data stage is sized and placed. Never affects results, so not part of the config hash."""
+
+    batch_size: int = Field(8, gt=0, description="Rows per batch handed to the stage's UDF.")
+    min_actors: int = Field(1, ge=1, description="Smallest actor pool (actor stages only).")
+    max_actors: int = Field(1, ge=1, description="Largest actor pool; the pool autoscales between min and max.")
+    num_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="Logical CPUs per actor/task. Keep below 1 on small machines so read tasks are not starved.",
+    )
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions let several actors share one GPU.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100' or 'A10G'.")
+    device: str = Field("auto", description="'auto' (cuda when num_gpus > 0, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    max_restarts: int = Field(3, ge=-1, description="Ray actor restarts after a crash (-1: unlimited).")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> StageResources:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device {self.device!r} not allowed; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return self
+
+    def resolved_device(self) -> str:
+        """The torch device string this stage should use."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+class Resources(Section):
+    """Per-stage sizing. Defaults fit a 2-core laptop; cluster configs raise them (see README)."""
+
+    decode: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=16, num_cpus=0.5),
+        description="CPU tasks that decode and validate images.",
+    )
+    expert: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=8, num_cpus=0.5),
+        description="PatchCore actor pool; give it num_gpus=1 on a GPU cluster.",
+    )
+    mllm: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=4, num_cpus=0.5),
+        description="MLLM actor pool; one GPU per actor for a 7B model in bf16.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- expert
+class ExpertConfig(Section):
+    """PatchCore expert: backbone, embedding and scoring."""
+
+    backbone: str = Field("wide_resnet50_2", description="timm backbone name.")
+    layers: list[str] = Field(default_factory=lambda: ["layer2", "layer3"], min_length=1)
+    weights: str = Field(
+        "imagenet",
+        description="'imagenet' (timm pretrained, hub or local cache), 'random' (tests/offline demo) "
+        "or a local/object-store path to a safetensors checkpoint of the backbone.",
+    )
+    resize: int = Field(
+        256, gt=0, description="Images are resized to resize x resize (aspect ratio not kept, as anomalib's "
+        "pre-processor), then center-cropped.")
+    crop: int = Field(224, gt=0, description="Center-crop size fed to the backbone.")
+    patch_size: int = Field(3, ge=1, description="Neighbourhood aggregation kernel.")
+    projection_dim: int | None = Field(
+        None, gt=0, description="Optional reduction of each patch vector to this many dims by channel average "
+        "pooling, as the PatchCore paper's code (paper: 1024); None keeps all (1536 for WRN50 layer2+layer3).")
+    coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of training patches kept in the memory bank.")
+    coreset_projection_dim: int = Field(128, gt=0, description="Random projection used only to pick the coreset.")
+    scoring: Literal["anomalib", "mean_k"] = Field(
+        "anomalib",
+        description="'anomalib': max patch distance re-weighted with num_neighbors (PatchcoreModel); "
+        "'mean_k': the paper's mean distance to k nearest neighbours.",
+    )
+    num_neighbors: int = Field(9, ge=1, description="Neighbours for anomalib's re-weighting.")
+    k: int = Field(5, ge=1, description="Neighbours for 'mean_k' scoring.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Backbone compute dtype.")
+    seed: int = Field(0, description="Seed for coreset sampling and projections.")
+    cache_size: int = Field(4, ge=1, description="Products whose artifacts one expert actor keeps loaded.")
+
+
+class ThresholdConfig(Section):
+    """Label-free threshold fitted on training scores from unselected patches (TGPS)."""
+
+    method: Literal["k-sigma", "mad", "quantile", "evt"] = Field("k-sigma")
+    k: float = Field(3.0, gt=0, description="k for 'k-sigma' and 'mad'.")
+    quantile: float = Field(0.99, gt=0, lt=1, description="q for 'quantile'.")
+    evt_quantile: float = Field(0.975, gt=0, lt=1, description="Quantile of the fitted GEV for 'evt'.")
+    min_unselected_patches: int = Field(16, ge=1, description="Training images with fewer are skipped.")
+
+
+class ConfidenceConfig(Section):
+    """The band in which the expert counts as unsure (where guidance applies).
+
+    uncertain when  low_factor*threshold <= score < high_factor*score_max, the verdict being anomalous iff
+    score >= threshold (EAGLE: both factors 1.0, i.e. threshold <= score < score_max). See docs/EXPERT.md.
+    """
+
+    low_factor: float = Field(
+        1.0, gt=0, le=1, description="Lower edge as a multiple of the threshold; < 1 also marks normal verdicts "
+        "just under the threshold as uncertain.")
+    high_factor: float = Field(
+        1.0, ge=1, description="Upper edge as a multiple of score_max; > 1 widens the band above score_max.")
+
+
+class RegionsConfig(Section):
+    """Anomalous regions from the anomaly map."""
+
+    level: float = Field(2 / 3, gt=0, lt=1, description="Share of the map's max that counts as anomalous.")
+    max_boxes: int = Field(3, ge=0)
+    min_area: float = Field(0.001, ge=0, lt=1, description="Drop contours smaller than this share of the image.")
+    merge_gap: float = Field(0.02, ge=0, description="Merge boxes closer than this share of the image side.")
+    mask_size: int = Field(256, gt=0, description="Longer side of the stored mask/map PNGs, pixels.")
+
+
+# ---------------------------------------------------------------------------------------------- mllm
+class PromptConfig(Section):
+    """Prompt templates. {product} and {notes} are filled in; keep answer formats parseable."""
+
+    system: str = Field(
+        "You are an industrial quality inspector. Answer precisely and briefly.",
+    )
+    instruction: str = Field(
+        "Inspect the {product} in the query image for manufacturing defects.",
+        description="First line of the user turn; {product} is filled in.",
+    )
+    notes_line: str = Field("Notes on this product: {notes}", description="Added when prompts.notes has the product.")
+    references_intro: str = Field(
+        "Images of normal {product} samples for reference:", description="Precedes the few-shot reference images."
+    )
+    query_label: str = Field("Query image:", description="Immediately precedes the query image; '' omits it.")
+    prior_normal: str = Field("The query image is predicted as normal.")
+    prior_anomalous: str = Field("The query image is predicted as anomalous.")
+    boxes_note: str = Field("The second image marks the suspected anomalous regions with red boxes.")
+    question: str = Field("Is there any defect in the object?")
+    answer_format: str = Field(
+        "Answer with 'Yes' or 'No' first, then one sentence that says what the defect is and where, "
+        "or why the object is normal."
+    )
+    few_shot: int = Field(0, ge=0, le=4, description="Normal reference images of the same product to include.")
+    notes: dict[str, str] = Field(default_factory=dict, description="Per-product domain notes added to the prompt.")
+    use_expert: bool = Field(True, description="False = baseline: same question, plain image, no expert prior.")
+    answer_options: dict[str, Literal["yes", "no"]] = Field(
+        default_factory=lambda: {"A": "yes", "B": "no"},
+        description="Option letters the parser accepts as answers (for multiple-choice answer formats).",
+    )
+
+
+class GuidanceConfig(Section):
+    """Confidence-aware attention sharpening (CAAS) through transformers' AttentionInterface."""
+
+    enabled: bool = Field(True)
+    apply_to: Literal["uncertain", "anomalous", "all"] = Field(
+        "uncertain", description="Which expert confidence classes get guided generation."
+    )
+    layers: list[int] | None = Field(
+        None, description="Decoder layers to guide; None = middle band (9-14 of 28, scaled by depth)."
+    )
+    image_bias: float = Field(1.0, description="Added to attention logits of query-image tokens.")
+    prior_bias: float = Field(0.0, le=0, description="Added (<= 0) to logits of the text-prior span.")
+    rows: Literal["last", "all"] = Field("last", description="Bias only the row that emits the next token, or all.")
+    record_attention: bool = Field(True, description="Record last-row attention to compute image_attention_share.")
+
+
+class MLLMConfig(Section):
+    """The multimodal LLM."""
+
+    model: str | None = Field(
+        "Qwen/Qwen2.5-VL-7B-Instruct", description="Hub id, local or object-store path; null/'none' disables."
+    )
+    revision: str | None = Field(None, description="Hub revision (commit) to pin.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("bfloat16")
+    trust_remote_code: bool = Field(False, description="Only turn on for checkpoints you trust.")
+    max_new_tokens: int = Field(64, gt=0)
+    min_pixels: int = Field(128 * 28 * 28, gt=0, description="Vision-encoder resize floor (pixels).")
+    max_pixels: int = Field(512 * 28 * 28, gt=0, description="Vision-encoder resize cap (~512 visual tokens).")
+
+    @model_validator(mode="after")
+    def _none_means_disabled(self) -> MLLMConfig:
+        if self.model is not None and self.model.strip().lower() in ("", "none", "null"):
+            self.model = None
+        return self
+
+
+class RoutingConfig(Section):
+    """Which images go to the MLLM."""
+
+    policy: Literal["all", "uncertain", "not-confident-normal"] = Field(
+        "all", description="'all' as in the paper; 'uncertain' the unsure band only; "
+        "'not-confident-normal' unsure and anomalous."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- job
+class InputConfig(Section):
+    """Where images come from."""
+
+    uris: list[Uri] = Field(default_factory=list, description="Local or s3:// prefixes, listed recursively.")
+    manifest: Uri | None = Field(None, description="Parquet/CSV with a 'uri' column and optionally 'product'.")
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    exclude: list[str] = Field(
+        default_factory=lambda: ["*/ground_truth/*"],
+        description="Glob patterns (fnmatch, '*' spans '/') of listed URIs to skip; default skips MVTec masks.",
+    )
+    max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are refused (decompression bombs).")
+
+
+class OutputConfig(Section):
+    """Where and how results are written."""
+
+    uri: Uri | None = Field(None, description="Output prefix (local or s3://).")
+    partition_by: list[Literal["product", "audit_date", "run_id"]] = Field(
+        default_factory=lambda: ["product", "audit_date"]
+    )
+    max_error_rate: float = Field(
+        0.5, ge=0, le=1, description="Abort the job when the share of error rows exceeds this.")
+
+
+class RayConfig(Section):
+    """How the driver connects to Ray."""
+
+    address: str | None = Field(
+        None,
+        description="Cluster address (HOST:PORT, ray://..., 'auto'); 'local' always starts a Ray of the job's "
+        "own. None: RAY_ADDRESS, else a Ray already running on this machine (joined, and logged), else a local "
+        "Ray of the job's own.",
+    )
+    num_cpus: int | None = Field(
+        None, gt=0, description="Logical CPUs for a Ray the job starts itself (more than cores is fine); "
+        "ignored when joining a running Ray.")
+
+
+class JobConfig(Section):
+    """Everything one job takes."""
+
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+    mode: Literal["full", "incremental"] = Field("full")
+    inputs: InputConfig = Field(default_factory=InputConfig)
+    model_store: Uri | None = Field(None, description="Prefix holding per-product expert artifacts.")
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    resources: Resources = Field(default_factory=Resources)
+    expert: ExpertConfig = Field(default_factory=ExpertConfig)
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    confidence: ConfidenceConfig = Field(default_factory=ConfidenceConfig)
+    regions: RegionsConfig = Field(default_factory=RegionsConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    mllm: MLLMConfig = Field(default_factory=MLLMConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+
+

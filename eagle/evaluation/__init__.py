@@ -1,0 +1,1 @@
+"""Scoring a run against MVTec-layout ground truth: metrics, the evaluation itself and its HTML report."""

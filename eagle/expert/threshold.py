@@ -1,0 +1,118 @@
+"""Label-free threshold (EAGLE's TGPS) and the confidence band around it.
+
+Training scores: for each training image, score only the patches the coreset did *not* select, against the
+memory bank without the rows that came from that image (otherwise most of them find their nearest neighbour
+in their own image and the scores come out low), aggregated like a test image. Their distribution stands in
+for the scores of normal test images; a threshold rule turns it into one number. No step sees a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+
+from eagle.config import ConfidenceConfig, ThresholdConfig
+from eagle.findings import Confidence, Verdict
+
+# score_image(query patches (P, D), exclude mask over bank rows (M,)) -> image score
+ImageScorer = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def leave_own_out_scores(embeddings: torch.Tensor, selected: torch.Tensor, score_image: ImageScorer,
+                         min_unselected: int = 1) -> tuple[np.ndarray, int]:
+    """Training scores (one per kept image) and the number of skipped images.
+
+    embeddings: (N_images, P, D) patch embeddings of the training images; selected: (M,) flat indices
+    (image * P + patch) of the patches that form the memory bank, in bank-row order. An image with fewer
+    than ``min_unselected`` unselected patches, or whose patches make up the whole bank, is skipped.
+    """
+    n_images, n_patches, _ = embeddings.shape
+    selected = selected.to(embeddings.device)
+    source = selected // n_patches  # training image of each bank row
+    is_selected = torch.zeros(n_images * n_patches, dtype=torch.bool, device=embeddings.device)
+    is_selected[selected] = True
+    is_selected = is_selected.view(n_images, n_patches)
+    scores, skipped = [], 0
+    for i in range(n_images):
+        unselected = ~is_selected[i]
+        own = source == i
+        if int(unselected.sum()) < min_unselected or bool(own.all()):
+            skipped += 1
+            continue
+        scores.append(float(score_image(embeddings[i][unselected], own)))
+    return np.asarray(scores, dtype=np.float64), skipped
+
+
+def threshold_value(scores: np.ndarray, cfg: ThresholdConfig) -> float:
+    """The threshold the configured rule puts on training scores.
+
+    k-sigma: mean + k·std; mad: median + k·1.4826·MAD (the MAD scaled to a std for normal data);
+    quantile: the q-quantile; evt: the ``evt_quantile`` quantile of a generalized extreme value
+    distribution fitted to the scores (scipy ``genextreme``).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size < 2:
+        raise ValueError(f"need at least 2 training scores to fit a threshold, got {scores.size}")
+    if cfg.method == "k-sigma":
+        return float(scores.mean() + cfg.k * scores.std(ddof=1))
+    if cfg.method == "mad":
+        mad = stats.median_abs_deviation(scores, scale="normal")
+        return float(np.median(scores) + cfg.k * mad)
+    if cfg.method == "quantile":
+        return float(np.quantile(scores, cfg.quantile))
+    if cfg.method == "evt":
+        shape, loc, scale = stats.genextreme.fit(scores)
+        return float(stats.genextreme.ppf(cfg.evt_quantile, shape, loc=loc, scale=scale))
+    raise ValueError(f"unknown threshold method {cfg.method!r}")
+
+
+def score_stats(scores: np.ndarray) -> dict[str, float]:
+    """Count, mean, std, min, quartiles, max of a score distribution (JSON-friendly floats)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    q = np.quantile(scores, [0.25, 0.5, 0.75, 0.95, 0.99])
+    return {"count": int(scores.size), "mean": float(scores.mean()), "std": float(scores.std(ddof=1)),
+            "min": float(scores.min()), "p25": float(q[0]), "median": float(q[1]), "p75": float(q[2]),
+            "p95": float(q[3]), "p99": float(q[4]), "max": float(scores.max())}
+
+
+@dataclass(frozen=True)
+class ThresholdFit:
+    """A fitted threshold with the training-score distribution it came from."""
+
+    method: str
+    value: float
+    score_max: float
+    scores: np.ndarray
+    skipped: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"method": self.method, "value": self.value, "score_max": self.score_max, "skipped": self.skipped,
+                "summary": score_stats(self.scores), "scores": [float(s) for s in self.scores]}
+
+
+def fit_threshold(scores: np.ndarray, skipped: int, cfg: ThresholdConfig) -> ThresholdFit:
+    """Threshold + score_max (the largest training score) for training scores."""
+    value = threshold_value(scores, cfg)
+    return ThresholdFit(method=cfg.method, value=value, score_max=float(np.max(scores)),
+                        scores=np.asarray(scores, dtype=np.float64), skipped=skipped)
+
+
+def classify(score: float, threshold: float, score_max: float,
+             cfg: ConfidenceConfig | None = None) -> tuple[Verdict, Confidence]:
+    """Expert verdict (anomalous iff score >= threshold) and confidence band.
+
+    A normal verdict is uncertain when score >= low_factor·threshold, an anomalous one when
+    score < high_factor·score_max; otherwise the verdict is confident. With both factors at 1 (the default)
+    this is EAGLE's rule: uncertain exactly when threshold <= score < score_max, i.e. the expert says
+    anomalous but normal training images scored as high. low_factor < 1 adds normal verdicts just under the
+    threshold; high_factor > 1 widens the band above score_max. When the threshold lies above score_max
+    (possible for k-sigma on few images) the EAGLE band is empty.
+    """
+    cfg = cfg or ConfidenceConfig()
+    if score < threshold:
+        return "normal", ("uncertain" if score >= cfg.low_factor * threshold else "confident_normal")
+    return "anomalous", ("uncertain" if score < cfg.high_factor * score_max else "confident_anomalous")

@@ -1,0 +1,264 @@
+"""One way to reach files: plain paths, ``file://`` and ``s3://`` through fsspec/s3fs (pyarrow for Ray Data).
+
+Endpoint, region and credentials come from the job's StorageConfig (defined here, with its environment
+fallback), then the standard AWS environment variables and config files (botocore's own chain). Credentials
+are never logged or returned in anything printable. This module imports nothing from the rest of eagle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import IO, Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A listed file: its full URI, size and a change token (ETag on S3, mtime locally)."""
+
+    uri: str
+    size: int
+    version: str
+
+
+def is_remote(uri: str) -> bool:
+    return urlparse(uri).scheme == "s3"
+
+
+def strip_scheme(uri: str) -> str:
+    """Path as the filesystem object wants it: ``bucket/key`` for s3, an absolute path locally."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return f"{parsed.netloc}{parsed.path}".rstrip("/") if parsed.path not in ("", "/") else parsed.netloc
+    if parsed.scheme == "file":
+        return os.path.abspath(parsed.path)
+    return os.path.abspath(uri)
+
+
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def safe_segment(name: str, what: str) -> str:
+    """`name` if it can stand as one path segment under a prefix (no '/', no '..', no odd characters)."""
+    if not _SAFE_SEGMENT.match(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} is not a safe path segment: use letters, digits, '.', '_' and '-' "
+                         f"(max 128, no '..')")
+    return name
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts under a URI, keeping its scheme."""
+    if is_remote(base) or base.startswith("file://"):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+# The AWS variables this module reads (the one place that does). Non-secret ones may travel to Ray workers.
+ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+REGION_ENV_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+SETTING_ENV_VARS = (*ENDPOINT_ENV_VARS, *REGION_ENV_VARS, "AWS_PROFILE")
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class StorageConfig(BaseModel):
+    """Object-store settings. Unset fields fall back to the standard AWS environment variables and config."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint (AWS_ENDPOINT_URL); for MinIO, Ceph, moto.")
+    region: str | None = Field(None, description="Region (AWS_REGION / AWS_DEFAULT_REGION).")
+    profile: str | None = Field(None, description="Named AWS profile (AWS_PROFILE).")
+    access_key_id: SecretStr | None = Field(None, description="Prefer AWS_ACCESS_KEY_ID or an instance role.")
+    secret_access_key: SecretStr | None = Field(None, description="Prefer AWS_SECRET_ACCESS_KEY.")
+    session_token: SecretStr | None = Field(None, description="Prefer AWS_SESSION_TOKEN.")
+    anon: bool = Field(False, description="Anonymous access to public buckets.")
+    max_attempts: int = Field(8, ge=1, description="Attempts per object-store call on throttling/5xx/resets.")
+
+
+def _first(env: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    return next((env[n] for n in names if env.get(n)), None)
+
+
+def storage_env_defaults(env: Mapping[str, str]) -> dict[str, str]:
+    """The storage section's non-secret fields found in `env` (config loading layers them under the file)."""
+    found = {"endpoint_url": _first(env, ENDPOINT_ENV_VARS), "region": _first(env, REGION_ENV_VARS),
+             "profile": env.get("AWS_PROFILE") or None}
+    return {k: v for k, v in found.items() if v}
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Resolved S3 settings: config first, then the AWS environment. Never printed (holds secrets)."""
+
+    endpoint: str | None
+    region: str | None
+    profile: str | None
+    key: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    anon: bool = False
+    max_attempts: int = 8
+
+
+def s3_settings(cfg: StorageConfig | None = None) -> S3Settings:
+    cfg = cfg or StorageConfig()
+    env = {**storage_env_defaults(os.environ), **cfg.model_dump(exclude_none=True)}
+    secret = (lambda s, var: s.get_secret_value() if s else os.environ.get(var) or None)  # noqa: E731
+    return S3Settings(endpoint=env.get("endpoint_url"), region=env.get("region"), profile=env.get("profile"),
+                      key=secret(cfg.access_key_id, "AWS_ACCESS_KEY_ID"),
+                      secret=secret(cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
+                      token=secret(cfg.session_token, "AWS_SESSION_TOKEN"),
+                      anon=cfg.anon, max_attempts=cfg.max_attempts)
+
+
+def s3_options(cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``s3fs.S3FileSystem``."""
+    return _options_of(s3_settings(cfg))
+
+
+def _options_of(s: S3Settings) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "anon": s.anon,
+        "config_kwargs": {"retries": {"max_attempts": s.max_attempts, "mode": "adaptive"}},
+    }
+    if s.endpoint:
+        opts["endpoint_url"] = s.endpoint
+    if s.region:
+        opts["client_kwargs"] = {"region_name": s.region}
+    if s.profile:
+        opts["profile"] = s.profile
+    if s.key and s.secret:
+        opts.update(key=s.key, secret=s.secret, **({"token": s.token} if s.token else {}))
+    return opts
+
+
+@lru_cache(maxsize=16)
+def _s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**_options_of(settings))
+    fs.retries = settings.max_attempts  # s3fs's own retry loop (class attribute, not an init argument)
+    return fs
+
+
+def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it."""
+    if is_remote(uri):
+        return _s3fs(s3_settings(cfg)), strip_scheme(uri)
+    return fsspec.filesystem("file"), strip_scheme(uri)
+
+
+def pyarrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """A native pyarrow filesystem (the fastest path for Ray Data reads/writes) and the path inside it."""
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), strip_scheme(uri)
+    s = s3_settings(cfg)
+    kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s.max_attempts),
+                              "region": s.region or "us-east-1"}
+    if s.endpoint:
+        parsed = urlparse(s.endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    if s.key and s.secret:
+        kwargs.update(access_key=s.key, secret_key=s.secret, session_token=s.token)
+    if s.anon:
+        kwargs["anonymous"] = True
+    return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
+
+
+def open_uri(uri: str, mode: str = "rb", cfg: StorageConfig | None = None) -> IO[Any]:
+    """Open a file for reading or writing; parent folders are created for local writes."""
+    fs, path = filesystem(uri, cfg)
+    if "w" in mode and not is_remote(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return fs.open(path, mode)
+
+
+def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    with open_uri(uri, "rb", cfg) as fh:
+        return fh.read()
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    with open_uri(uri, "wb", cfg) as fh:
+        fh.write(data)
+
+
+def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, cfg)
+    fs.invalidate_cache(path)  # other processes write to the same prefixes: never answer from a stale listing
+    return fs.exists(path)
+
+
+def list_files(prefix: str, extensions: tuple[str, ...] | list[str] | None = None,
+               cfg: StorageConfig | None = None) -> list[FileInfo]:
+    """All files under `prefix` (recursive), sorted by URI, optionally filtered by extension (case-insensitive).
+
+    Local folders and files reached through symlinks are listed under the linked name (datasets often live on
+    shared storage); a link back into a folder already being walked is reported and not followed again."""
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    if not is_remote(prefix):
+        found = _walk_local(strip_scheme(prefix))
+        return sorted((f for f in found if not exts or f.uri.lower().endswith(exts)), key=lambda f: f.uri)
+    fs, path = filesystem(prefix, cfg)
+    fs.invalidate_cache(path)  # other processes write to the same prefixes: never answer from a stale listing
+    if not fs.exists(path):
+        return []
+    out = []
+    for name, info in fs.find(path, detail=True).items():
+        if info.get("type") == "directory" or (exts and not name.lower().endswith(exts)):
+            continue
+        version = info.get("ETag") or info.get("etag") or str(info.get("LastModified") or "")
+        out.append(FileInfo(uri=f"s3://{name}", size=int(info.get("size") or 0), version=str(version).strip('"')))
+    return sorted(out, key=lambda f: f.uri)
+
+
+def _walk_local(root: str) -> list[FileInfo]:
+    """Files under a local folder, following symlinks; each real folder is entered once per branch."""
+    if os.path.isfile(root):
+        st = os.stat(root)
+        return [FileInfo(uri=root, size=st.st_size, version=str(st.st_mtime))]
+    out: list[FileInfo] = []
+    ancestors: dict[str, set[tuple[int, int]]] = {}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        seen = ancestors.get(os.path.dirname(folder), set()) | {(st.st_dev, st.st_ino)}
+        ancestors[folder] = seen
+        for d in list(dirs):
+            child = os.path.join(folder, d)
+            try:
+                cst = os.stat(child)
+            except OSError:  # a dangling link
+                log.warning("skipping %s: broken symlink", child)
+                dirs.remove(d)
+                continue
+            if (cst.st_dev, cst.st_ino) in seen:
+                log.warning("not following %s: it links back to %s (a symlink cycle)", child, os.path.realpath(child))
+                dirs.remove(d)
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                fst = os.stat(path)
+            except OSError:
+                log.warning("skipping %s: broken symlink", path)
+                continue
+            out.append(FileInfo(uri=path, size=fst.st_size, version=str(fst.st_mtime)))
+    return out
+
+
+def remove(uri: str, cfg: StorageConfig | None = None, recursive: bool = False) -> None:
+    fs, path = filesystem(uri, cfg)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)

@@ -1,0 +1,118 @@
+"""Everything a job needs from Ray, in one place: connecting the driver, the options a stage or task runs
+under (from its config), Ray Data's retry settings, and torch threads inside workers.
+
+Connecting: a cluster (config or RAY_ADDRESS), a Ray already running on this machine, or a local instance of
+the job's own.
+
+``ray.address`` (config) decides, as ``ray.init`` does for Ray users:
+
+* unset: inside ``ray job submit`` the job's cluster; else RAY_ADDRESS; else a Ray already running on this
+  machine (``ray start --head``) is joined, and the log says so; else a local Ray is started for this job.
+* ``local``: always start a separate local Ray for this job, even when one is running.
+* ``auto`` or ``HOST:PORT`` / ``ray://…``: that cluster (``auto`` fails when none is running).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+from eagle.config import JobConfig, StageResources
+from eagle.io.storage import SECRET_ENV_VARS, SETTING_ENV_VARS
+
+log = logging.getLogger(__name__)
+
+# Passed to workers so they reach the same object store as the driver (settings must exist before ray.init).
+_FORWARDED_ENV = (*SETTING_ENV_VARS, *SECRET_ENV_VARS, "HF_HUB_OFFLINE", "HF_HOME", "EAGLE_TORCH_THREADS")
+
+
+# Set by Ray's job supervisor for the entrypoint of a submitted job.
+_SUBMITTED_JOB_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def running_local_cluster() -> str | None:
+    """Address of a live Ray started on this machine (``ray start``), or None.
+
+    Ray's own lookup (the address file of the last ``ray start``) checked against the GCS processes that are
+    alive, so a stale address file from a stopped cluster is not joined.
+    """
+    from ray._private import services
+
+    address = services.find_bootstrap_address(None)
+    return address if address and address in services.find_gcs_addresses() else None
+
+
+def init_ray(cfg: JobConfig) -> None:
+    """ray.init once, as the module docstring says; a Ray this job starts gets at least 8 logical CPUs so
+    fractional actors never starve read tasks."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    runtime_env = {"env_vars": env} if env else None
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if os.environ.get(_SUBMITTED_JOB_VAR):
+        # Started by `ray job submit`: the job's runtime env already reaches the workers, and Ray refuses to
+        # merge a second one that sets the same variables.
+        ray.init(address=address, log_to_driver=True)
+        return
+    if address is None and (running := running_local_cluster()):
+        log.info("joining the Ray already running on this machine at %s (ray.address=local starts a separate "
+                 "one for this job)", running)
+        address = running
+    if address and address != "local":
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        resources = ray.cluster_resources()
+        log.info("connected to Ray at %s: %g CPUs, %g GPUs", address, resources.get("CPU", 0),
+                 resources.get("GPU", 0))
+        return
+    num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
+    log.info("starting a local Ray with %d logical CPUs", num_cpus)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+
+
+def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
+    """Ray resource options of one stage from its config (``map_batches`` or ``ray.remote(...).options``)."""
+    import ray
+
+    args: dict[str, Any] = {"num_cpus": res.num_cpus}
+    if res.num_gpus:
+        args["num_gpus"] = res.num_gpus
+    if res.accelerator_type:
+        args["accelerator_type"] = res.accelerator_type
+    if actor:
+        args["compute"] = ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors)
+        args["max_restarts"] = res.max_restarts
+        args["max_task_retries"] = -1 if res.max_restarts else 0
+    return args
+
+
+# Bare gateway errors (no S3 XML body) from proxies and S3-compatible stores, retried like Ray's defaults.
+_EXTRA_RETRIED_IO_ERRORS = tuple(f"AWS Error UNKNOWN (HTTP status {code})" for code in (500, 502, 504))
+
+
+def configure_data_context() -> None:
+    """Ray Data's retry settings for this driver's datasets."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *_EXTRA_RETRIED_IO_ERRORS]))
+
+
+def configure_threads(torch: Any) -> int:
+    """Torch threads inside a Ray worker (Ray sets OMP_NUM_THREADS=1 there): EAGLE_TORCH_THREADS if set, else
+    the CPUs Ray assigned to this worker (at least 1)."""
+    wanted = os.environ.get("EAGLE_TORCH_THREADS")
+    if wanted:
+        n = int(wanted)
+    else:
+        import ray
+
+        # get_runtime_context() would start a local Ray when called outside one
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+        n = max(1, math.floor(cpus))
+    torch.set_num_threads(n)
+    return n

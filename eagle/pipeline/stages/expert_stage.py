@@ -1,0 +1,93 @@
+"""Expert stage (actor pool): PatchCore score, anomaly map, threshold verdict, confidence band, regions.
+
+Each actor keeps a bounded LRU cache of per-product experts, loaded on first use from the model store at the
+artifact version the driver pinned for this run (so a run never mixes versions, even if LATEST moves).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from eagle.config import JobConfig
+from eagle.pipeline.stages.base import Row, Stage, describe, fail, set_boxes
+
+
+class ExpertStage(Stage):
+    """Scores each image with its product's expert and derives verdict, confidence, boxes, mask and map."""
+
+    name = "expert"
+    resources = "expert"
+    actor = True
+    requires = ("product", "status", "image", "width", "height")
+    produces = ("expert_score", "threshold", "score_max", "threshold_method", "expert_verdict", "confidence",
+                "boxes_json", "mask_png", "anomaly_map_png", "map_max", "expert_model_version", "expert_ms")
+
+    def __init__(self, cfg: JobConfig, versions: dict[str, str]) -> None:
+        import torch
+
+        from eagle.pipeline.ray_setup import configure_threads
+
+        super().__init__(cfg)
+        configure_threads(torch)
+        self.versions = versions  # product -> artifact version, pinned once by the driver
+        self.device = cfg.resources.expert.resolved_device()
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+
+    def _expert(self, product: str) -> tuple[Any, Any]:
+        """(artifact, Expert) for a product, via the LRU cache."""
+        from eagle.expert.artifact import load_artifact
+        from eagle.expert.detector import Expert
+
+        if product in self._cache:
+            self._cache.move_to_end(product)
+            return self._cache[product]
+        art = load_artifact(self.cfg.model_store, product, self.versions[product], storage=self.cfg.storage)
+        entry = (art, Expert.from_artifact(art, device=self.device, dtype=self.cfg.expert.dtype))
+        self._cache[product] = entry
+        while len(self._cache) > self.cfg.expert.cache_size:
+            self._cache.popitem(last=False)
+        return entry
+
+    def process(self, rows: list[Row]) -> None:
+        by_product: dict[str, list[Row]] = {}
+        for row in rows:
+            if row["product"] not in self.versions:
+                fail(row, "expert", f"no fitted expert for product {row['product']!r} in model store "
+                                    f"{self.cfg.model_store} (run jobs/fit.py for it)")
+            else:
+                by_product.setdefault(row["product"], []).append(row)
+        for product, group in by_product.items():
+            try:
+                art, expert = self._expert(product)
+            except Exception as exc:  # noqa: BLE001 - a broken artifact fails its product's rows, not the job
+                for row in group:
+                    fail(row, "expert", f"could not load expert for {product!r}: {describe(exc)}")
+                continue
+            self.in_chunks(
+                group, self.cfg.resources.expert.batch_size,
+                run=lambda chunk, expert=expert: expert.score([r["image"] for r in chunk]),
+                apply=lambda row, result, ms, art=art: self._fill(row, art, result, ms),
+                failed=lambda row, exc: fail(row, "expert", f"scoring failed: {describe(exc)}"))
+
+    def _fill(self, row: Row, art: Any, result: Any, ms: float) -> None:
+        from eagle.expert.regions import find_regions
+        from eagle.expert.threshold import classify
+
+        verdict, confidence = classify(result.score, art.threshold, art.score_max, self.cfg.confidence)
+        regions = find_regions(result.anomaly_map, self.cfg.regions)
+        anomalous = verdict == "anomalous"
+        row.update(
+            expert_score=float(result.score),
+            threshold=float(art.threshold),
+            score_max=float(art.score_max),
+            threshold_method=art.meta["threshold"]["method"],
+            expert_verdict=verdict,
+            confidence=confidence,
+            mask_png=regions.mask_png if anomalous else None,
+            anomaly_map_png=regions.map_png,
+            map_max=regions.map_max,
+            expert_model_version=art.version,
+            expert_ms=ms,
+        )
+        set_boxes(row, regions.boxes if anomalous else [])

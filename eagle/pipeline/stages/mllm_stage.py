@@ -1,0 +1,75 @@
+"""MLLM stage (actor pool): route, prompt, guided generation, final verdict and explanation.
+
+Rows the routing policy does not send to the MLLM keep the expert's verdict (`finish_with_expert`). The decoded
+image leaves the pipeline here: later stages and output rows never carry pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eagle.config import JobConfig
+from eagle.findings import final_verdict
+from eagle.pipeline.routing import expert_explanation, finish_with_expert, needs_mllm
+from eagle.pipeline.stages.base import Row, Stage, boxes_of, describe
+
+# What a row says about the MLLM; shared with FinishStage so both paths give rows the same columns.
+MLLM_COLUMNS = ("mllm_ran", "guided", "answer", "verdict", "explanation", "explanation_source",
+                "image_attention_share", "mllm_ms")
+NOT_ASKED = {"mllm_ran": False, "guided": False}
+DECISION_INPUTS = ("product", "status", "expert_verdict", "expert_score", "threshold", "confidence", "boxes_json",
+                   "width", "height")
+
+
+class MLLMStage(Stage):
+    """Asks the MLLM about the routed rows in batches of ``resources.mllm.batch_size``; loads the model once."""
+
+    name = "mllm"
+    resources = "mllm"
+    actor = True
+    requires = (*DECISION_INPUTS, "image")
+    produces = MLLM_COLUMNS
+    drops = ("image",)
+    defaults = NOT_ASKED
+
+    def __init__(self, cfg: JobConfig) -> None:
+        import torch
+
+        from eagle.mllm.runner import MLLMRunner
+        from eagle.pipeline.ray_setup import configure_threads
+
+        super().__init__(cfg)
+        configure_threads(torch)
+        self.runner = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=cfg.resources.mllm.resolved_device())
+
+    def process(self, rows: list[Row]) -> None:
+        routed = []
+        for row in rows:
+            if needs_mllm(row["confidence"], self.cfg.routing.policy):
+                routed.append(row)
+            else:
+                finish_with_expert(row, boxes_of(row))
+        self.in_chunks(routed, self.cfg.resources.mllm.batch_size, run=self._generate, apply=self._answer,
+                       failed=self._failed)
+
+    def _generate(self, chunk: list[Row]) -> list[Any]:
+        from eagle.mllm.runner import MLLMRequest
+
+        return self.runner.run([MLLMRequest(image=r["image"], product=r["product"],
+                                            expert_verdict=r["expert_verdict"], confidence=r["confidence"],
+                                            boxes=boxes_of(r)) for r in chunk])
+
+    def _answer(self, row: Row, res: Any, ms: float) -> None:
+        row.update(mllm_ran=True, guided=res.guided, answer=res.answer, mllm_ms=ms,
+                   image_attention_share=res.image_attention_share,
+                   verdict=final_verdict(res.answer, row["expert_verdict"]))
+        if res.explanation:
+            row.update(explanation=res.explanation, explanation_source="mllm")
+        else:
+            row.update(explanation=expert_explanation(row, boxes_of(row)), explanation_source="expert")
+
+    @staticmethod
+    def _failed(row: Row, exc: BaseException) -> None:
+        """The expert's result stands; the failure is recorded (the row stays 'ok')."""
+        finish_with_expert(row, boxes_of(row))
+        row.update(error=f"MLLM generation failed, expert verdict kept: {describe(exc)}", error_stage="mllm")

@@ -1,0 +1,74 @@
+"""The embedded offline demo behind ``python jobs/inspect.py`` with no arguments.
+
+Synthetic MVTec-style data → expert fitted with random backbone weights → tiny random MLLM → the real inspect
+pipeline on a local Ray → Parquet, then one DuckDB query over it. Nothing is downloaded. The MLLM's words
+are noise by construction: the demo shows the machinery, not the judgement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from eagle.config import JobConfig, load_config
+from eagle.io import storage
+
+log = logging.getLogger("eagle.testing.demo")
+
+DEMO_PRODUCTS = ("grid", "marble", "nut")
+BANNER = ("DEMO MODE: synthetic images, expert with RANDOM backbone weights, TINY RANDOM MLLM "
+          "(its answers are noise). Use jobs/fit.py and jobs/inspect.py with real data and models for audits.")
+
+
+def demo_config(root: str) -> JobConfig:
+    """Small, CPU-only settings that finish in a few minutes on 2 cores."""
+    return load_config(overrides={
+        "run_id": "demo",
+        "inputs": {"uris": [os.path.join(root, "data")], "exclude": ["*/ground_truth/*", "*/train/*"]},
+        "model_store": os.path.join(root, "models"),
+        "output": {"uri": os.path.join(root, "audit")},
+        # with random weights, shallow layers and no center crop find the small synthetic defects best
+        # (docs/EXPERT.md, calibration)
+        "expert": {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": "random", "crop": 256},
+        "mllm": {"model": os.path.join(root, "tiny-mllm"), "dtype": "float32", "max_new_tokens": 12,
+                 "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        "routing": {"policy": "not-confident-normal"},
+        "resources": {"expert": {"batch_size": 8}, "mllm": {"batch_size": 4}},
+    }, env={})
+
+
+def run_demo(root: str = "demo") -> int:
+    from eagle.pipeline.fitting import fit_products
+    from eagle.pipeline.inspection import run_inspect
+    from eagle.pipeline.ray_setup import init_ray
+    from eagle.testing.synth import generate
+    from eagle.testing.tiny_mllm import build_tiny_mllm
+
+    root = os.path.abspath(root)
+    log.warning("%s", BANNER)
+    cfg = demo_config(root)
+    data = os.path.join(root, "data")
+    if not storage.exists(os.path.join(data, "labels.csv")):
+        summary = generate(data, products=DEMO_PRODUCTS, n_train=16, n_test_good=4, n_test_defect=2, size=192,
+                           seed=0)
+        log.info("wrote synthetic dataset to %s (%s)", data, summary.counts)
+    if not os.path.exists(os.path.join(cfg.mllm.model, "config.json")):
+        build_tiny_mllm("qwen2_5_vl", cfg.mllm.model)
+        log.info("built tiny random Qwen2.5-VL at %s", cfg.mllm.model)
+    init_ray(cfg)
+    for product, fitted in fit_products(data, DEMO_PRODUCTS, cfg).items():
+        if isinstance(fitted, Exception):
+            raise fitted
+        log.info("fitted %s: %s", product, fitted.as_dict())
+    summary = run_inspect(cfg)
+    for line in summary.lines():
+        log.info("%s", line)
+    query = (f"SELECT product, expert_verdict, verdict, count(*) AS n FROM read_parquet("
+             f"'{cfg.output.uri}/**/*.parquet', hive_partitioning = true) WHERE run_id = 'demo' "
+             f"GROUP BY ALL ORDER BY ALL")
+    import duckdb
+
+    print(f"\n{BANNER}\nOutput: {cfg.output.uri}\nLook at it with DuckDB:\n"
+          f"  python -c \"import duckdb; duckdb.sql(\\\"{query}\\\").show()\"\n")
+    duckdb.sql(query).show()
+    return 0

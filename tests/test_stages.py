@@ -1,0 +1,210 @@
+"""Every pipeline stage in-process on hand-built batches (no Ray): its work, its column contract, and its
+failure paths (bad files, missing experts, a broken artifact, an image that breaks a batch, a failing MLLM)."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from eagle.config import load_config
+from eagle.io.schema import OUTPUT_SCHEMA
+from eagle.pipeline.stages.base import Stage, StageContractError, batch_of, rows_of, set_boxes
+from eagle.pipeline.stages.decode_stage import DecodeStage
+from eagle.pipeline.stages.expert_stage import ExpertStage
+from eagle.pipeline.stages.finish_stage import FinishStage
+from eagle.pipeline.stages.mllm_stage import MLLMStage
+from eagle.pipeline.stages.stamp_stage import StampStage
+
+LISTING = ["image_uri", "product", "image_version", "image_size_bytes"]
+
+
+@pytest.fixture()
+def cfg():
+    return load_config(overrides={"resources": {"expert": {"batch_size": 4}, "mllm": {"batch_size": 3}},
+                                  "routing": {"policy": "not-confident-normal"}}, env={})
+
+
+def _png(shape=(20, 30, 3)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full(shape, 90, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _decoded(rows: list[dict]) -> dict[str, np.ndarray]:
+    """A batch as the decode stage leaves it."""
+    full = [{"image_uri": f"/x/{i}.png", "product": "p", "image_version": "v", "image_size_bytes": 1,
+             "content_sha256": "h", "status": "ok", "error": None, "error_stage": None, "decode_ms": 1.0,
+             "image": np.zeros((16, 24, 3), np.uint8), "width": 24, "height": 16, **r} for i, r in enumerate(rows)]
+    return batch_of(full, list(full[0]))
+
+
+# ---------------------------------------------------------------------------------------------- base
+class _Double(Stage):
+    name, resources = "double", "decode"
+    requires = ("x",)
+    produces = ("y",)
+    drops = ("x",)
+    defaults = {"y": -1}
+
+    def process(self, rows):
+        for row in rows:
+            row["y"] = 2 * row["x"]
+
+
+def test_base_checks_contract_passes_failed_rows_and_fills_defaults(cfg):
+    stage = _Double(cfg)
+    out = stage(batch_of([{"x": 1, "status": "ok"}, {"x": 5, "status": "error"}], ["x", "status"]))
+    assert set(out) == {"status", "y"}  # x dropped, y produced
+    assert list(out["y"]) == [2, -1]  # the failed row was not processed, it got the default
+    with pytest.raises(StageContractError, match=r"double stage needs columns \['x'\]"):
+        stage(batch_of([{"z": 1}], ["z"]))
+
+
+def test_in_chunks_isolates_the_row_that_breaks_its_batch(cfg):
+    stage = _Double(cfg)
+    rows = [{"v": v} for v in [1, 2, 0, 3, 4]]
+    calls = []
+
+    def run(chunk):
+        calls.append(len(chunk))
+        if any(r["v"] == 0 for r in chunk):
+            raise ZeroDivisionError("boom")
+        return [10 / r["v"] for r in chunk]
+
+    stage.in_chunks(rows, 2, run, apply=lambda r, res, ms: r.update(res=res),
+                    failed=lambda r, exc: r.update(err=str(exc)))
+    assert [r.get("res") for r in rows] == [10.0, 5.0, None, 10 / 3, 2.5]
+    assert rows[2]["err"] == "boom" and "err" not in rows[3]
+    assert calls == [2, 2, 1, 1, 1]  # the failing chunk [0, 3] again one by one
+
+
+# ---------------------------------------------------------------------------------------------- decode
+def test_decode_stage_reads_decodes_and_turns_failures_into_rows(cfg, tmp_path):
+    (tmp_path / "ok.png").write_bytes(_png())
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    listing = [{"image_uri": str(tmp_path / n), "product": "p", "image_version": "", "image_size_bytes": None}
+               for n in ("ok.png", "bad.png", "missing.png")]
+    out = rows_of(DecodeStage(cfg)(batch_of(listing, LISTING)))
+    ok, bad, missing = out
+    assert ok["status"] == "ok" and ok["image"].shape == (20, 30, 3) and (ok["width"], ok["height"]) == (30, 20)
+    assert ok["image_version"] == f"sha256:{ok['content_sha256']}"  # manifest images get a content token
+    assert (bad["status"], bad["error_stage"]) == ("error", "decode") and "not an image" in bad["error"]
+    assert (missing["status"], missing["error_stage"], missing["error"]) == ("error", "read", "file not found")
+
+
+# ---------------------------------------------------------------------------------------------- expert
+class _FakeExpert:
+    """Scores an image by its mean brightness; an image whose first pixel is 255 breaks scoring."""
+
+    def score(self, images):
+        if any(img[0, 0, 0] == 255 for img in images):
+            raise ValueError("cannot score this one")
+        out = []
+        for img in images:
+            amap = np.zeros(img.shape[:2], np.float32)
+            amap[2:6, 3:9] = img.mean()
+            out.append(SimpleNamespace(score=float(img.mean()), anomaly_map=amap))
+        return out
+
+
+def _expert_stage(cfg, broken=()):
+    stage = ExpertStage(cfg, versions={"p": "v1", "broken": "v1"})
+    art = SimpleNamespace(threshold=50.0, score_max=80.0, meta={"threshold": {"method": "k-sigma"}}, version="v1")
+
+    def load(product):
+        if product in broken:
+            raise OSError("artifact unreadable")
+        return art, _FakeExpert()
+
+    stage._expert = load
+    return stage
+
+
+def test_expert_stage_scores_classifies_and_isolates_failures(cfg):
+    images = [np.full((16, 24, 3), v, np.uint8) for v in (10, 60, 255, 90, 20)]
+    batch = _decoded([{"image": img} for img in images]
+                     + [{"product": "unknown"}, {"product": "broken"}, {"status": "error", "error": "x"}])
+    out = rows_of(_expert_stage(cfg, broken={"broken"})(batch))
+    verdicts = [(r["status"], r["expert_verdict"], r["confidence"]) for r in out[:5]]
+    assert verdicts == [("ok", "normal", "confident_normal"), ("ok", "anomalous", "uncertain"),
+                        ("error", None, None), ("ok", "anomalous", "confident_anomalous"),
+                        ("ok", "normal", "confident_normal")]
+    assert "scoring failed: ValueError: cannot score this one" in out[2]["error"]  # only the breaking image
+    assert out[1]["boxes_json"] != "[]" and out[1]["mask_png"] and out[0]["mask_png"] is None
+    assert out[5]["error_stage"] == "expert" and "no fitted expert for product 'unknown'" in out[5]["error"]
+    assert "could not load expert for 'broken': OSError: artifact unreadable" in out[6]["error"]
+    assert out[7]["error"] == "x" and out[7]["expert_score"] is None  # failed upstream: untouched
+    assert all(r["expert_model_version"] == "v1" for r in out[:5] if r["status"] == "ok")
+
+
+# ---------------------------------------------------------------------------------------------- mllm / finish
+def _scored(confidences: list[str], **extra) -> dict[str, np.ndarray]:
+    rows = []
+    for c in confidences:
+        verdict = "normal" if c == "confident_normal" else "anomalous"
+        row = {"expert_verdict": verdict, "confidence": c, "expert_score": 1.0, "threshold": 0.5, **extra}
+        set_boxes(row, [])
+        rows.append(row)
+    return _decoded(rows)
+
+
+class _FakeRunner:
+    def __init__(self, fail_on_product=None):
+        self.fail_on_product, self.calls = fail_on_product, []
+
+    def run(self, requests):
+        self.calls.append(len(requests))
+        if any(r.product == self.fail_on_product for r in requests):
+            raise RuntimeError("CUDA out of memory")
+        return [SimpleNamespace(answer="no", explanation="Looks fine.", guided=r.confidence == "uncertain",
+                                image_attention_share=0.5) for r in requests]
+
+
+def _mllm_stage(cfg, runner):
+    stage = MLLMStage.__new__(MLLMStage)  # without loading a model
+    Stage.__init__(stage, cfg)
+    stage.runner = runner
+    return stage
+
+
+def test_mllm_stage_routes_answers_and_keeps_the_expert_on_failure(cfg):
+    batch = _scored(["confident_normal", "uncertain", "confident_anomalous", "uncertain"])
+    batch["product"][3] = "cursed"
+    batch["status"][0] = "ok"
+    runner = _FakeRunner(fail_on_product="cursed")
+    out = rows_of(_mllm_stage(cfg, runner)(batch))
+    assert "image" not in out[0]  # pixels leave the pipeline here
+    normal, unsure, anomalous, cursed = out
+    assert (normal["mllm_ran"], normal["verdict"], normal["explanation_source"]) == (False, "normal", "expert")
+    assert (unsure["mllm_ran"], unsure["guided"], unsure["verdict"]) == (True, True, "normal")  # the MLLM decides
+    assert (anomalous["mllm_ran"], anomalous["guided"], anomalous["explanation"]) == (True, False, "Looks fine.")
+    assert (cursed["mllm_ran"], cursed["verdict"], cursed["status"], cursed["error_stage"]) == (
+        False, "anomalous", "ok", "mllm")
+    assert "MLLM generation failed, expert verdict kept: RuntimeError: CUDA out of memory" in cursed["error"]
+    assert runner.calls == [3, 1, 1, 1]  # the batch of 3 failed, then one by one; the 4th row alone
+
+
+def test_failed_rows_get_the_not_asked_columns_in_both_stages(cfg):
+    batch = _scored(["uncertain", "uncertain"])
+    batch["status"][1] = "error"
+    for stage, verdict in ((_mllm_stage(cfg, _FakeRunner()), "normal"), (FinishStage(cfg), "anomalous")):
+        out = rows_of(stage(batch))
+        assert (out[1]["mllm_ran"], out[1]["guided"], out[1]["verdict"]) == (False, False, None)
+        assert out[0]["verdict"] == verdict  # the MLLM's 'no', or the expert's verdict
+    assert set(rows_of(FinishStage(cfg)(batch))[0]) == set(rows_of(_mllm_stage(cfg, _FakeRunner())(batch))[0])
+
+
+# ---------------------------------------------------------------------------------------------- stamp
+def test_stamp_stage_gives_the_output_schema(cfg):
+    batch = _scored(["uncertain"], mllm_ran=False, verdict="anomalous")
+    stamp = {"run_id": "r", "audit_date": "2026-11-30", "config_hash": "c", "eagle_version": "0", "mllm_model": None}
+    table = StampStage(cfg, stamp=stamp)(batch)
+    assert isinstance(table, pa.Table) and table.schema == OUTPUT_SCHEMA
+    assert table.column("run_id").to_pylist() == ["r"] and table.column("boxes").to_pylist() == [[]]
+    with pytest.raises(ValueError, match="stamp lacks"):
+        StampStage(cfg, stamp={"run_id": "r"})
