@@ -1,27 +1,33 @@
-"""Cluster and schedule manifests, checked offline: Ray's own validators, Kubernetes shapes, cross-file
-consistency (the commands exist and parse, the config loads, the clusters can host the configured actors),
-and no credentials anywhere.
+"""Cluster and schedule manifests, checked offline: Ray's own validators, the KubeRay CRD schemas (vendored in
+tests/data/kuberay/) and the Kubernetes API schemas (kubernetes-validate) with unknown fields reported, KubeRay's
+own reading of rayStartParams, the IAM policies the launcher needs, cross-file consistency (the commands exist
+and parse, the config loads, the clusters can host the configured actors), and no credentials anywhere.
+The CronJob's submit wrapper (infra/run_ray_job.py) is exercised in tests/test_run_ray_job.py.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
+import functools
 import importlib.util
+import json
 import math
-import os
 import re
 import shlex
-import signal
 import subprocess
-import time
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import ray
 import yaml
+from ray._private.utils import parse_resources_json
+from ray.autoscaler._private.cli_logger import cf, cli_logger
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.kuberay.utils import parse_quantity
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -32,8 +38,15 @@ from eagle.config import JobConfig, deep_merge, load_config, parse_overrides
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "infra" / "kuberay"
 MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
-CLUSTER_YAML = ROOT / "ray_cluster.yaml"
+CLUSTER_YAML = ROOT / "ray_cluster.yaml"  # the default: infra/Dockerfile's image, nothing installed at boot
+VENV_CLUSTER_YAML = ROOT / "infra" / "ray_cluster.venv.yaml"  # the same cluster, a venv built on each node
+LAUNCHERS = [CLUSTER_YAML, VENV_CLUSTER_YAML]
 DOCKERFILE = ROOT / "infra" / "Dockerfile"
+IAM = ROOT / "infra" / "iam"
+RUN_RAY_JOB = "infra/run_ray_job.py"
+CRDS = ROOT / "tests" / "data" / "kuberay"  # KubeRay's CRDs, version in its README.md
+KUBERAY_CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests are checked against (CronJob timeZone, job-name label)
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 KNOWN_ACCELERATORS = {v for k, v in vars(ray_accelerators).items() if k.isupper() and isinstance(v, str)}
 SENSITIVE_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
@@ -214,8 +227,12 @@ def _head_file(head_pod: dict, path: str, configmaps: dict[str, dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- Ray launcher
-def test_cluster_yaml_passes_ray_validation():
-    raw = yaml.safe_load(CLUSTER_YAML.read_text())
+_IMAGE_INSTALLERS = re.compile(r"\b(pip3?|uv|conda|mamba|apt(-get)?|yum|dnf)\b[^;&|]*\binstall\b|install\.sh|\buv (venv|pip)\b")
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_cluster_yaml_passes_ray_validation(path: Path):
+    raw = yaml.safe_load(path.read_text())
     prepared = prepare_config(copy.deepcopy(raw))  # what `ray up` does before validating
     validate_config(prepared)
     assert prepared["head_node_type"] == "head" and prepared["provider"]["type"] == "aws"
@@ -230,8 +247,9 @@ def test_cluster_yaml_passes_ray_validation():
         validate_config(bad)
 
 
-def test_cluster_yaml_node_types_and_limits():
-    cfg = yaml.safe_load(CLUSTER_YAML.read_text())
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_cluster_yaml_node_types_and_limits(path: Path):
+    cfg = yaml.safe_load(path.read_text())
     types = cfg["available_node_types"]
     assert set(types) == {"head", "cpu_worker", "expert_gpu", "mllm_gpu"}
     for name, t in types.items():
@@ -248,8 +266,36 @@ def test_cluster_yaml_node_types_and_limits():
     assert cfg["max_workers"] >= sum(t["max_workers"] for t in types.values()), "per-type maxima unreachable"
 
 
-def test_cluster_yaml_installs_this_project_with_token_auth():
+def _boot_commands(cfg: dict) -> list[str]:
+    return [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                          "worker_setup_commands") for c in cfg.get(key, [])]
+
+
+def _check_token_auth(cfg: dict) -> None:
+    assert "~/.ray/auth_token" in cfg["cluster_synced_files"]
+    assert any("ray get-auth-token --generate" in c for c in cfg["head_setup_commands"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start, key
+
+
+def test_cluster_yaml_boots_the_image_and_installs_nothing():
+    """Every node runs infra/Dockerfile's image: a scale-up pulls it and starts Ray, it installs nothing."""
     cfg = prepare_config(yaml.safe_load(CLUSTER_YAML.read_text()))
+    docker = cfg["docker"]
+    assert docker["image"] == _manifest_image(), "the launcher runs the image the KubeRay manifests run"
+    assert docker["pull_before_run"] is True, "a rebuilt image under the same tag must reach new nodes"
+    assert not docker.get("head_image") and not docker.get("worker_image")
+    installs = [c for c in _boot_commands(cfg) if _IMAGE_INSTALLERS.search(c)]
+    assert installs == [], f"the image has everything; these run on every node at boot: {installs}"
+    # The check bites on the venv variant's boot commands.
+    venv = prepare_config(yaml.safe_load(VENV_CLUSTER_YAML.read_text()))
+    assert [c for c in _boot_commands(venv) if _IMAGE_INSTALLERS.search(c)]
+    _check_token_auth(cfg)
+
+
+def test_venv_cluster_yaml_installs_this_project_with_token_auth():
+    cfg = prepare_config(yaml.safe_load(VENV_CLUSTER_YAML.read_text()))
     remote = next(r for r, local in cfg["file_mounts"].items() if Path(local) == Path("."))
     commands = cfg["head_setup_commands"]  # setup_commands + head_setup_commands after prepare_config
     assert any(re.search(rf"pip install\b.*--require-hashes -r {re.escape(remote)}/requirements.lock\b", c)
@@ -258,10 +304,164 @@ def test_cluster_yaml_installs_this_project_with_token_auth():
     assert any("--python 3.11" in c for c in commands)
     assert not cfg.get("docker", {}).get("image"), "docker disabled: nodes run the synced working tree"
     assert {".venv", ".git"} <= set(cfg["rsync_exclude"])
-    assert "~/.ray/auth_token" in cfg["cluster_synced_files"]
-    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        start = next(c for c in cfg[key] if "ray start" in c)
-        assert "RAY_AUTH_MODE=token" in start, key
+    _check_token_auth(cfg)
+
+
+def test_venv_cluster_yaml_mirrors_cluster_yaml():
+    """The two launcher configs differ only in how nodes get the software: same nodes, IAM, Ray start."""
+    a, b = (yaml.safe_load(p.read_text()) for p in LAUNCHERS)
+    differ = {"docker", "setup_commands", "initialization_commands"}
+    assert a.keys() - differ == b.keys() - differ
+    for key in a.keys() - differ:
+        assert a[key] == b[key], key
+
+
+def _iam_setup(tmp_path: Path, env: dict[str, str] | None = None) -> list[list[str]]:
+    """Run infra/iam/create.sh against a fake `aws` that logs each call (file:// arguments: their content)."""
+    fake = tmp_path / "bin" / "aws"
+    fake.parent.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "aws.jsonl"
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+argv = [open(a[7:]).read() if a.startswith("file://") else a for a in sys.argv[1:]]
+with open({str(log)!r}, "a") as f:
+    f.write(json.dumps(argv) + "\\n")
+if argv[:2] == ["sts", "get-caller-identity"]:
+    print("123456789012")
+elif argv[:2] == ["eks", "describe-cluster"]:
+    print("https://oidc.eks.us-west-2.amazonaws.com/id/EXAMPLE0123")
+""")
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(IAM / "create.sh")], env={"PATH": f"{fake.parent}:/usr/bin:/bin", **(env or {})},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _flag(call: list[str], name: str) -> str:
+    return call[call.index(name) + 1]
+
+
+def _iam_roles(calls: list[list[str]]) -> tuple[dict[str, str], dict[str, list[dict]]]:
+    """(instance profile -> role, role -> its policy documents) as create.sh sets them up."""
+    profiles, policies = {}, {}
+    for c in calls:
+        if c[:2] == ["iam", "add-role-to-instance-profile"]:
+            profiles[_flag(c, "--instance-profile-name")] = _flag(c, "--role-name")
+        elif c[:2] == ["iam", "put-role-policy"]:
+            policies.setdefault(_flag(c, "--role-name"), []).append(json.loads(_flag(c, "--policy-document")))
+    return profiles, policies
+
+
+def iam_allows(documents: list[dict], action: str, resource: str, context: dict[str, str] | None = None) -> bool:
+    """Whether identity policies allow `action` on `resource`: Allow statements, * and ? wildcards,
+    StringEquals conditions (enough for the policies in infra/iam, which have no Deny and no NotAction)."""
+    for doc in documents:
+        for st in doc["Statement"]:
+            assert st["Effect"] == "Allow" and not {"NotAction", "NotResource"} & st.keys(), st
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            if not any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in actions):
+                continue
+            if not any(fnmatch.fnmatchcase(resource, r) for r in resources):
+                continue
+            conditions = st.get("Condition", {})
+            assert set(conditions) <= {"StringEquals"}, conditions
+            if all((context or {}).get(k) == v for k, v in conditions.get("StringEquals", {}).items()):
+                return True
+    return False
+
+
+def _s3_locations(cfg: JobConfig) -> tuple[set[str], list[str], list[str]]:
+    """(buckets, prefixes read, prefixes written) of a job config's s3:// URIs."""
+    def split(uri: str) -> tuple[str, str]:
+        assert uri.startswith("s3://"), uri
+        bucket, _, key = uri[5:].partition("/")
+        return bucket, key.rstrip("/")
+    reads = [split(u) for u in [*cfg.inputs.uris, cfg.model_store, cfg.output.uri]]
+    writes = [split(cfg.output.uri), split(cfg.model_store)]
+    return {b for b, _ in reads}, [f"{b}/{k}" for b, k in reads], [f"{b}/{k}" for b, k in writes]
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_iam_roles_let_the_head_launch_workers(path: Path, tmp_path):
+    """The head has its own instance profile whose role may pass the workers' role (iam:PassRole) and run the
+    autoscaler; every node's role reaches the example config's S3 locations. The roles are the ones
+    infra/iam/create.sh creates once."""
+    cfg = prepare_config(yaml.safe_load(path.read_text()))
+    types = cfg["available_node_types"]
+    profile = {n: t["node_config"].get("IamInstanceProfile", {}).get("Name") for n, t in types.items()}
+    assert all(profile.values()), f"every node type names an instance profile (the head too, else `ray up` " \
+                                  f"creates ray-autoscaler-v1, which may not pass a role): {profile}"
+    profiles, policies = _iam_roles(_iam_setup(tmp_path))
+    assert set(profile.values()) <= profiles.keys(), "infra/iam/create.sh creates every profile the config names"
+    head_role = profiles[profile["head"]]
+    account = "arn:aws:iam::123456789012"
+    for name, p in profile.items():
+        if name != "head":
+            role = profiles[p]
+            assert role != head_role, "workers must not get the head's EC2 rights"
+            assert iam_allows(policies[head_role], "iam:PassRole", f"{account}:role/{role}",
+                              {"iam:PassedToService": "ec2.amazonaws.com"}), f"head cannot launch {name} with {p}"
+    for action in ("ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances", "ec2:DescribeInstances"):
+        assert iam_allows(policies[head_role], action, "arn:aws:ec2:us-west-2:123456789012:instance/i-0"), action
+    image = types["head"]["node_config"]["ImageId"]
+    if image.startswith("resolve:ssm:"):
+        parameter = f"arn:aws:ssm:{cfg['provider']['region']}::parameter{image[len('resolve:ssm:'):]}"
+        assert iam_allows(policies[head_role], "ssm:GetParameters", parameter), "RunInstances resolves the AMI"
+    # Never a blanket PassRole: only the node role, only to EC2.
+    assert not iam_allows(policies[head_role], "iam:PassRole", f"{account}:role/admin",
+                          {"iam:PassedToService": "ec2.amazonaws.com"})
+    assert not iam_allows(policies[head_role], "iam:PassRole", f"{account}:role/{profiles[profile['cpu_worker']]}",
+                          {"iam:PassedToService": "lambda.amazonaws.com"})
+    # Storage: every node (the head runs the driver) reads the config's inputs and models and writes its output.
+    job = load_config(_write(tmp_path / "audit.yaml", _configmap_config()), env={})
+    buckets, reads, writes = _s3_locations(job)
+    for name, p in profile.items():
+        docs = policies[profiles[p]]
+        for bucket in buckets:
+            assert iam_allows(docs, "s3:ListBucket", f"arn:aws:s3:::{bucket}"), (name, bucket)
+        for prefix in reads:
+            assert iam_allows(docs, "s3:GetObject", f"arn:aws:s3:::{prefix}/x/part-0.parquet"), (name, prefix)
+        for prefix in writes:
+            for action in ("s3:PutObject", "s3:DeleteObject"):
+                assert iam_allows(docs, action, f"arn:aws:s3:::{prefix}/x/part-0.parquet"), (name, action, prefix)
+        assert not iam_allows(docs, "s3:PutObject", f"arn:aws:s3:::{min(buckets)}-other/x"), name
+
+
+def test_iam_allows_bites():
+    doc = [{"Statement": [{"Effect": "Allow", "Action": "iam:PassRole", "Resource": "arn:aws:iam::*:role/node",
+                           "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}},
+                          {"Effect": "Allow", "Action": ["s3:Get*"], "Resource": "arn:aws:s3:::b/in/*"}]}]
+    ec2 = {"iam:PassedToService": "ec2.amazonaws.com"}
+    assert iam_allows(doc, "iam:PassRole", "arn:aws:iam::1:role/node", ec2)
+    assert not iam_allows(doc, "iam:PassRole", "arn:aws:iam::1:role/node")
+    assert not iam_allows(doc, "iam:PassRole", "arn:aws:iam::1:role/node2", ec2)
+    assert iam_allows(doc, "s3:GetObject", "arn:aws:s3:::b/in/x") and not iam_allows(doc, "s3:GetObject", "arn:aws:s3:::b/out/x")
+
+
+def test_irsa_role_trusts_the_manifests_service_account(tmp_path):
+    """infra/iam/create.sh's optional IRSA role: assumable by exactly the ServiceAccount the Ray pods run as."""
+    _, sa = _one("ServiceAccount")
+    calls = _iam_setup(tmp_path, {"EKS_CLUSTER": "c1", "NAMESPACE": "audit"})
+    create = next(c for c in calls if c[:2] == ["iam", "create-role"] and _flag(c, "--role-name") == "eagle-audit-irsa")
+    trust = json.loads(_flag(create, "--assume-role-policy-document"))
+    (st,) = trust["Statement"]
+    oidc = "oidc.eks.us-west-2.amazonaws.com/id/EXAMPLE0123"
+    assert st["Principal"]["Federated"] == f"arn:aws:iam::123456789012:oidc-provider/{oidc}"
+    assert st["Action"] == "sts:AssumeRoleWithWebIdentity"
+    assert st["Condition"]["StringEquals"] == {f"{oidc}:sub": f"system:serviceaccount:audit:{sa['metadata']['name']}",
+                                               f"{oidc}:aud": "sts.amazonaws.com"}
+    _, policies = _iam_roles(calls)
+    assert policies["eagle-audit-irsa"] == [json.loads((IAM / "node-policy.json").read_text())]
+    annotation = sa["metadata"].get("annotations", {}).get("eks.amazonaws.com/role-arn")
+    assert annotation is None or annotation.endswith(":role/eagle-audit-irsa")
+    assert "eagle-audit-irsa" in (KUBERAY / "serviceaccount.yaml").read_text()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- manifests
@@ -292,6 +492,10 @@ def test_manifest_shape(path: Path):
         elif kind == "ConfigMap":
             assert doc["apiVersion"] == "v1"
             assert doc["data"] and all(isinstance(v, str) for v in doc["data"].values())
+        elif kind == "ServiceAccount":
+            assert doc["apiVersion"] == "v1"
+            # KubeRay's autoscaler (in the head pod) talks to the Kubernetes API with this account's token.
+            assert doc.get("automountServiceAccountToken", True) is not False
         else:
             raise AssertionError(f"unexpected kind {kind} in {path.name}")
 
@@ -326,6 +530,291 @@ def _check_cluster_spec(spec: dict) -> None:
             assert res["requests"]["nvidia.com/gpu"] == gpus, "extended resources need requests == limits"
         if gpus:
             assert any(t["key"] == "nvidia.com/gpu" for t in g["template"]["spec"].get("tolerations", []))
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+def _strict(node: Any) -> Any:
+    """A CRD's structural schema with unknown fields forbidden: the API server prunes fields a CRD does not
+    declare, silently, so a misspelt or misplaced field would simply vanish. Objects with declared properties
+    get additionalProperties: false (maps declare additionalProperties themselves; x-kubernetes-preserve-
+    unknown-fields keeps anything)."""
+    if isinstance(node, dict):
+        if (node.get("type") == "object" and isinstance(node.get("properties"), dict)
+                and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        for value in node.values():
+            _strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strict(value)
+    return node
+
+
+def _list_type(validator, list_type, instance, schema):
+    """x-kubernetes-list-type, as the API server enforces it: no duplicate keys in a map list, no duplicates
+    in a set (e.g. two env entries or two volumes with one name)."""
+    if not validator.is_type(instance, "array"):
+        return
+    if list_type == "map":
+        keys = schema.get("x-kubernetes-list-map-keys", [])
+        props = schema.get("items", {}).get("properties", {})
+        seen = set()
+        for item in instance:
+            key = tuple(item.get(k, props.get(k, {}).get("default")) for k in keys)
+            if key in seen:
+                yield jsonschema.ValidationError(f"duplicate entry {dict(zip(keys, key))} in a list keyed by {keys}")
+            seen.add(key)
+    elif list_type == "set":
+        seen = []
+        for item in instance:
+            if item in seen:
+                yield jsonschema.ValidationError(f"duplicate entry {item!r} in a set")
+            seen.append(item)
+
+
+def _cel(validator, rules, instance, schema):
+    """CEL rules (x-kubernetes-validations) are not evaluated offline: a manifest that sets such a field
+    gets an error here, so someone looks at the rule (none of ours does)."""
+    yield jsonschema.ValidationError(f"field has CEL rules not checked offline: {[r['rule'] for r in rules]}")
+
+
+_FORMATS = jsonschema.FormatChecker()
+_FORMATS.checks("int32")(lambda v: not isinstance(v, int) or -2**31 <= v < 2**31)
+_FORMATS.checks("int64")(lambda v: not isinstance(v, int) or -2**63 <= v < 2**63)
+_CRDValidator = jsonschema.validators.extend(jsonschema.Draft4Validator, {  # OpenAPI v3.0 schemas: Draft 4 rules
+    "x-kubernetes-list-type": _list_type, "x-kubernetes-validations": _cel})
+
+
+@functools.cache
+def _crd_validator(kind: str):
+    text = (CRDS / KUBERAY_CRD_FILES[kind]).read_text()
+    crd = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    assert version["served"] and version["storage"]
+    schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    _CRDValidator.check_schema(schema)
+    return _CRDValidator(schema, format_checker=_FORMATS)
+
+
+def crd_errors(doc: dict) -> list[str]:
+    """Every way `doc` departs from its vendored KubeRay CRD schema, unknown fields included."""
+    errors = _crd_validator(doc["kind"]).iter_errors(doc)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors)
+
+
+def _ray_docs() -> list[tuple[str, dict]]:
+    return [(p.name, d) for p in MANIFESTS for d in _docs(p) if d["kind"] in KUBERAY_CRD_FILES]
+
+
+def test_kuberay_manifests_match_the_crds_without_unknown_fields():
+    docs = _ray_docs()
+    assert {d["kind"] for _, d in docs} == {"RayCluster", "RayJob"}
+    for name, doc in docs:
+        assert crd_errors(doc) == [], name
+
+
+def test_crd_check_bites():
+    _, job = _one("RayJob")
+    assert crd_errors(job) == []
+    head = ("spec", "rayClusterSpec", "headGroupSpec", "template", "spec")
+    expert = ("spec", "rayClusterSpec", "workerGroupSpecs", 1)
+    cases = [  # (where, what it sets, the error's path, a word of its message)
+        # misspelt or misplaced fields, which the API server would drop without a word
+        (("spec",), {"preRunningDeadline": 60}, "spec", "'preRunningDeadline' was unexpected"),
+        ((*head, "containers", 0), {"imagePullPolice": "Always"}, ".".join(map(str, head)) + ".containers.0",
+         "imagePullPolice"),
+        (expert, {"maxReplica": 3}, "spec.rayClusterSpec.workerGroupSpecs.1", "maxReplica"),
+        # wrong types and values
+        ((*expert, "rayStartParams"), {"num-gpus": 1}, "spec.rayClusterSpec.workerGroupSpecs.1.rayStartParams.num-gpus",
+         "not of type 'string'"),
+        (("spec",), {"preRunningDeadlineSeconds": 0}, "spec.preRunningDeadlineSeconds", "minimum"),
+        (("spec",), {"activeDeadlineSeconds": 2**31}, "spec.activeDeadlineSeconds", "int32"),
+        # a field with a CEL rule we cannot evaluate
+        (("spec",), {"managedBy": "ray.io/kuberay-operator"}, "spec.managedBy", "CEL"),
+    ]
+    for where, update, path, needle in cases:
+        bad = copy.deepcopy(job)
+        functools.reduce(lambda node, key: node[key], where, bad).update(update)
+        errors = crd_errors(bad)
+        assert len(errors) == 1 and errors[0].startswith(path + ":") and needle in errors[0], (update, errors)
+    # duplicate keys in a list-map (two volumes with one name)
+    bad = copy.deepcopy(job)
+    functools.reduce(lambda node, key: node[key], head, bad)["volumes"].append({"name": "dshm", "emptyDir": {}})
+    assert crd_errors(bad) == [".".join(map(str, head)) + ".volumes: duplicate entry {'name': 'dshm'} in a list "
+                               "keyed by ['name']"]
+
+
+def _k8s_objects() -> list[tuple[str, dict]]:
+    """Core Kubernetes objects: the manifests' own (CronJob, ConfigMap, ServiceAccount) and, as v1 PodTemplates,
+    the pod templates inside the Ray resources (KubeRay creates pods from them)."""
+    objects = [(p.name, d) for p in MANIFESTS for d in _docs(p) if d["kind"] not in KUBERAY_CRD_FILES]
+    for name, spec in _cluster_specs():
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": g.get("groupName", "head")},
+                        "template": g["template"]}
+            objects.append((f"{name}:{g.get('groupName', 'head')}", template))
+    return objects
+
+
+def k8s_errors(doc: dict) -> list[str]:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'.'.join(map(str, exc.path))}: {exc.message}"]
+    return []
+
+
+def test_core_objects_match_the_kubernetes_api_strictly():
+    objects = _k8s_objects()
+    assert {d["kind"] for _, d in objects} == {"CronJob", "ConfigMap", "ServiceAccount", "PodTemplate"}
+    for name, doc in objects:
+        assert k8s_errors(doc) == [], name
+    # The check bites: an unknown field in the CronJob's container, a string where an integer belongs.
+    _, cron = _one("CronJob")
+    bad = copy.deepcopy(cron)
+    bad["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    assert "imagePullPolice" in " ".join(k8s_errors(bad))
+    bad = copy.deepcopy(cron)
+    bad["spec"]["jobTemplate"]["spec"]["backoffLimit"] = "2"
+    assert k8s_errors(bad)
+
+
+# ---------------------------------------------------------------------------------------------- KubeRay's reading
+# How the KubeRay operator reads rayStartParams (ray-project/kuberay, tag v1.6.2,
+# ray-operator/controllers/ray/common/pod.go: getResourcesMap, addWellKnownAcceleratorResources,
+# generateRayStartCommand, convertParamMap; ray-operator/controllers/ray/utils/resources.go: IsGPUResourceKey).
+def kuberay_resources_map(params: dict[str, str]) -> dict[str, float]:
+    """getResourcesMap: strings.Trim(resources, "'\"` "), then json.Unmarshal into map[string]float64."""
+    if "resources" not in params:
+        return {}
+    text = params["resources"].strip("'\"` ")
+
+    def reject(constant):  # Go's JSON has no NaN/Infinity
+        raise ValueError(f"invalid JSON constant {constant}")
+
+    try:
+        value = json.loads(text, parse_constant=reject)
+    except ValueError as exc:
+        raise ValueError(f"KubeRay cannot parse rayStartParams.resources {params['resources']!r}: {exc}") from exc
+    if not isinstance(value, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                          for v in value.values()):
+        raise ValueError(f"not a map of numbers: {params['resources']!r}")
+    return {k: float(v) for k, v in value.items()}
+
+
+def _is_gpu_resource_key(key: str) -> bool:
+    return key.endswith("gpu") or re.search(r"nvidia\.com/mig-\d+g\.\d+gb$", key) is not None
+
+
+def kuberay_start_params(group: dict) -> dict[str, str]:
+    """The group's rayStartParams after addWellKnownAcceleratorResources: --num-gpus from the GPU limit, unless
+    the resources map does not parse, in which case the operator logs an error and derives nothing."""
+    params = dict(group["rayStartParams"])
+    limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+    if not limits:
+        return params
+    try:
+        kuberay_resources_map(params)
+    except ValueError:
+        return params
+    for key in sorted(limits):
+        if "num-gpus" not in params and _is_gpu_resource_key(key) and parse_quantity(str(limits[key])) != 0:
+            params["num-gpus"] = str(int(parse_quantity(str(limits[key]))))
+    return params
+
+
+def kuberay_start_argv(params: dict[str, str]) -> list[str]:
+    """convertParamMap's flags as the container's shell splits them (boolean flags aside)."""
+    flags = "".join(f" --{k}={v} " for k, v in sorted(params.items()) if v.lower() not in ("true", "false"))
+    return shlex.split(flags)
+
+
+def test_ray_start_params_as_kuberay_reads_them():
+    for name, spec in _cluster_specs():
+        autoscaler = _kuberay_node_types(spec)
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            group = g.get("groupName", "headgroup")
+            resources = kuberay_resources_map(g["rayStartParams"])  # raises where the operator fails to parse
+            params = kuberay_start_params(g)
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            gpus = limits.get("nvidia.com/gpu")
+            assert params.get("num-gpus") == (str(gpus) if gpus else None), (name, group, params)
+            # `ray start` gets the same custom resources, and the autoscaler plans with them.
+            flags = dict(a[2:].split("=", 1) for a in kuberay_start_argv(params))
+            ray_reads = parse_resources_json(flags["resources"], cli_logger, cf) if "resources" in flags else {}
+            assert ray_reads == resources, (name, group, flags.get("resources"))
+            planned = {k: v for k, v in autoscaler[group]["resources"].items() if k not in ("CPU", "GPU", "memory")}
+            assert planned == resources, (name, group)
+
+
+def test_kuberay_resource_rule_bites():
+    """The old form: Ray's autoscaler and `ray start` read it, the operator does not (and then derives no
+    --num-gpus from the nvidia.com/gpu limit, so the worker would join with GPU 0)."""
+    _, cluster = _one("RayCluster")
+    group = copy.deepcopy(next(g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "expert-gpu"))
+    group["rayStartParams"]["resources"] = '"{\\"accelerator_type:A10G\\": 1}"'
+    with pytest.raises(ValueError, match="KubeRay cannot parse"):
+        kuberay_resources_map(group["rayStartParams"])
+    assert "num-gpus" not in kuberay_start_params(group)
+    flags = dict(a[2:].split("=", 1) for a in kuberay_start_argv(group["rayStartParams"]))
+    assert parse_resources_json(flags["resources"], cli_logger, cf) == {"accelerator_type:A10G": 1}
+    # The operator's own output format parses, and so does plain JSON.
+    for ok in ("'{\"accelerator_type:A10G\":1}'", '{"accelerator_type:A10G": 1}'):
+        assert kuberay_resources_map({"resources": ok}) == {"accelerator_type:A10G": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------- pods
+def _ray_pod_templates() -> list[tuple[str, dict]]:
+    return [(f"{name}:{g.get('groupName', 'head')}", g["template"]["spec"])
+            for name, spec in _cluster_specs() for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+
+
+def _all_containers() -> list[tuple[str, dict]]:
+    return [(p.name, c) for p in MANIFESTS for d in _docs(p) for x in _dicts(d)
+            for c in x.get("containers", []) if isinstance(c, dict)]
+
+
+def test_every_ray_pod_has_shared_memory_and_the_service_account():
+    _, sa = _one("ServiceAccount")
+    for name, pod in _ray_pod_templates():
+        # Ray's object store lives in /dev/shm; a container's default 64 MiB would spill to disk at once.
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = [m for m in pod["containers"][0].get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert len(mounts) == 1 and volumes[mounts[0]["name"]].get("emptyDir", {}).get("medium") == "Memory", name
+        # Every Ray pod runs as the documented ServiceAccount (an IRSA role reaches all of them).
+        assert pod.get("serviceAccountName") == sa["metadata"]["name"], name
+
+
+def test_images_are_pulled_again_and_required_secrets_are_required():
+    for name, c in _all_containers():
+        # A reused tag with IfNotPresent never pulls a rebuilt image; a digest pins one.
+        assert c.get("imagePullPolicy") == "Always" or "@sha256:" in c["image"], (name, c["name"])
+    readme = _readme_cluster_section()
+    for path in MANIFESTS:
+        for doc in _docs(path):
+            for d in _dicts(doc):
+                ref = d.get("secretKeyRef")
+                if ref:
+                    # A missing Secret then stops the pod at start (CreateContainerConfigError), not the job later.
+                    assert ref.get("optional") is not True, (path.name, ref)
+                    assert re.search(rf"kubectl create secret generic {re.escape(ref['name'])}\b", readme), \
+                        f"README's Cluster section does not say how to create Secret {ref['name']}"
+
+
+def _readme_cluster_section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("### Cluster and schedule")
+    end = readme.find("\n## ", start)
+    return readme[start:end if end > 0 else None]
+
+
+def test_rayjob_cannot_wait_forever():
+    _, job = _one("RayJob")
+    spec = job["spec"]
+    pre, active = spec.get("preRunningDeadlineSeconds"), spec.get("activeDeadlineSeconds")
+    assert isinstance(pre, int) and isinstance(active, int) and 0 < pre < active, (pre, active)
+    assert spec.get("shutdownAfterJobFinishes") is True, "a failed (deadline) job must also free its cluster"
 
 
 def test_kuberay_groups_as_the_autoscaler_reads_them():
@@ -429,61 +918,38 @@ def test_cronjob_submits_to_the_raycluster():
     _, cluster = _one("RayCluster")
     _, cron = _one("CronJob")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
-    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
     container = pod["containers"][0]
     script = "\n".join(container.get("command", []) + container.get("args", []))
-    assert "ray job submit" in script
-    address = re.search(r"https?://([\w.-]+):(\d+)", script)
+    # The submit wrapper (one driver per Kubernetes Job, exit status = the Ray job's), not bare `ray job submit`,
+    # run as the container's main process so that it gets the kubelet's SIGTERM.
+    assert re.search(rf"(^|\n)\s*exec python3? {re.escape(RUN_RAY_JOB)} ", script), script
+    assert "ray job submit" not in script
+    wrapper = _load_job_module(RUN_RAY_JOB)
+    argv = shlex.split(script[script.index(RUN_RAY_JOB) + len(RUN_RAY_JOB):].replace("\\\n", " ").split("\n")[0])
+    args = wrapper.parse_args([a.replace("$JOB_NAME", "eagle-audit-reaudit-29000000") for a in argv])
+    assert args.submission_id == "eagle-audit-reaudit-29000000", "the submission id is the Kubernetes Job's name"
+    assert args.max_attempts == job["backoffLimit"] + 1, "one Ray attempt for each pod the Job may run"
+    assert args.stop_timeout < pod["terminationGracePeriodSeconds"], "`ray job stop` must finish before SIGKILL"
+    assert args.entrypoint[:2] == ["python", "jobs/inspect.py"]
+    address = re.fullmatch(r"https?://([\w.-]+):(\d+)", args.address)
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     dashboard = next(p["containerPort"] for p in head["ports"] if p["name"] == "dashboard")
     assert address.group(1).split(".")[0] == f"{cluster['metadata']['name']}-head-svc"
     assert int(address.group(2)) == dashboard
     assert container["image"] == head["image"], "client and cluster Ray versions must match"
+    # The wrapper is in the image, where the container starts.
+    workdir = [a for op, a in _dockerfile_instructions() if op == "WORKDIR"][-1]
+    assert container["workingDir"] == workdir
+    copied = {s: dest for op, a in _dockerfile_instructions() if op == "COPY"
+              for s, dest in [(s, a.split()[-1]) for s in a.split()[:-1] if not s.startswith("--")]}
+    assert RUN_RAY_JOB in copied and copied[RUN_RAY_JOB].rstrip("/") in ("./infra", f"{workdir}/infra")
     env = {e["name"]: e for e in container["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     token_secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
     assert token_secret == cluster["spec"]["authOptions"]["secretName"]
-
-
-def _run_cron_script(tmp_path: Path, submit_rc: int, terminate: bool = False) -> tuple[int, list[str]]:
-    """Run the CronJob's script with a stub `ray` on PATH that logs its arguments."""
-    _, cron = _one("CronJob")
-    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["/bin/bash", "-c"]
-    log = tmp_path / "ray.log"
-    stub = tmp_path / "bin" / "ray"
-    stub.parent.mkdir(parents=True)
-    stub.write_text(f'#!/bin/bash\necho "$*" >> {log}\n'
-                    f'if [ "$1 $2" = "job submit" ]; then {"sleep 30; " if terminate else ""}exit {submit_rc}; fi\n')
-    stub.chmod(0o755)
-    env = {"PATH": f"{stub.parent}:/usr/bin:/bin", "JOB_NAME": "eagle-audit-reaudit-29000000"}
-    proc = subprocess.Popen(["/bin/bash", "-c", container["args"][0]], env=env, start_new_session=True)
-    try:
-        if terminate:  # like the kubelet: SIGTERM to the container's main process only
-            deadline = time.time() + 10
-            while not (log.exists() and "job submit" in log.read_text()) and time.time() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=20)
-    finally:
-        try:  # the stub left sleeping in the background, in the group started above
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return rc, log.read_text().splitlines()
-
-
-def test_cron_script_submits_follows_and_cleans_up(tmp_path):
-    rc, calls = _run_cron_script(tmp_path / "ok", submit_rc=0)
-    assert rc == 0 and len(calls) == 1
-    assert calls[0].endswith("-- python jobs/inspect.py --config /config/audit.yaml --mode incremental "
-                             "--run-id eagle-audit-reaudit-29000000")
-    assert "--submission-id eagle-audit-reaudit-29000000-" in calls[0]
-    rc, _ = _run_cron_script(tmp_path / "fail", submit_rc=1)
-    assert rc == 1, "a failed Ray job must fail the Kubernetes Job (so it is retried and visible)"
-    rc, calls = _run_cron_script(tmp_path / "term", submit_rc=0, terminate=True)
-    sid = re.search(r"--submission-id (\S+)", calls[0]).group(1)
-    assert rc != 0 and any(c.startswith("job stop") and c.endswith(sid) for c in calls[1:]), calls
+    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
 
 
 def test_cron_validator():
@@ -524,19 +990,28 @@ def test_dockerfile():
     env = " ".join(a for op, a in ins if op == "ENV")
     assert re.search(r"\bHF_HUB_OFFLINE=0\b", env)
     workdir = [a for op, a in ins if op == "WORKDIR"][-1]
+    included = [line[1:].rstrip("/") for line in (ROOT / "infra" / "Dockerfile.dockerignore").read_text().splitlines()
+                if line.startswith("!")]
     for op, a in ins:
         if op == "COPY":
             sources = [s for s in a.split()[:-1] if not s.startswith("--")]
             assert all((ROOT / s).exists() for s in sources), a
+            # infra/Dockerfile.dockerignore excludes everything else from the build context.
+            assert all(any(s == i or s.startswith(i + "/") for i in included) for s in sources), a
     # The job's working directory is the image's WORKDIR, and the images carry this project's version.
     _, job = _one("RayJob")
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == workdir
     _, cron = _one("CronJob")
     assert f"--working-dir {workdir}" in " ".join(cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
                                                   ["containers"][0]["args"])
-    images = {c["image"] for p in MANIFESTS for d in _docs(p) for x in _dicts(d)
-              for c in x.get("containers", []) if isinstance(c, dict)}
-    assert len(images) == 1 and images.pop().endswith(f"/eagle-audit:{_project()['version']}")
+    assert _manifest_image().endswith(f"/eagle-audit:{_project()['version']}")
+    assert yaml.safe_load(CLUSTER_YAML.read_text())["docker"]["image"] == _manifest_image()
+
+
+def _manifest_image() -> str:
+    images = {c["image"] for _, c in _all_containers()}
+    assert len(images) == 1, images
+    return images.pop()
 
 
 # ---------------------------------------------------------------------------------------------- secrets
