@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_LOCK = "requirements.lock"
 DEV_LOCK = "requirements-dev.lock"
 EXTRAS = ("dev",)
+PINS_FILE = ".dev-lock-pins.txt"  # transient, during `refresh`
 PLATFORM = ("--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28")
 # Installers and the project itself are not locked: pip/setuptools/wheel come with the venv.
 UNLOCKED = {"pip", "setuptools", "wheel", "eagle-audit"}
@@ -106,10 +106,14 @@ def refresh(root: Path = ROOT, upgrade: bool = False) -> None:
     run = lambda *args: subprocess.run([uv, "pip", "compile", "--quiet", *args], cwd=root, check=True)  # noqa: E731
     extras = [a for e in EXTRAS for a in ("--extra", e)]
     run("pyproject.toml", *extras, *common, *(["--upgrade"] if upgrade else []), "-o", DEV_LOCK)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt") as pins:
-        pins.write("".join(f"{n}=={v}\n" for n, v in read_pins(root / DEV_LOCK).items()))
-        pins.flush()
-        run("pyproject.toml", *common, "--constraint", pins.name, "-o", RUNTIME_LOCK)
+    # The runtime lock takes the dev lock's versions. The pins file has a fixed name, so the lock's
+    # "via -c" annotations do not change from one refresh to the next.
+    pins = root / PINS_FILE
+    pins.write_text("".join(f"{n}=={v}\n" for n, v in read_pins(root / DEV_LOCK).items()))
+    try:
+        run("pyproject.toml", *common, "--constraint", PINS_FILE, "-o", RUNTIME_LOCK)
+    finally:
+        pins.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
