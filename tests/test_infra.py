@@ -196,10 +196,15 @@ def job_calls(text: str) -> list[tuple[str, list[str]]]:
 
 
 def _load_job_module(script: str):
-    """The command-line module behind a thin `jobs/X.py` (eagle.cli.X_cmd), checked to be the one it runs."""
-    name = f"eagle.cli.{Path(script).stem}_cmd"
-    assert f"from {name} import main" in (ROOT / script).read_text(), f"{script} does not run {name}"
-    return importlib.import_module(name)
+    """A script's module; for a thin `jobs/X.py`, the command-line module it runs (eagle.cli.X_cmd)."""
+    if script.startswith("jobs/"):
+        name = f"eagle.cli.{Path(script).stem}_cmd"
+        assert f"from {name} import main" in (ROOT / script).read_text(), f"{script} does not run {name}"
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(f"_infra_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _parse(module, argv: list[str]):

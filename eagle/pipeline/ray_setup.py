@@ -111,8 +111,9 @@ def configure_threads(torch: Any) -> int:
     else:
         import ray
 
-        # get_runtime_context() would start a local Ray when called outside one
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+        cpus = 1.0  # outside Ray, or in a driver (get_runtime_context() would start a Ray outside one)
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         n = max(1, math.floor(cpus))
     torch.set_num_threads(n)
     return n
