@@ -100,7 +100,7 @@ def _group(titles: set[str]) -> str:
         if key in text:
             return name
     if "MapBatches" in text or "Write" in text:
-        return "task workers (decode/finalize/write)"
+        return "task workers (decode/finish/stamp/write)"
     if "ray::" in text:
         return "idle workers"
     return "other ray processes"

@@ -4,7 +4,7 @@ One run on a synthetic MVTec-style set (eagle.testing.synth), experts fitted wit
 random Qwen2.5-VL (eagle.testing.tiny_mllm): the numbers are about the machinery (scheduling, batching, overlap), not
 about what real models cost. Prints three tables:
 
-1. each stage's UDF run alone, in this process, on pre-built batches of the same images (read_decode on the
+1. each stage's UDF run alone, in this process, on pre-built batches of the same images (DecodeStage on the
    listing; ExpertStage on decoded batches; MLLMStage on expert-scored batches), after a warm-up batch, vs the
    whole Ray job (`run_inspect`: listing, actor start-up and model loads, write, read-back summary included);
 2. the Ray job vs a plain loop in the style of the reference EAGLE code: open, decode, Expert.score one image,
@@ -88,7 +88,7 @@ def prepare(root: str, train: int, good: int, defect: int, size: int, mllm: bool
             copies: int = 1) -> tuple[JobConfig, dict[str, str]]:
     """Synthetic data, tiny MLLM, local Ray, fitted experts; returns (a base config, pinned versions)."""
     from eagle.pipeline.fitting import fit_products
-    from eagle.pipeline.inspection import resolve_versions
+    from eagle.pipeline.inspection import pin_expert_versions
     from eagle.pipeline.ray_setup import init_ray
     from eagle.testing.synth import generate
     from eagle.testing.tiny_mllm import build_tiny_mllm
@@ -104,7 +104,7 @@ def prepare(root: str, train: int, good: int, defect: int, size: int, mllm: bool
     for fitted in fit_products(data, products, cfg).values():
         if isinstance(fitted, Exception):
             raise fitted
-    return cfg, resolve_versions(cfg, list(products))
+    return cfg, pin_expert_versions(cfg, list(products))
 
 
 # ---------------------------------------------------------------------------------------------- stages alone
@@ -131,15 +131,14 @@ def _timed(fn, batches: list[dict[str, np.ndarray]]) -> tuple[float, list[dict[s
 def stages_alone(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, list[tuple[str, float]]]:
     """(images, [(stage, seconds)]) for each stage UDF in this process, single-threaded torch."""
     from eagle.io.inputs import list_inputs
-    from eagle.pipeline.inspection import _blocks
-    from eagle.pipeline.stages.decode_stage import read_decode
+    from eagle.pipeline.stages.decode_stage import DecodeStage
     from eagle.pipeline.stages.expert_stage import ExpertStage
 
     listing = list_inputs(cfg.inputs, cfg.storage)
-    batches = [_numpy(t) for t in _blocks(listing, cfg.resources.decode.batch_size)]
+    batches = _rechunk([_numpy(listing)], cfg.resources.decode.batch_size)
     rows: list[tuple[str, float]] = []
-    sec, decoded = _timed(lambda b: read_decode(b, cfg), batches)
-    rows.append(("read_decode (task)", sec))
+    sec, decoded = _timed(DecodeStage(cfg), batches)
+    rows.append(("DecodeStage (task)", sec))
     expert = ExpertStage(cfg, versions)
     for product in versions:  # load every product's expert before the clock starts
         expert._expert(product)
@@ -252,7 +251,7 @@ def main() -> None:
           f"setup (synth + fit + tiny MLLM) {prep_s:.0f} s")
     print(f"MLLM calls in the job: {summary.mllm_calls}/{summary.audited}; status {summary.status}")
     print(f"\n{'stage':44s} {'alone s':>8s} {'alone img/s':>11s} {'in job, busy img/s':>19s}")
-    busy = {"read_decode": float("nan"), "ExpertStage": inside["expert"], "MLLMStage": inside["mllm"]}
+    busy = {"DecodeStage": float("nan"), "ExpertStage": inside["expert"], "MLLMStage": inside["mllm"]}
     for name, sec in stage_rows:
         print(f"{name:44s} {sec:8.2f} {n / sec:11.2f} {busy[name.split(' (')[0]]:19.2f}")
     slow_name, slow_s = max(stage_rows, key=lambda r: r[1])

@@ -17,7 +17,7 @@ from faulty_proxy import FaultyProxy
 
 from eagle.io import storage
 from eagle.io.inputs import list_inputs
-from eagle.io.runs import parquet_files
+from eagle.io.runs import output_files
 from eagle.pipeline.inspection import run_inspect
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def test_ray_job_submit_and_no_credentials_in_logs(audit_setup, ray_local, tmp_p
     assert {r["status"] for r in rows} == {"ok", "error"}
     # the secret key travelled in the runtime env; it must appear in no log, output row or manifest
     assert TEST_SECRET not in log
-    for uri in parquet_files(output) + [f"{output}/_runs/submitted.json"]:
+    for uri in output_files(output) + [f"{output}/_runs/submitted.json"]:
         assert TEST_SECRET.encode() not in storage.read_bytes(uri)
 
 
@@ -75,12 +75,13 @@ def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path):
                                                ["mllm"]["model"], f"ray.address={_gcs_address()}",
                                                "mllm.dtype=float32", "mllm.max_new_tokens=24",
                                                "resources.decode.batch_size=2", "resources.expert.batch_size=2",
-                                               "resources.mllm.batch_size=2")]
+                                               "resources.mllm.batch_size=2",
+                                               "output.min_rows_per_file=1")]  # files as batches finish
     log = tmp_path / "driver.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not parquet_files(output):
+    while time.time() < deadline and proc.poll() is None and not output_files(output):
         time.sleep(0.2)
     assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
@@ -88,7 +89,9 @@ def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path):
     written_before = len(output_rows(job_config(audit_setup, output={"uri": output}), "run_id = 'resume'"))
     cfg = job_config(audit_setup, output={"uri": output}, run_id="resume", mllm={"model": "none"})
     summary = run_inspect(cfg)
-    assert 0 < written_before < summary.listed
+    # Ray Data may hand every queued block to one write task, so the kill can come after all rows are
+    # written but before the run ended (summary, ledger); partial files are covered by test_planning.py.
+    assert 0 < written_before <= summary.listed
     assert summary.skipped == written_before and summary.audited == summary.listed - written_before
     _assert_exactly_once(audit_setup, output, "resume")
 

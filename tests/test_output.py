@@ -1,10 +1,9 @@
-"""Output store mechanics: run manifests and attempts, retry-stable file names, corrupt-file recovery,
-the incremental done-set, and the latest-per-image view."""
+"""Output store mechanics: run manifests and attempts, retry-stable file names, the latest-per-image view
+and the output schema. Planning over earlier output: tests/test_planning.py."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,8 +11,7 @@ import pytest
 
 from eagle.io import storage
 from eagle.io.history import latest_table, write_latest
-from eagle.io.inputs import LISTING_SCHEMA
-from eagle.io.runs import begin_run, done_in_run, read_ledger, read_rows, up_to_date
+from eagle.io.runs import begin_run
 from eagle.io.schema import OUTPUT_SCHEMA, to_table
 from eagle.pipeline.writing import RunFilenames
 
@@ -48,46 +46,6 @@ def test_filenames_stable_per_task_and_distinct_per_attempt():
     assert a1.get_filename_for_task("uuid", 3) != a1.get_filename_for_task("uuid", 4)
     assert a1.get_filename_for_task("u", 3) != a2.get_filename_for_task("u", 3)
     assert "." not in a1.get_filename_for_task("uuid", 3)
-
-
-def test_done_in_run_drops_corrupt_files(tmp_path):
-    out = str(tmp_path)
-    _write(out, "good.parquet", [_row("a", "r1"), _row("b", "r1", status="error"), _row("c", "r0")])
-    bad = _write(out, "torn.parquet", [_row("d", "r1")])
-    data = storage.read_bytes(bad)
-    storage.write_bytes(bad, data[: len(data) // 2])  # a crash mid-write
-    # error rows count as done within a run; d must be redone
-    assert done_in_run(read_ledger(out), "r1") == {"a", "b"}
-    assert not os.path.exists(bad)
-    rows = read_rows(out, ["image_uri", "product", "audit_date"])
-    assert set(rows.column("product").to_pylist()) == {"p"}  # partition values filled in
-
-
-def test_up_to_date_rules(tmp_path):
-    out = str(tmp_path)
-    _write(out, "f.parquet", [
-        _row("same", "r1"), _row("changed", "r1"), _row("old-model", "r1", expert="e0"), _row("gone", "r1"),
-        _row("corrupt", "r1", status="error", stage="decode", expert=None),
-        _row("unreadable", "r1", status="error", stage="read", expert=None),
-        _row("unfitted", "r1", status="error", stage="expert", expert=None),
-        _row("fixed-later", "r1", status="error", stage="decode", expert=None),
-        _row("fixed-later", "r2", when=1),
-        _row("broke-later", "r1"), _row("broke-later", "r2", status="error", stage="decode", when=1),
-    ])
-    uris = ["same", "changed", "old-model", "new", "corrupt", "unreadable", "unfitted", "fixed-later",
-            "broke-later"]
-    versions = {"changed": "v2"}
-    listing = pa.table({"image_uri": uris, "product": ["p"] * len(uris),
-                        "image_version": [versions.get(u, "v1") for u in uris],
-                        "image_size_bytes": [1] * len(uris)}, schema=LISTING_SCHEMA)
-    done, failed = up_to_date(read_ledger(out), listing, {"p": "e1"}, "m", "h")
-    # unchanged successes and unchanged decode failures are skipped; read failures are retried, and so is
-    # a product whose expert now exists; the latest row decides
-    assert done == {"same", "corrupt", "fixed-later", "broke-later"}
-    assert failed == {"corrupt", "unreadable", "unfitted", "broke-later"}
-    # a new config or MLLM redoes every success; undecodable files do not depend on either
-    assert up_to_date(read_ledger(out), listing, {"p": "e1"}, "m", "other-hash")[0] == {"corrupt", "broke-later"}
-    assert up_to_date(read_ledger(out), listing, {"p": "e1"}, "other-model", "h")[0] == {"corrupt", "broke-later"}
 
 
 def test_latest_prefers_newest_success(tmp_path):

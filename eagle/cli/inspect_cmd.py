@@ -25,8 +25,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobs/inspect.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--input", action="append", default=[], metavar="URI",
-                   help="Image prefix (local or s3://, recursive) or a manifest (.parquet/.csv with a 'uri' "
-                        "column). Repeatable.")
+                   help="Image prefix (local or s3://, recursive), a manifest (.parquet/.csv with a 'uri' "
+                        "column) or an S3 Inventory report's manifest.json. Repeatable.")
     p.add_argument("--model-store", metavar="URI", help="Prefix of fitted expert artifacts (jobs/fit.py).")
     p.add_argument("--output", metavar="URI", help="Output prefix for Parquet results.")
     p.add_argument("--mllm", metavar="none|HUB_ID|PATH", help="MLLM to use; 'none' = expert only.")
@@ -34,6 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--run-id", help="Run id; re-using one resumes that run (only missing images are audited).")
     p.add_argument("--mode", choices=["full", "incremental"], help="full: audit everything listed.")
     p.add_argument("--config", metavar="FILE", help="YAML job config (local or s3://).")
+    p.add_argument("--dry-run", action="store_true",
+                   help="List and plan only: print per product how many images are listed, already done and "
+                        "to audit, then exit (nothing is written).")
     p.add_argument("--demo-dir", default="demo", help="Where the no-argument demo writes (default ./demo).")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
     return p.parse_intermixed_args(argv)  # overrides may stand before, between or after flags
@@ -41,8 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _flag_overrides(args: argparse.Namespace) -> dict:
     out: dict = {}
-    inputs = [u for u in args.input if not u.lower().endswith((".parquet", ".csv"))]
-    manifests = [u for u in args.input if u.lower().endswith((".parquet", ".csv"))]
+    manifests = [u for u in args.input if u.lower().endswith((".parquet", ".csv", "manifest.json"))]
+    inputs = [u for u in args.input if u not in manifests]
     if len(manifests) > 1:
         raise ConfigError("only one manifest may be given")
     if inputs or manifests:
@@ -78,14 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides = deep_merge(_flag_overrides(args), parse_overrides(args.overrides))
         cfg = load_config(args.config, overrides=overrides)
         init_ray(cfg)
-        summary = run_inspect(cfg)
+        result = run_inspect(cfg, dry_run=args.dry_run)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
     except JobFailed as exc:
         log.error("job failed: %s", exc)
         return 3
-    for line in summary.lines():
+    if args.dry_run:
+        print(f"dry run ({cfg.mode}{', run ' + cfg.run_id if cfg.run_id else ''}): nothing was audited or written")
+        print("\n".join(result.lines()))
+        return 0
+    for line in result.lines():
         log.info("%s", line)
     return 0
 

@@ -250,6 +250,9 @@ class InputConfig(Section):
         description="Glob patterns (fnmatch, '*' spans '/') of listed URIs to skip; default skips MVTec masks.",
     )
     max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are refused (decompression bombs).")
+    rows_per_block: int = Field(
+        4096, gt=0, description="Rows per Ray block of the listing (thousands at scale; the models' batch sizes "
+        "are resources.<stage>.batch_size). Small runs use smaller blocks so every CPU gets work.")
 
 
 class OutputConfig(Section):
@@ -261,6 +264,11 @@ class OutputConfig(Section):
     )
     max_error_rate: float = Field(
         0.5, ge=0, le=1, description="Abort the job when the share of error rows exceeds this.")
+    min_rows_per_file: int = Field(
+        100_000, gt=0, description="Rows per output file at least (per partition, except a run's last file): "
+        "large files keep LIST, reads and the driver's memory small; a crash redoes at most one file's rows.")
+    planning_memory: str = Field(
+        "1GB", description="DuckDB memory limit for planning and summaries on the driver; more spills to disk.")
 
 
 class RayConfig(Section):

@@ -8,7 +8,7 @@ import duckdb
 import pyarrow as pa
 
 from eagle.io import storage
-from eagle.io.runs import parquet_files
+from eagle.io.runs import output_files
 from eagle.io.storage import StorageConfig
 
 
@@ -21,7 +21,7 @@ def latest_sql(output_uri: str) -> str:
 def latest_table(output_uri: str, cfg: StorageConfig | None = None) -> pa.Table:
     """Run the `latest` view over the output (s3:// through an fsspec filesystem registered with DuckDB)."""
     con = duckdb.connect()
-    if not parquet_files(output_uri, cfg):
+    if not output_files(output_uri, cfg):
         raise FileNotFoundError(f"no Parquet output under {output_uri}")
     if storage.is_remote(output_uri):
         fs, _ = storage.filesystem(output_uri, cfg)

@@ -11,6 +11,7 @@ import logging
 import os
 import posixpath
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -131,6 +132,7 @@ def s3_options(cfg: StorageConfig | None = None) -> dict[str, Any]:
 def _options_of(s: S3Settings) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "anon": s.anon,
+        "use_listings_cache": False,
         "config_kwargs": {"retries": {"max_attempts": s.max_attempts, "mode": "adaptive"}},
     }
     if s.endpoint:
@@ -203,21 +205,27 @@ def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
 
 
 def list_files(prefix: str, extensions: tuple[str, ...] | list[str] | None = None,
-               cfg: StorageConfig | None = None) -> list[FileInfo]:
-    """All files under `prefix` (recursive), sorted by URI, optionally filtered by extension (case-insensitive).
+               cfg: StorageConfig | None = None, recursive: bool = True, within: str | None = None
+               ) -> list[FileInfo]:
+    """Files under `prefix` (recursive unless told), sorted by URI, optionally filtered by extension
+    (case-insensitive).
 
     Local folders and files reached through symlinks are listed under the linked name (datasets often live on
-    shared storage); a link back into a folder already being walked is reported and not followed again."""
+    shared storage); a link back into a folder already being walked, or into `within` (the prefix a part
+    belongs to), is reported and not followed. s3fs keeps no listing cache (other processes write to the same
+    prefixes, and a cache of millions of keys would live as long as the job)."""
     exts = tuple(e.lower() for e in extensions) if extensions else None
     if not is_remote(prefix):
-        found = _walk_local(strip_scheme(prefix))
+        path = strip_scheme(prefix)
+        found = _walk_local(path, within and strip_scheme(within)) if recursive else _local_files(path)
         return sorted((f for f in found if not exts or f.uri.lower().endswith(exts)), key=lambda f: f.uri)
     fs, path = filesystem(prefix, cfg)
-    fs.invalidate_cache(path)  # other processes write to the same prefixes: never answer from a stale listing
-    if not fs.exists(path):
-        return []
+    if recursive:
+        entries = fs.find(path, detail=True) if fs.exists(path) else {}
+    else:
+        entries = {e["name"]: e for e in _s3_ls(fs, path) if e.get("type") == "file"}
     out = []
-    for name, info in fs.find(path, detail=True).items():
+    for name, info in entries.items():
         if info.get("type") == "directory" or (exts and not name.lower().endswith(exts)):
             continue
         version = info.get("ETag") or info.get("etag") or str(info.get("LastModified") or "")
@@ -225,16 +233,54 @@ def list_files(prefix: str, extensions: tuple[str, ...] | list[str] | None = Non
     return sorted(out, key=lambda f: f.uri)
 
 
-def _walk_local(root: str) -> list[FileInfo]:
+def list_folders(prefix: str, cfg: StorageConfig | None = None) -> list[str]:
+    """The immediate sub-folders of `prefix` (symlinked ones included locally), sorted."""
+    if not is_remote(prefix):
+        path = strip_scheme(prefix)
+        if not os.path.isdir(path):
+            return []
+        return sorted(e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=True))
+    fs, path = filesystem(prefix, cfg)
+    return sorted(f"s3://{e['name']}" for e in _s3_ls(fs, path) if e.get("type") == "directory")
+
+
+def _s3_ls(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    try:
+        return fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+
+
+def _local_files(folder: str) -> list[FileInfo]:
+    if os.path.isfile(folder):
+        return _walk_local(folder)
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for entry in os.scandir(folder):
+        try:
+            if entry.is_file(follow_symlinks=True):
+                st = entry.stat(follow_symlinks=True)
+                out.append(FileInfo(uri=entry.path, size=st.st_size, version=str(st.st_mtime)))
+        except OSError:
+            log.warning("skipping %s: broken symlink", entry.path)
+    return out
+
+
+def _walk_local(root: str, within: str | None = None) -> list[FileInfo]:
     """Files under a local folder, following symlinks; each real folder is entered once per branch."""
     if os.path.isfile(root):
         st = os.stat(root)
         return [FileInfo(uri=root, size=st.st_size, version=str(st.st_mtime))]
     out: list[FileInfo] = []
+    outer = set()
+    if within and os.path.isdir(within):
+        wst = os.stat(within)
+        outer = {(wst.st_dev, wst.st_ino)}
     ancestors: dict[str, set[tuple[int, int]]] = {}
     for folder, dirs, files in os.walk(root, followlinks=True):
         st = os.stat(folder)
-        seen = ancestors.get(os.path.dirname(folder), set()) | {(st.st_dev, st.st_ino)}
+        seen = ancestors.get(os.path.dirname(folder), outer) | {(st.st_dev, st.st_ino)}
         ancestors[folder] = seen
         for d in list(dirs):
             child = os.path.join(folder, d)
@@ -256,6 +302,15 @@ def _walk_local(root: str) -> list[FileInfo]:
                 continue
             out.append(FileInfo(uri=path, size=fst.st_size, version=str(fst.st_mtime)))
     return out
+
+
+def put_folder(local_dir: str, uri: str, cfg: StorageConfig | None = None) -> None:
+    """Copy a local folder's files to `uri` (a folder, local or s3://)."""
+    fs, path = filesystem(uri, cfg)
+    if not is_remote(uri):
+        shutil.copytree(local_dir, path, dirs_exist_ok=True)
+        return
+    fs.put(local_dir.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
 
 
 def remove(uri: str, cfg: StorageConfig | None = None, recursive: bool = False) -> None:

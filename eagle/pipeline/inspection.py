@@ -3,25 +3,27 @@
     listing → decode (CPU tasks) → expert (actor pool) → MLLM (actor pool) or finish (CPU tasks)
             → stamp → write (eagle.pipeline.writing)
 
-The driver only lists inputs, pins each product's expert version, and subtracts what this run already wrote.
+The driver plans (eagle.pipeline.planning: listing, this run's own rows, the compacted ledger, in DuckDB out of
+core), pins each product's expert version, then streams the rows to audit from the plan's Parquet files; it
+never holds a row per image. Afterwards it counts the run's own output and merges it into the ledger.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import duckdb
 
 from eagle import __version__
 from eagle.config import ConfigError, JobConfig, config_hash
-from eagle.io.inputs import list_inputs
-from eagle.io.runs import begin_run, done_in_run, read_ledger, read_rows, up_to_date
+from eagle.io import ledger, querying, storage
+from eagle.io.runs import RUNS_DIR, RunInfo, begin_run
+from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_dataset
 from eagle.pipeline.ray_setup import configure_data_context
 from eagle.pipeline.stages.decode_stage import DecodeStage
 from eagle.pipeline.stages.expert_stage import ExpertStage
@@ -79,22 +81,10 @@ def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
     return versions
 
 
-def _blocks(todo: pa.Table, rows_per_block: int) -> list[pa.Table]:
-    """Split the listing into small product-homogeneous tables (one Ray block each) so reads parallelise."""
-    blocks, start = [], 0
-    products = todo.column("product").to_pylist()
-    while start < len(products):
-        end = min(start + rows_per_block, len(products))
-        first = products[start]
-        while products[end - 1] != first:  # never cross a product boundary
-            end -= 1
-        blocks.append(todo.slice(start, end - start))
-        start = end
-    return blocks
-
-
-def run_inspect(cfg: JobConfig) -> Summary:
-    """Audit every listed image not yet audited in this run; returns the run's summary."""
+def run_inspect(cfg: JobConfig, dry_run: bool = False) -> Summary | Plan:
+    """Audit every listed image not yet audited in this run (incrementally: not up to date); returns the run's
+    summary. With `dry_run`, only plan: returns the plan (per product listed / done / to audit), writes no
+    rows and no run manifest."""
     import ray
 
     if not cfg.model_store:
@@ -104,37 +94,41 @@ def run_inspect(cfg: JobConfig) -> Summary:
     run_id = cfg.run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     chash = config_hash(cfg)
     start = time.time()
+    con = querying.connect(cfg.storage, memory_limit=cfg.output.planning_memory)
     try:
-        listing = list_inputs(cfg.inputs, cfg.storage)
+        files = ledger.output_files(cfg.output.uri, cfg.storage)
+        ledger.refresh(con, cfg.output.uri, cfg.storage, files)
+        if dry_run:
+            run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
+            out_dir = storage.join(cfg.output.uri, RUNS_DIR, f"_dry-run-{uuid.uuid4().hex[:8]}")
+        else:
+            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage)
+            out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
+        cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
+        plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),
+                         files, cpus, write_todo=not dry_run)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - any storage failure here (after retries) ends the job
-        raise JobFailed(f"cannot list inputs: {type(exc).__name__}: {exc}") from exc
-    try:
-        run = begin_run(cfg.output.uri, run_id, chash, cfg.storage)
-        versions = pin_expert_versions(cfg, sorted(set(listing.column("product").to_pylist())))
-    except Exception as exc:  # noqa: BLE001
-        raise JobFailed(f"cannot reach the output or model store: {type(exc).__name__}: {exc}") from exc
-    ledger = read_ledger(cfg.output.uri, cfg.storage)
-    done = done_in_run(ledger, run_id)
-    known_bad: set[str] = set()
-    if cfg.mode == "incremental":
-        current, known_bad = up_to_date(ledger, listing, versions, cfg.mllm.model, chash)
-        done |= current
-    todo = listing.filter(pc.invert(pc.is_in(listing.column("image_uri"), pa.array(sorted(done), pa.string()))))
+        raise JobFailed(f"cannot list inputs or plan the run (input, output or model store unreachable?): "
+                        f"{type(exc).__name__}: {exc}") from exc
+    if dry_run:
+        storage.remove(out_dir, cfg.storage, recursive=True)
+        return plan
     log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",
-             run_id, run.attempt, cfg.mode, listing.num_rows, len(done), todo.num_rows)
-    if todo.num_rows:
+             run_id, run.attempt, cfg.mode, plan.listed, plan.done, plan.todo)
+    if plan.todo_dir:
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": chash,
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
         configure_data_context()
-        ds = ray.data.from_arrow(_blocks(todo, cfg.resources.decode.batch_size))
-        ds = DecodeStage.apply(ds, cfg)
-        ds = ExpertStage.apply(ds, cfg, versions=versions)
+        ds = DecodeStage.apply(todo_dataset(plan, cfg), cfg)
+        ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
         ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
         ds = StampStage.apply(ds, cfg, stamp=stamp)
         write_output(ds, cfg, run)
-    summary = summarize_run(cfg, run_id, listing.num_rows, len(done), todo.num_rows, time.time() - start, known_bad)
+    summary = summarize_run(con, cfg, plan, time.time() - start)
+    ledger.merge_runs(con, cfg.output.uri, {run_id: run.attempt}, cfg.storage)
+    storage.remove(plan.plan_dir, cfg.storage, recursive=True)
     errors, total = summary.new_errors, summary.audited_fresh
     if total and errors / total > cfg.output.max_error_rate:
         raise JobFailed(f"error rate {errors}/{total} = {errors / total:.0%} exceeds output.max_error_rate "
@@ -142,22 +136,26 @@ def run_inspect(cfg: JobConfig) -> Summary:
     return summary
 
 
-def summarize_run(cfg: JobConfig, run_id: str, listed: int, skipped: int, audited: int, seconds: float,
-              known_bad: set[str] = frozenset()) -> Summary:
-    """Counts of this run's rows, read back from the output (so it also proves what was written).
-    Images that already failed in earlier runs (`known_bad`) stay out of the error budget."""
-    rows = read_rows(cfg.output.uri, ["run_id", "image_uri", "product", "status", "verdict", "mllm_ran"],
-                     cfg.storage)
-    rows = rows.filter(pc.equal(rows.column("run_id"), run_id)).to_pylist()
-    fresh = [r for r in rows if r["image_uri"] not in known_bad]
-    by_product: dict[str, Counter[str]] = {}
-    for r in rows:
-        by_product.setdefault(r["product"], Counter())[r["verdict"] or "error"] += 1
-    return Summary(
-        run_id=run_id, output=cfg.output.uri, listed=listed, skipped=skipped, audited=audited, seconds=seconds,
-        status=dict(Counter(r["status"] for r in rows)),
-        verdict=dict(Counter(r["verdict"] for r in rows if r["verdict"])),
-        by_product={p: dict(c) for p, c in by_product.items()},
-        mllm_calls=sum(1 for r in rows if r["mllm_ran"] in (True, "true")),
-        audited_fresh=len(fresh), new_errors=sum(1 for r in fresh if r["status"] == "error"),
-    )
+def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, plan: Plan, seconds: float) -> Summary:
+    """Counts of this run's rows, read back from its own output files (so it also proves what was written).
+    Images whose latest earlier result was an error stay out of the error budget."""
+    run_id = plan.run.run_id
+    files = ledger.run_files(cfg.output.uri, run_id, cfg.storage)
+    if not files:
+        return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
+                       audited=plan.todo, seconds=seconds)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW run_rows AS {ledger.rows_sql(files)}")
+    status = dict(con.execute("SELECT status, count(*) FROM run_rows GROUP BY 1").fetchall())
+    verdict = dict(con.execute("SELECT verdict, count(*) FROM run_rows WHERE verdict IS NOT NULL GROUP BY 1")
+                   .fetchall())
+    by_product: dict[str, dict[str, int]] = {}
+    for product, v, n in con.execute("SELECT product, coalesce(verdict, 'error'), count(*) FROM run_rows "
+                                     "GROUP BY 1, 2").fetchall():
+        by_product.setdefault(product, {})[v] = n
+    mllm_calls, fresh, new_errors = con.execute(
+        "SELECT count(*) FILTER (WHERE r.mllm_ran), count(*) FILTER (WHERE NOT coalesce(d.failed_before, false)), "
+        "count(*) FILTER (WHERE NOT coalesce(d.failed_before, false) AND r.status = 'error') "
+        "FROM run_rows r LEFT JOIN decided d ON d.image_uri = r.image_uri").fetchone()
+    return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
+                   audited=plan.todo, seconds=seconds, status=status, verdict=verdict, by_product=by_product,
+                   mllm_calls=mllm_calls, audited_fresh=fresh, new_errors=new_errors)

@@ -28,4 +28,5 @@ def write_output(ds: Any, cfg: JobConfig, run: RunInfo) -> None:
     """Write the stamped rows of this run attempt under ``output.uri``, partitioned by ``output.partition_by``."""
     fs, path = storage.pyarrow_filesystem(cfg.output.uri, cfg.storage)
     ds.write_parquet(path, filesystem=fs, partition_cols=cfg.output.partition_by,
-                     filename_provider=RunFilenames(run.run_id, run.attempt), schema=OUTPUT_SCHEMA)
+                     filename_provider=RunFilenames(run.run_id, run.attempt), schema=OUTPUT_SCHEMA,
+                     min_rows_per_file=cfg.output.min_rows_per_file if cfg.output.min_rows_per_file > 1 else None)
