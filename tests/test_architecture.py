@@ -149,7 +149,7 @@ def test_no_two_modules_share_a_name():
 def test_reading_results_and_artifact_metadata_loads_neither_torch_nor_ray():
     code = ("import sys\n"
             "import eagle.io.runs, eagle.io.history, eagle.io.schema, eagle.expert.artifact, eagle.config\n"
-            "import eagle.evaluation.scorecard\n"
+            "import eagle.evaluation.scorecard, eagle.evaluation.report\n"
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout

@@ -1,12 +1,11 @@
 """Evaluation: metrics on hand-computed cases, ground truth from the MVTec layout, and jobs/evaluate.py end to end
-on a hand-made inspect output next to a synthetic dataset (local, and on S3 in-process)."""
+on a hand-made inspect output next to a synthetic dataset (local, and on S3 in-process), two runs compared."""
 
 from __future__ import annotations
 
 import base64
 import csv
 import datetime as dt
-import io
 import json
 import os
 import re
@@ -17,15 +16,27 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from eagle.evaluation.metrics import PixelCounts, aupro, auroc, binary_stats, fpr_at_threshold, pixel_auroc
+from eagle.evaluation.comparison import compare_runs
+from eagle.evaluation.decisions import decision_metrics
+from eagle.evaluation.ground_truth import Truth, load_ground_truth, relative_path
+from eagle.evaluation.metrics import (
+    PixelCounts,
+    answer_stats,
+    aupro,
+    auroc,
+    binary_stats,
+    fpr_at_threshold,
+    pixel_auroc,
+    verdict_change,
+)
 from eagle.evaluation.report import write_outputs
-from eagle.evaluation.scorecard import EvaluationError, evaluate, load_ground_truth, load_train_scores, relative_path
+from eagle.evaluation.scorecard import EvaluationError, evaluate, load_train_scores
+from eagle.expert.threshold import classify
 from eagle.io import storage
-from eagle.io.schema import to_table
+from eagle.testing.report_sample import write_output
 from eagle.testing.synth import generate
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -60,6 +71,98 @@ def test_fpr_at_threshold_counts_normals_at_or_above_their_threshold():
     thresholds = [0.5, 0.6, 0.7, 1.0, 0.1]  # per row: reached, not, reached (equal), not
     assert fpr_at_threshold(anomalous, scores, thresholds) == 0.5
     assert fpr_at_threshold(np.ones(2, bool), [1, 2], [0, 0]) is None
+
+
+def test_verdict_change_sorts_images_by_who_was_right():
+    truth = np.array([1, 1, 1, 0, 0, 0, 1], bool)
+    expert = np.array([1, 0, 1, 1, 0, 0, 0], bool)
+    final = np.array([1, 1, 0, 0, 1, 0, 0], bool)
+    # image: 0 both right, 1 fixed (miss caught), 2 introduced (hit dropped), 3 fixed (false alarm cleared),
+    # 4 introduced (false alarm added), 5 both right, 6 both wrong
+    assert verdict_change(truth, expert, final) == {"both_right": 2, "fixed": 2, "introduced": 2, "both_wrong": 1}
+    assert verdict_change(truth[:0], expert[:0], final[:0]) == {"both_right": 0, "fixed": 0, "introduced": 0,
+                                                                "both_wrong": 0}
+
+
+def test_answer_stats_count_unparsed_answers_apart():
+    truth = np.array([1, 1, 0, 0, 1], bool)
+    stats = answer_stats(truth, ["yes", "no", "no", "unparsed", None])  # right, wrong, right, -, - (None: unparsed)
+    assert stats == {"calls": 5, "yes": 1, "no": 2, "unparsed": 2, "correct": 2, "wrong": 1,
+                     "parse_rate": pytest.approx(3 / 5), "accuracy": pytest.approx(2 / 3)}
+    # The demo: asked 7 times, no answer parsed. Accuracy is undefined, not 0; the parse rate says why.
+    demo = answer_stats(np.ones(7, bool), ["unparsed"] * 7)
+    assert (demo["unparsed"], demo["parse_rate"], demo["accuracy"], demo["wrong"]) == (7, 0.0, None, 0)
+    assert answer_stats(np.zeros(0, bool), [])["parse_rate"] is None
+
+
+A, N = "anomalous", "normal"
+
+
+def decision_row(expert: str, final: str, answer: str | None = None, guided: bool = False,
+                 confidence: str = "confident_normal", ms: float | None = None) -> dict[str, Any]:
+    """Just the columns decision_metrics reads."""
+    return dict(expert_score=0.5, threshold=0.5, expert_verdict=expert, verdict=final, mllm_ran=answer is not None,
+                guided=guided, answer=answer, confidence=confidence, mllm_ms=ms, image_attention_share=None,
+                error_stage=None)
+
+
+def truth_of(path: str) -> Truth:
+    product, _, defect, _ = path.split("/")
+    return Truth(path, product, defect, None)
+
+
+def test_decision_metrics_per_defect_splits_and_cost():
+    cases = [  # (truth path, row)
+        ("p/test/scratch/0.png", decision_row(A, A, confidence="confident_anomalous")),  # found, not asked
+        ("p/test/scratch/1.png", decision_row(N, A, "yes", True, "uncertain", 300.0)),  # miss fixed, guided
+        ("p/test/scratch/2.png", decision_row(N, N)),  # missed
+        ("p/test/hole/0.png", decision_row(A, N, "no", False, "uncertain", 100.0)),  # hit dropped, unguided
+        ("p/test/hole/1.png", decision_row(A, A, "unparsed", True, "confident_anomalous", 200.0)),  # kept
+        ("p/test/good/0.png", decision_row(A, N, "no", True, "uncertain", 400.0)),  # false alarm cleared
+    ]
+    m = decision_metrics([r for _, r in cases], [truth_of(p) for p, _ in cases])
+    assert m["per_defect"] == {
+        "hole": {"n": 2, "expert_recall": 1.0, "final_recall": 0.5, "fixed": 0, "introduced": 1},
+        "scratch": {"n": 3, "expert_recall": pytest.approx(1 / 3), "final_recall": pytest.approx(2 / 3),
+                    "fixed": 1, "introduced": 0},
+    }
+    change = m["verdict_change"]
+    assert (change["both_right"], change["fixed"], change["introduced"], change["both_wrong"]) == (2, 2, 1, 1)
+    assert change["by_confidence"] == {
+        "confident_normal": {"both_right": 0, "fixed": 0, "introduced": 0, "both_wrong": 1},
+        "uncertain": {"both_right": 0, "fixed": 2, "introduced": 1, "both_wrong": 0},
+        "confident_anomalous": {"both_right": 2, "fixed": 0, "introduced": 0, "both_wrong": 0}}
+    assert change["by_guidance"] == {
+        "guided": {"both_right": 1, "fixed": 2, "introduced": 0, "both_wrong": 0},
+        "unguided": {"both_right": 0, "fixed": 0, "introduced": 1, "both_wrong": 0},
+        "not asked": {"both_right": 1, "fixed": 0, "introduced": 0, "both_wrong": 1}}
+    mllm = m["mllm"]
+    # 4 calls: yes (right), no (wrong: hole), unparsed, no (right: good) → 3 parsed, 2 right.
+    assert (mllm["calls"], mllm["unparsed"], mllm["correct"], mllm["wrong"]) == (4, 1, 2, 1)
+    assert mllm["parse_rate"] == pytest.approx(3 / 4) and mllm["accuracy"] == pytest.approx(2 / 3)
+    assert mllm["expert_accuracy_on_asked"] == pytest.approx(2 / 4)  # right on hole/0 and hole/1
+    assert mllm["calls_per_image"] == pytest.approx(4 / 6) and mllm["guided_share"] == pytest.approx(3 / 4)
+    assert mllm["ms_per_image"] == pytest.approx(1000 / 6) and mllm["ms_per_call"] == pytest.approx(250)
+
+
+def test_compare_runs_on_common_images_paired_with_the_baseline():
+    paths = ["p/test/good/0.png", "p/test/good/1.png", "p/test/hole/0.png", "p/test/hole/1.png"]
+
+    def run(finals: list[str], asked: list[bool]) -> dict[str, tuple[dict[str, Any], Truth]]:
+        return {p: (decision_row(A, f, "yes" if (a and f == A) else "no" if a else None), truth_of(p))
+                for p, f, a in zip(paths, finals, asked)}
+
+    baseline = run([A, N, A, N], [False, True, False, True])  # right: good/1, hole/0
+    guided = run([N, N, A, A], [True, True, False, True])  # right: all four
+    guided.pop("p/test/good/0.png")  # not scored: the comparison leaves this image out for every run
+    guided["p/test/extra/9.png"] = (decision_row(A, A), truth_of("p/test/extra/9.png"))  # only in this run
+    c = compare_runs({"base": baseline, "guided": guided})
+    assert c["baseline"] == "base" and c["n_common_images"] == 3 and c["n_scored"] == {"base": 4, "guided": 4}
+    assert c["runs"]["base"]["final"]["accuracy"] == pytest.approx(2 / 3)
+    assert c["runs"]["guided"]["final"]["accuracy"] == 1.0
+    assert c["runs"]["guided"]["verdict_change"]["fixed"] == 1  # good/1: the expert's false alarm
+    assert c["runs"]["base"]["mllm"]["calls"] == 2 and c["runs"]["guided"]["mllm"]["calls"] == 2
+    assert c["paired_with_baseline"] == {"guided": {"better": 1, "worse": 0}}  # hole/1
 
 
 def counts(*pairs: tuple[np.ndarray, np.ndarray]) -> PixelCounts:
@@ -161,16 +264,18 @@ def png(array: np.ndarray) -> bytes:
 def make_row(root: str, rel: str, score: float, *, verdict: str | None = None, answer: str | None = None,
              share: float | None = None, guided: bool = False, with_map: bool = True, run_id: str = "new",
              when: dt.datetime = NEW, mask: np.ndarray | None = None) -> dict[str, Any]:
-    """An ok output row for test image `rel`. Its map is the ground truth at 255 with map_max 1 for a
+    """An ok output row for test image `rel` (verdict and band from the score, threshold 0.5, score_max 0.92; an
+    MLLM call takes 100 ms). Its map is the ground truth at 255 with map_max 1 for a
     defective image, and 255 everywhere with map_max 0.1 for a normal one: in score units every defect
     pixel beats every normal pixel (1.0 > 0.1 > 0), in raw PNG values they would tie."""
     product, _, defect, _ = rel.split("/")
-    expert = "anomalous" if score >= 0.5 else "normal"
+    expert, confidence = classify(score, 0.5, 0.92)
     row = dict(run_id=run_id, audited_at=when, image_uri=storage.join(root, rel), product=product, width=SIZE,
                height=SIZE, status="ok", expert_score=score, threshold=0.5, score_max=0.92,
-               threshold_method="k-sigma", expert_verdict=expert, mllm_ran=answer is not None, guided=guided,
-               answer=answer, verdict=verdict or expert, explanation=f"explained {rel}", image_attention_share=share,
-               expert_model_version="v1", audit_date=when.date().isoformat(), boxes=[])
+               threshold_method="k-sigma", expert_verdict=expert, confidence=confidence, mllm_ran=answer is not None,
+               guided=guided, answer=answer, verdict=verdict or expert, explanation=f"explained {rel}",
+               image_attention_share=share, mllm_ms=100.0 if answer else None, expert_model_version="v1",
+               audit_date=when.date().isoformat(), boxes=[])
     if with_map:
         if defect == "good":
             row.update(anomaly_map_png=png(np.full((MAP, MAP), 255)), map_max=0.1)
@@ -199,7 +304,7 @@ def grid_rows(root: str) -> list[dict[str, Any]]:
          "error": "corrupt or truncated image", "error_stage": "decode", "expert_score": None},
         make_row(root, "grid/test/scratch/000.png", 0.8, answer="no", share=0.1, verdict="normal",
                  mask=m["scratch"]),  # final FN
-        make_row(root, "grid/test/hole/000.png", 0.95, with_map=False, mask=m["hole"]),
+        make_row(root, "grid/test/hole/000.png", 0.95, answer="unparsed", with_map=False, mask=m["hole"]),
         make_row(root, "grid/test/stain/000.png", 0.15, mask=m["stain"]),  # expert and final FN
         {**make_row(root, "grid/test/good/000.png", 0.1), "image_uri": "/elsewhere/grid/000.png"},  # unmatched
     ]
@@ -210,17 +315,6 @@ def all_rows(root: str) -> list[dict[str, Any]]:
     old = [make_row(root, r, 1.0 if "good" not in r else 0.0, run_id="old", when=OLD, with_map=False)
            for r in ("grid/test/good/000.png", "grid/test/hole/000.png")]
     return grid_rows(root) + nut + old
-
-
-def write_output(out: str, rows: list[dict[str, Any]]) -> None:
-    """Hive-partitioned Parquet as the inspect job writes it (partition columns only in the path)."""
-    keys = sorted({(r["product"], r["audit_date"]) for r in rows})
-    for product, date in keys:
-        part = [r for r in rows if (r["product"], r["audit_date"]) == (product, date)]
-        buf = io.BytesIO()
-        pq.write_table(to_table(part).drop_columns(["product", "audit_date"]), buf)
-        storage.write_bytes(storage.join(out, f"product={product}", f"audit_date={date}", "run_a000_0.parquet"),
-                            buf.getvalue())
 
 
 def write_artifact(store: str) -> None:
@@ -254,15 +348,24 @@ def test_ground_truth_matches_labels_csv(workspace):
 
 
 def section(html: str, ident: str) -> str:
+    """From the element with id `ident` to the next section or product."""
     start = html.index(f'id="{ident}"')
-    end = html.find("<section", start)
-    return html[start:end if end > 0 else None]
+    ends = [i for i in (html.find("<section", start), html.find('<details class="product"', start)) if i > 0]
+    return html[start:min(ends) if ends else None]
+
+
+def galleries(html: str) -> dict[str, list[str]]:
+    """Gallery title -> the image paths of its cards, in order."""
+    parts = re.split(r"<h3>(.*?)</h3>", html)[1:]
+    return {title: re.findall(r'<p class="path">(.*?)</p>', body) for title, body in zip(parts[::2], parts[1::2])
+            if title != "Examples"}
 
 
 def test_end_to_end(workspace, repo_root):
     out = workspace / "eval"
     cmd = [sys.executable, str(repo_root / "jobs" / "evaluate.py"), "--output", str(workspace / "audit"),
-           "--data", str(workspace / "data"), "--model-store", str(workspace / "models"), "--out", str(out)]
+           "--data", str(workspace / "data"), "--model-store", str(workspace / "models"), "--out", str(out),
+           "--compare-run", "old"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -284,10 +387,29 @@ def test_end_to_end(workspace, repo_root):
     # Maps in score units separate defect pixels perfectly; the hole image has no map.
     assert grid["pixel_auroc"] == pytest.approx(1.0) and grid["aupro"] == pytest.approx(1.0)
     assert grid["n_pixel_images"] == 5
-    assert grid["mllm_calls"] == 4 and grid["mllm_calls_per_image"] == pytest.approx(4 / 6)
-    assert grid["guided_share"] == pytest.approx(1 / 6)
-    assert grid["attention_share"] == {"correct": pytest.approx(0.7), "wrong": pytest.approx(0.25),
+    mllm = grid["mllm"]
+    # asked: good/000 no (right), good/001 yes (wrong), good/002 no (right, guided), scratch no (wrong), hole unparsed
+    assert (mllm["calls"], mllm["yes"], mllm["no"], mllm["unparsed"], mllm["correct"], mllm["wrong"]) == (5, 1, 3, 1, 2, 2)
+    assert mllm["parse_rate"] == pytest.approx(4 / 5) and mllm["accuracy"] == pytest.approx(2 / 4)
+    assert mllm["expert_accuracy_on_asked"] == pytest.approx(4 / 5)  # wrong only on good/002
+    assert mllm["calls_per_image"] == pytest.approx(5 / 6) and mllm["guided_share"] == pytest.approx(1 / 5)
+    assert mllm["ms_per_image"] == pytest.approx(500 / 6) and mllm["ms_per_call"] == pytest.approx(100)
+    assert mllm["attention_share"] == {"correct": pytest.approx(0.7), "wrong": pytest.approx(0.25),
                                        "n_correct": 2, "n_wrong": 2}
+    none = {"both_right": 0, "fixed": 0, "introduced": 0, "both_wrong": 0}
+    change = grid["verdict_change"]
+    assert (change["both_right"], change["fixed"], change["introduced"], change["both_wrong"]) == (2, 1, 2, 1)
+    assert change["by_confidence"] == {  # bands by score: < 0.5, [0.5, 0.92), >= 0.92
+        "confident_normal": none | {"both_right": 1, "introduced": 1, "both_wrong": 1},  # good/000, 001, stain
+        "uncertain": none | {"fixed": 1, "introduced": 1},  # good/002, scratch
+        "confident_anomalous": none | {"both_right": 1}}  # hole
+    assert change["by_guidance"] == {"guided": none | {"fixed": 1},
+                                     "unguided": none | {"both_right": 2, "introduced": 2},
+                                     "not asked": none | {"both_wrong": 1}}
+    assert grid["per_defect"] == {
+        "hole": {"n": 1, "expert_recall": 1.0, "final_recall": 1.0, "fixed": 0, "introduced": 0},
+        "scratch": {"n": 1, "expert_recall": 1.0, "final_recall": 0.0, "fixed": 0, "introduced": 1},
+        "stain": {"n": 1, "expert_recall": 0.0, "final_recall": 0.0, "fixed": 0, "introduced": 0}}
 
     # nut: normal images only (its defective ones were not audited): undefined, not a crash.
     assert (nut["n_images"], nut["n_missing"]) == (4, 4)
@@ -298,24 +420,45 @@ def test_end_to_end(workspace, repo_root):
     # pooled: defective 0.8 (beats 6 of 7 normals), 0.95 (7), 0.15 (2) → 15 / 21.
     assert overall["image_auroc"] == pytest.approx(15 / 21)
     assert overall["product_mean"]["image_auroc"] == pytest.approx(6 / 9)
+    assert overall["per_defect"] == grid["per_defect"]  # nut has no defective image scored
+    assert overall["verdict_change"]["both_right"] == 2 + 4  # nut's four normals, right and not asked
+
+    # --compare-run old: the old run scored grid/good/000 and grid/hole/000, both right as in the new run.
+    comparison = metrics["comparison"]
+    assert (comparison["baseline"], comparison["n_common_images"]) == ("new", 2)
+    assert comparison["n_scored"] == {"new": 10, "old": 2}
+    assert comparison["runs"]["old"]["final"]["accuracy"] == comparison["runs"]["new"]["final"]["accuracy"] == 1.0
+    assert comparison["paired_with_baseline"] == {"old": {"better": 0, "worse": 0}}
 
     html = (out / "report.html").read_text()
-    for ident in ["overall", "metrics-overall", "roc-overall"] + [f"{k}-{p}" for p in ("grid", "nut")
-                                                                  for k in ("product", "metrics", "hist", "roc",
-                                                                            "gallery")]:
+    idents = ["contents", "summary", "key-figures", "changes-overall", "metrics-overall", "roc-overall", "comparison",
+              "changes-runs"] + [f"{k}-{p}" for p in ("grid", "nut") for k in ("product", "metrics", "hist", "roc",
+                                                                                "gallery")]
+    for ident in idents:
         assert f'id="{ident}"' in html, ident
+    assert html.index('id="summary"') < html.index('id="comparison"') < html.index('id="product-grid"')
     assert "training scores: 5 from" in section(html, "product-grid")
     assert "training scores: not available" in section(html, "product-nut")
-    gallery = section(html, "gallery-grid")
-    fp, fn = gallery.split("Worst false negatives")
-    assert "grid/test/good/001.png" in fp and "grid/test/good/002.png" not in fp
-    assert fn.index("grid/test/stain/000.png") < fn.index("grid/test/scratch/000.png")  # lowest score first
-    assert "No false positives" in section(html, "gallery-nut")
+    assert galleries(section(html, "gallery-grid")) == {
+        "False positives": ["grid/test/good/001.png"],
+        "False negatives": ["grid/test/stain/000.png", "grid/test/scratch/000.png"],  # lowest score first
+        "Errors fixed by the MLLM": ["grid/test/good/002.png"],
+        "Correct: defects found closest to the threshold": ["grid/test/hole/000.png"],
+        "Correct: normal images scored highest": ["grid/test/good/000.png"]}
+    nut_gallery = section(html, "gallery-nut")
+    assert galleries(nut_gallery)["Correct: normal images scored highest"] == ["nut/test/good/003.png",
+                                                                               "nut/test/good/002.png"]
+    assert "No false positives" in nut_gallery
     sources = re.findall(r'<img[^>]*src="([^"]*)"', html)
-    assert len(sources) == 3 + 2 + 2 + 1  # grid: hist, roc, 3 thumbnails; nut: hist, roc; overall roc
-    for src in sources:
-        assert src.startswith("data:image/png;base64,")
+    pngs = [s for s in sources if s.startswith("data:image/png;base64,")]
+    jpegs = [s for s in sources if s.startswith("data:image/jpeg;base64,")]
+    assert len(pngs) == 3 + 2 + 2  # summary: 2×2 grid, ROC; comparison: 2×2 grid; per product: histogram, ROC
+    # cards: picture, map (the hole image has none) and crop: grid 6 + 5 + 6, nut 2 + 2 + 2
+    assert len(jpegs) == 17 + 6 and len(sources) == len(pngs) + len(jpegs)
+    for src in pngs:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for src in jpegs:
+        assert base64.b64decode(src.split(",", 1)[1])[:3] == b"\xff\xd8\xff"
     assert not re.search(r"https?://|<script|<link", html)
 
 
@@ -339,4 +482,4 @@ def test_on_s3(s3_bucket, tmp_path):
     assert metrics["products"]["grid"]["image_auroc"] == pytest.approx(6 / 9)
     assert metrics["products"]["grid"]["aupro"] == pytest.approx(1.0)
     html = storage.read_bytes(report_uri).decode()
-    assert html.count('<div class="card"><img') == 3  # thumbnails read from S3
+    assert html.count('<article class="card"') == 6 and "image unavailable" not in html  # pictures read from S3

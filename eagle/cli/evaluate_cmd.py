@@ -1,7 +1,10 @@
 """Evaluate an inspect run against MVTec-AD-layout ground truth: metrics.json and a self-contained report.html.
 
     python jobs/evaluate.py --output s3://plant-a/audit --data s3://plant-a/mvtec-root --out ./eval \
-        [--run-id ID] [--model-store s3://plant-a/models]
+        [--run-id ID] [--compare-run OTHER_ID ...] [--model-store s3://plant-a/models]
+
+--compare-run (repeatable) adds a side-by-side table of the runs on the test images all of them scored, the
+evaluated run being the baseline: routing policies, or guidance on and off, over the same images.
 
 Exit codes: 0 success, 2 bad arguments or nothing to evaluate (no rows, unknown run, no test images),
 3 storage failure.
@@ -13,7 +16,8 @@ import argparse
 import logging
 import sys
 
-from eagle.evaluation.report import format_value, write_outputs
+from eagle.evaluation.markup import format_value
+from eagle.evaluation.report import write_outputs
 from eagle.evaluation.scorecard import EvaluationError, evaluate, load_train_scores, model_version
 from eagle.logs import setup_logging
 
@@ -25,7 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--output", required=True, metavar="URI", help="Inspect output prefix (Hive-partitioned Parquet).")
     p.add_argument("--data", required=True, metavar="ROOT", help="MVTec-AD-layout root the run audited.")
-    p.add_argument("--run-id", help="Run to evaluate (default: the latest, by audited_at).")
+    p.add_argument("--run-id", help="Run to evaluate (default: the latest, by audited_at); a comparison's baseline.")
+    p.add_argument("--compare-run", action="append", default=[], metavar="RUN_ID",
+                   help="Another run of the same output to compare with, side by side (repeatable).")
     p.add_argument("--model-store", metavar="URI", help="Expert artifacts, for the training-score histograms.")
     p.add_argument("--out", required=True, metavar="DIR", help="Where metrics.json and report.html go.")
     return p.parse_args(argv)
@@ -35,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        result = evaluate(args.output, args.data, args.run_id)
+        result = evaluate(args.output, args.data, args.run_id, compare=args.compare_run)
         train = {p: load_train_scores(args.model_store, p, model_version(r))
                  for p, r in result.products.items()} if args.model_store else {}
         metrics_uri, report_uri = write_outputs(result, args.out, train)
@@ -49,5 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run %s: %d images scored, %d error rows; image AUROC %s, AUPRO %s, final F1 %s; wrote %s and %s",
              result.run_id, o["n_images"], o["n_errors"], format_value(o["image_auroc"]), format_value(o["aupro"]),
              format_value(o["final"]["f1"]), metrics_uri, report_uri)
+    c = o["verdict_change"]
+    log.info("MLLM: %d calls, parse rate %s, accuracy %s; fixed %d expert errors, introduced %d; %s ms per image",
+             o["mllm"]["calls"], format_value(o["mllm"]["parse_rate"]), format_value(o["mllm"]["accuracy"]),
+             c["fixed"], c["introduced"], format_value(o["mllm"]["ms_per_image"]))
+    for run, m in (result.comparison or {}).get("runs", {}).items():
+        log.info("compared, %d common images: run %s final F1 %s, MLLM calls per image %s",
+                 result.comparison["n_common_images"], run, format_value(m["final"]["f1"]),
+                 format_value(m["mllm"]["calls_per_image"]))
     return 0
 

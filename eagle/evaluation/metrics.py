@@ -1,4 +1,5 @@
-"""Detection metrics as pure functions: image AUROC, confusion counts, FPR at the threshold, pixel AUROC, AUPRO.
+"""Detection metrics as pure functions: image AUROC, confusion counts, FPR at the threshold, what the MLLM's
+answers and verdict changes were worth, pixel AUROC, AUPRO.
 
 Undefined values (one class only, nothing predicted positive, no defect pixels) are ``None``, never an error.
 Pixel metrics work on :class:`PixelCounts`: per image, the pixel counts at each distinct score, kept apart for
@@ -42,6 +43,30 @@ def fpr_at_threshold(anomalous: np.ndarray, scores: np.ndarray, thresholds: np.n
     normal = ~np.asarray(anomalous, bool)
     flagged = np.asarray(scores, float) >= np.asarray(thresholds, float)
     return _ratio(int(flagged[normal].sum()), int(normal.sum()))
+
+
+def verdict_change(anomalous: np.ndarray, expert: np.ndarray, final: np.ndarray) -> dict[str, int]:
+    """Expert verdict vs final verdict, both against the truth (all boolean, True = anomalous): images both got
+    right, errors the MLLM ``fixed`` (expert wrong, final right), errors it ``introduced`` (expert right, final
+    wrong), and images both got wrong."""
+    y = np.asarray(anomalous, bool)
+    expert_ok, final_ok = np.asarray(expert, bool) == y, np.asarray(final, bool) == y
+    return {"both_right": int((expert_ok & final_ok).sum()), "fixed": int((~expert_ok & final_ok).sum()),
+            "introduced": int((expert_ok & ~final_ok).sum()), "both_wrong": int((~expert_ok & ~final_ok).sum())}
+
+
+def answer_stats(anomalous: np.ndarray, answers: list[str | None]) -> dict[str, float | int | None]:
+    """The MLLM's answers on the images it was asked about: counts of 'yes' (defect), 'no' and unparsed (any
+    other value), ``parse_rate`` = yes/no answers per call, ``accuracy`` = correct yes/no answers per yes/no
+    answer (``None`` without any)."""
+    y = np.asarray(anomalous, bool)
+    said = np.array([a if a in ("yes", "no") else "unparsed" for a in answers], dtype=object)
+    parsed = said != "unparsed"
+    correct = int(((said == "yes") == y)[parsed].sum())
+    calls, n_parsed = len(answers), int(parsed.sum())
+    return {"calls": calls, "yes": int((said == "yes").sum()), "no": int((said == "no").sum()),
+            "unparsed": calls - n_parsed, "correct": correct, "wrong": n_parsed - correct,
+            "parse_rate": _ratio(n_parsed, calls), "accuracy": _ratio(correct, n_parsed)}
 
 
 @dataclass

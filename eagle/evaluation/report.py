@@ -1,96 +1,131 @@
-"""The evaluation as one self-contained HTML page (figures and thumbnails inline as PNG data URIs, no scripts,
-no external styles), plus ``metrics.json``.
+"""The evaluation as one self-contained HTML page, plus ``metrics.json``.
 
-Per product: a metric table, score histograms (training scores from the expert artifact, normal and defective
-test images, threshold line — the paper's figure), the image ROC curve and a gallery of the worst false
-positives and false negatives of the final verdict. Overall: a table of every product and all together, and
-all ROC curves in one plot.
+Inline images only (plots as PNG, photos as JPEG data URIs), no scripts, no external styles. Order: contents;
+a summary that answers "did the MLLM help, where, at what cost" (key figures per product, the expert vs final
+2×2 as small multiples, confusion matrices, changes by confidence band and guidance, recall per defect type);
+runs side by side when several were evaluated; then one collapsible section per product: plots, tables,
+example cards, and the full metric table last.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
-import io
 import json
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import cv2
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn.metrics import roc_curve
 
-from eagle.config import InputConfig, StorageConfig
-from eagle.evaluation.metrics import auroc
-from eagle.evaluation.scorecard import Evaluation, ProductResult, Truth
-from eagle.expert.regions import decode_gray_png
+from eagle.config import StorageConfig
+from eagle.evaluation.cards import gallery
+from eagle.evaluation.figures import change_grid_figure, histogram_figure, roc_figure
+from eagle.evaluation.markup import (
+    COMPARISON_ROWS,
+    MLLM_COLUMNS,
+    MLLM_NOTE,
+    change_matrix,
+    change_splits_table,
+    confusion_matrix,
+    defect_table,
+    esc,
+    format_value,
+    key_figures_table,
+    metrics_table,
+    slug,
+    wide_table,
+)
+from eagle.evaluation.scorecard import Evaluation, ProductResult
 from eagle.io import storage
-from eagle.io.images import decode_image
 
 TrainScores = dict[str, tuple[list[float], str] | None]  # product -> (scores, source meta.json URI)
-GALLERY_SIZE = 6
-THUMB = 192  # longer side of gallery thumbnails, pixels
-RED, GREEN = (255, 0, 0), (0, 200, 0)
-
-# (path into a metrics dict, label) in table order.
-TABLE_ROWS: list[tuple[str, str]] = [
-    ("n_images", "images scored"), ("n_normal", "normal"), ("n_defective", "defective"),
-    ("n_errors", "error rows (excluded)"), ("n_unmatched", "rows outside the test set"),
-    ("n_missing", "test images without a row"),
-    ("image_auroc", "image AUROC (expert score)"), ("fpr_at_threshold", "FPR at threshold (normal images)"),
-    ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO (FPR ≤ 0.3)"), ("n_pixel_images", "images with map"),
-    *[(f"{who}.{k}", f"{who} {k}") for who in ("expert", "final")
-      for k in ("precision", "recall", "f1", "accuracy", "tp", "fp", "tn", "fn")],
-    ("mllm_calls_per_image", "MLLM calls per image"), ("guided_share", "guided share"),
-    ("attention_share.correct", "attention share, correct answers"), ("attention_share.n_correct", "correct answers"),
-    ("attention_share.wrong", "attention share, wrong answers"), ("attention_share.n_wrong", "wrong answers"),
-]
+POOLED = "all products (pooled)"
+POOLED_NOTE = ("Pooled: the images (and pixels) of every product ranked together, though each product's expert "
+               "scores on its own scale, so a pooled AUROC can lie below every product's. The mean over products "
+               "is the figure MVTec AD papers report.")
+CARD_NOTE = ("Left: the image with the expert's boxes (red) and the ground-truth outline (green). Right: the anomaly "
+             "map, coloured from 0 to twice the threshold, with the expert's mask outline (white) and the ground "
+             "truth (green). Click a card's pictures for a full-resolution crop around the strongest region.")
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-figure { display: inline-block; margin: 0.5em; vertical-align: top; }
-.gallery { display: flex; flex-wrap: wrap; gap: 10px; }
-.card { width: 200px; font-size: 0.8em; border: 1px solid #ddd; padding: 4px; }
-.card img { max-width: 192px; display: block; }
-.muted { color: #777; }
+* { box-sizing: border-box; }
+body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 1.5em 2em; color: #222; max-width: 1280px;
+       line-height: 1.4; }
+h1 { margin-top: 0; }
+nav.toc { background: #f6f7f9; border: 1px solid #ddd; padding: 0.4em 1.2em; margin: 1em 0; }
+nav.toc ol ol { columns: 5 160px; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.85em; }
+caption { font-weight: 600; text-align: left; padding: 2px 0; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+th:first-child { text-align: left; }
+thead th { background: #f0f2f5; text-align: center; vertical-align: bottom; }
+tr.pooled th, tr.pooled td { background: #f7f7f7; font-style: italic; }
+td.good { background: #e3f4e3; color: #1e6b1e; font-weight: 600; }
+td.bad { background: #fde8e8; color: #b71c1c; font-weight: 600; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.row { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
+figure { display: table; margin: 0.5em 0; }  /* as wide as its image; the caption wraps below it */
+figure img { max-width: 100%; height: auto; }
+figcaption { display: table-caption; caption-side: bottom; }
+figcaption, .note, .muted { color: #666; font-size: 0.85em; max-width: 60em; }
+.lead { font-size: 1.05em; max-width: 60em; }
+details > summary { cursor: pointer; }
+details.product { border: 1px solid #ccc; border-radius: 4px; margin: 0.6em 0; padding: 0 1em; }
+details.product > summary { padding: 0.5em 0; }
+details.product > summary h2 { display: inline; font-size: 1.25em; margin-right: 0.6em; }
+details.product[open] > summary { border-bottom: 1px solid #ddd; margin-bottom: 0.5em; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(376px, 100%), 1fr)); gap: 12px; }
+.card { border: 1px solid #ddd; border-radius: 4px; padding: 6px; font-size: 0.82em; min-width: 0;
+        overflow-wrap: anywhere; word-break: break-word; break-inside: avoid; page-break-inside: avoid; }
+.card .zoom { display: flex; gap: 4px; }
+.card .zoom img, .card .nomap { width: calc(50% - 2px); max-width: 200px; height: auto; display: block; }
+.card .nomap { background: #eee; color: #666; padding: 2em 0.5em; text-align: center; }
+.card .path { font-weight: 600; margin: 0.3em 0; }
+.card dl { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: 0 0.6em; margin: 0.3em 0; }
+.card dt { color: #666; }
+.card dd { margin: 0; }
+.card p { margin: 0.3em 0; }
+.tag { display: inline-block; padding: 0 0.4em; border-radius: 3px; }
+.tag.ok { background: #e3f4e3; color: #1e6b1e; }
+.tag.bad { background: #fde8e8; color: #b71c1c; }
+.lightbox { display: none; }
+.lightbox:target { display: flex; flex-direction: column; align-items: center; justify-content: center;
+                   position: fixed; inset: 0; z-index: 10; background: rgba(0, 0, 0, 0.94); color: #eee; padding: 1em; }
+.lightbox img { height: 86vh; max-width: 96vw; object-fit: contain; image-rendering: pixelated; }  /* magnified */
+.lightbox .close { color: #fff; align-self: flex-end; font-size: 1.2em; }
+@media print {
+  body { max-width: none; padding: 0; font-size: 10pt; }
+  nav.toc, .lightbox, .lightbox:target { display: none; }
+  details.product { border: none; padding: 0; break-before: page; }
+  details::details-content { content-visibility: visible; display: block; }
+  .card, figure, table { break-inside: avoid; }
+  .gallery { grid-template-columns: repeat(2, minmax(0, 1fr)); }
+}
 """
 
 
-def _lookup(metrics: dict[str, Any], path: str) -> Any:
-    for key in path.split("."):
-        metrics = metrics.get(key) if isinstance(metrics, dict) else None
-    return metrics
+def headline(m: dict[str, Any]) -> str:
+    """The answer in two sentences: what the MLLM was asked and said, and what that did to the verdicts."""
+    mllm, change, n = m["mllm"], m["verdict_change"], m["n_images"]
+    if not mllm["calls"]:
+        return (f"The MLLM was not asked about any of the {n} images: the final verdict is the expert's "
+                f"(F1 {format_value(m['expert']['f1'])}).")
+    return (f"The MLLM was asked about {mllm['calls']} of {n} images; {mllm['yes'] + mllm['no']} answers were a "
+            f"clear yes/no (parse rate {format_value(mllm['parse_rate'])}), {mllm['correct']} of them right (MLLM "
+            f"accuracy {format_value(mllm['accuracy'])}, the expert's on the same images "
+            f"{format_value(mllm['expert_accuracy_on_asked'])}). It fixed {change['fixed']} expert errors and "
+            f"introduced {change['introduced']} (net {change['fixed'] - change['introduced']:+d}): final F1 "
+            f"{format_value(m['final']['f1'])} against the expert's {format_value(m['expert']['f1'])}, at "
+            f"{format_value(mllm['ms_per_image'])} ms of MLLM time per image.")
 
 
-def format_value(value: Any) -> str:
-    """A metric for people: 3 decimals, 'n/a' when undefined."""
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def one_line(m: dict[str, Any]) -> str:
+    change = m["verdict_change"]
+    return (f"{m['n_images']} images · F1 expert {format_value(m['expert']['f1'])} → final "
+            f"{format_value(m['final']['f1'])} · MLLM fixed {change['fixed']}, introduced {change['introduced']}")
 
 
-def metrics_table(columns: dict[str, dict[str, Any]]) -> str:
-    """A table with one column per metrics dict (a product, or 'overall') and one row per metric."""
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in columns)
-    body = "".join(f"<tr><td>{html.escape(label)}</td>"
-                   + "".join(f"<td>{format_value(_lookup(m, path))}</td>" for m in columns.values()) + "</tr>"
-                   for path, label in TABLE_ROWS)
-    return f"<table><tr><th>metric</th>{head}</tr>{body}</table>"
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
-def _figure_uri(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return _data_uri(buf.getvalue())
+def _figure(ident: str, uri: str, caption: str) -> str:
+    return (f'<figure id="{ident}"><img alt="{esc(caption)}" src="{uri}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
 def _labels_scores(result: ProductResult) -> tuple[np.ndarray, np.ndarray]:
@@ -98,142 +133,103 @@ def _labels_scores(result: ProductResult) -> tuple[np.ndarray, np.ndarray]:
             np.array([r["expert_score"] for r in result.rows], float))
 
 
-def histogram_figure(result: ProductResult, train: tuple[list[float], str] | None) -> str:
-    """Score histograms (density) of training, normal-test and defective-test images, threshold and score_max."""
+def score_histogram(result: ProductResult, train: tuple[list[float], str] | None) -> str:
+    """Training, normal-test and defective-test scores with the threshold and score_max (the paper's figure)."""
     anomalous, scores = _labels_scores(result)
-    series = [("training", np.asarray(train[0]) if train else np.array([]), "tab:gray"),
+    series = [("training", np.asarray(train[0] if train else [], float), "tab:gray"),
               ("test normal", scores[~anomalous], "tab:blue"), ("test defective", scores[anomalous], "tab:orange")]
-    series = [s for s in series if s[1].size]
-    fig = Figure(figsize=(5.5, 3.2))
-    ax = fig.add_subplot()
-    if series:
-        edges = np.histogram_bin_edges(np.concatenate([s[1] for s in series]), bins=30)
-        for label, values, colour in series:
-            ax.hist(values, bins=edges, density=True, alpha=0.5, color=colour, label=f"{label} (n={values.size})")
-    for key, style, name in (("threshold", "--", "threshold"), ("score_max", ":", "score_max")):
-        for value in sorted({r[key] for r in result.rows if r[key] is not None}):
-            ax.axvline(value, color="red", linestyle=style, label=f"{name} {value:.3g}")
-    ax.set(xlabel="expert score", ylabel="density", title=f"{result.product}: expert scores")
-    ax.legend(fontsize=7)
-    return _figure_uri(fig)
+    marks = [(name, value, style) for key, style, name in (("threshold", "--", "threshold"),
+                                                          ("score_max", ":", "score_max"))
+             for value in sorted({r[key] for r in result.rows if r[key] is not None})]
+    return histogram_figure(f"{result.product}: expert scores", series, marks)
 
 
-def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> str:
-    """Image ROC curves of (labels, scores) per name; a name with one class only is listed as undefined."""
-    fig = Figure(figsize=(4, 3.6))
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="#bbb", linewidth=0.8)
-    undefined = []
-    for name, (anomalous, scores) in curves.items():
-        area = auroc(anomalous, scores)
-        if area is None:
-            undefined.append(name)
-            continue
-        fpr, tpr, _ = roc_curve(anomalous, scores)
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {area:.3f})")
-    if undefined:
-        ax.text(0.03, 0.97, "AUROC undefined (one class): " + ", ".join(undefined), ha="left", va="top",
-                fontsize=7)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    if len(undefined) < len(curves):
-        ax.legend(fontsize=7, loc="lower right")
-    return _figure_uri(fig)
+def verdict_tables(m: dict[str, Any], scope: str) -> str:
+    """Confusion matrices, the expert vs final 2×2 and its splits, recall per defect type."""
+    return (f'<div class="row">{confusion_matrix(m["expert"], f"expert verdict, {scope}")}'
+            f'{confusion_matrix(m["final"], f"final verdict, {scope}")}'
+            f'{change_matrix(m["verdict_change"], f"expert vs final verdict, {scope}")}</div>'
+            f'<div class="row"><div><h3>Recall per defect type</h3>{defect_table(m["per_defect"])}</div>'
+            f"<div><h3>Where the MLLM changed the outcome</h3>{change_splits_table(m['verdict_change'])}</div></div>")
 
 
-def _png_gray(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """An 8-bit PNG resized (nearest) to ``(width, height)`` as a boolean mask."""
-    return cv2.resize(decode_gray_png(data), size, interpolation=cv2.INTER_NEAREST) > 0
+def mllm_table(groups: dict[str, dict[str, Any]]) -> str:
+    """The MLLM's answers and cost, a row per group."""
+    return (f'<h3>MLLM answers and cost</h3><div class="scroll">{wide_table(groups, MLLM_COLUMNS, "product")}</div>'
+            f'<p class="note">{esc(MLLM_NOTE)}</p>')
 
 
-def thumbnail(row: dict[str, Any], truth: Truth, cfg: StorageConfig | None = None) -> str:
-    """The image, its longer side scaled to THUMB, with the expert's mask and boxes in red and the
-    ground-truth outline in green, as a PNG data URI."""
-    image = decode_image(storage.read_bytes(row["image_uri"], cfg), InputConfig().max_image_pixels)
-    h, w = image.shape[:2]
-    scale = THUMB / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    thumb = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    if row["mask_png"]:
-        mask = _png_gray(row["mask_png"], size)
-        thumb[mask] = (0.55 * thumb[mask] + 0.45 * np.array(RED)).astype(np.uint8)
-    sx, sy = size[0] / (row["width"] or w), size[1] / (row["height"] or h)
-    for box in row["boxes"] or []:
-        cv2.rectangle(thumb, (round(box["x1"] * sx), round(box["y1"] * sy)),
-                      (round(box["x2"] * sx), round(box["y2"] * sy)), RED, 2)
-    if truth.mask_uri:
-        outline = _png_gray(storage.read_bytes(truth.mask_uri, cfg), size).astype(np.uint8)
-        contours, _ = cv2.findContours(outline, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(thumb, contours, -1, GREEN, 1)
-    return _data_uri(cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))[1].tobytes())
+def contents(evaluation: Evaluation) -> str:
+    items = ['<li><a href="#summary">Summary</a></li>']
+    if evaluation.comparison:
+        items.append('<li><a href="#comparison">Runs side by side</a></li>')
+    products = "".join(f'<li><a href="#product-{slug(p)}">{esc(p)}</a></li>' for p in sorted(evaluation.products))
+    items.append(f"<li>Products<ol>{products}</ol></li>")
+    return f'<nav class="toc" id="contents"><h2>Contents</h2><ol>{"".join(items)}</ol></nav>'
 
 
-def worst_errors(result: ProductResult, n: int = GALLERY_SIZE) -> dict[str, list[tuple[dict[str, Any], Truth]]]:
-    """False positives by descending and false negatives by ascending expert score (final verdict)."""
-    pairs = list(zip(result.rows, result.truths))
-    fp = [p for p in pairs if not p[1].anomalous and p[0]["verdict"] == "anomalous"]
-    fn = [p for p in pairs if p[1].anomalous and p[0]["verdict"] != "anomalous"]
-    return {"false positives": sorted(fp, key=lambda p: -p[0]["expert_score"])[:n],
-            "false negatives": sorted(fn, key=lambda p: p[0]["expert_score"])[:n]}
+def summary_section(evaluation: Evaluation) -> str:
+    products = dict(sorted(evaluation.products.items()))
+    o = evaluation.overall
+    changes = {p: r.metrics["verdict_change"] for p, r in products.items()} | {"all products": o["verdict_change"]}
+    curves = {p: _labels_scores(r) for p, r in products.items()}
+    columns = {p: r.metrics for p, r in products.items()} | {POOLED: o}
+    return (f'<section id="summary"><h2>Summary</h2><p class="lead">{esc(headline(o))}</p>'
+            f'<div class="scroll" id="key-figures">{key_figures_table({p: r.metrics for p, r in products.items()}, o)}'
+            f'</div><p class="note">{esc(POOLED_NOTE)}</p>'
+            + _figure("changes-overall", change_grid_figure(changes),
+                      "Expert verdict vs final verdict, each right or wrong against the ground truth: green = expert "
+                      "errors the MLLM fixed, red = errors it introduced; darker = a larger share of the images.")
+            + verdict_tables(o, POOLED)
+            + mllm_table({p: r.metrics for p, r in products.items()} | {POOLED: o})
+            + _figure("roc-overall", roc_figure(curves, "Image ROC per product"), "Image ROC of the expert score")
+            + f'<details id="metrics-overall"><summary>All metrics, every product</summary><div class="scroll">'
+              f"{metrics_table(columns)}</div></details></section>")
 
 
-def _card(row: dict[str, Any], truth: Truth, cfg: StorageConfig | None) -> str:
-    try:
-        picture = f'<img alt="{html.escape(truth.path)}" src="{thumbnail(row, truth, cfg)}">'
-    except (OSError, ValueError) as exc:  # a missing or undecodable image must not cost the report
-        picture = f'<p class="muted">image unavailable: {html.escape(str(exc))}</p>'
-    answer = row["answer"] or "not asked"
-    lines = [f"<b>{html.escape(truth.path)}</b>", f"truth: {html.escape(truth.defect)}",
-             f"score {row['expert_score']:.4g} (threshold {format_value(row['threshold'])})",
-             f"expert: {html.escape(str(row['expert_verdict']))}, MLLM: {html.escape(answer)}, "
-             f"final: {html.escape(str(row['verdict']))}", html.escape(row["explanation"] or "")]
-    return f'<div class="card">{picture}{"<br>".join(lines)}</div>'
-
-
-def gallery(result: ProductResult, cfg: StorageConfig | None = None) -> str:
-    parts = []
-    with ThreadPoolExecutor(max_workers=8) as pool:  # thumbnails read from S3: overlap the GETs
-        for title, pairs in worst_errors(result).items():
-            cards = list(pool.map(lambda p: _card(*p, cfg), pairs))
-            body = f'<div class="gallery">{"".join(cards)}</div>' if cards else f'<p class="muted">No {title}.</p>'
-            parts.append(f"<h3>Worst {title}</h3>{body}")
-    return "".join(parts)
-
-
-def _figure(ident: str, uri: str, caption: str) -> str:
-    return (f'<figure id="{ident}"><img alt="{html.escape(caption)}" src="{uri}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+def comparison_section(comparison: dict[str, Any]) -> str:
+    baseline, runs = comparison["baseline"], comparison["runs"]
+    columns = {f"{run} (baseline)" if run == baseline else run: m | comparison["paired_with_baseline"].get(run, {})
+               for run, m in runs.items()}
+    scored = ", ".join(f"{run} {n}" for run, n in comparison["n_scored"].items())
+    return (f'<section id="comparison"><h2>Runs side by side</h2><p>On the {comparison["n_common_images"]} test '
+            f"images every run scored (images scored per run: {esc(scored)}). The last two rows pair each run "
+            f"with the baseline image by image, on the final verdict.</p>"
+            f'<div class="scroll">{metrics_table(columns, COMPARISON_ROWS)}</div>'
+            + _figure("changes-runs", change_grid_figure({r: m["verdict_change"] for r, m in runs.items()}),
+                      "Expert vs final verdict per run, on the common images.")
+            + "</section>")
 
 
 def product_section(result: ProductResult, train: tuple[list[float], str] | None,
                     cfg: StorageConfig | None = None) -> str:
-    p = html.escape(result.product)
+    m, pid = result.metrics, slug(result.product)
     source = (f"training scores: {len(train[0])} from {train[1]}" if train
               else "training scores: not available (no --model-store, or no artifact with scores)")
-    return (f'<section id="product-{p}"><h2>{p}</h2>'
-            f'<div id="metrics-{p}">{metrics_table({result.product: result.metrics})}</div>'
-            + _figure(f"hist-{p}", histogram_figure(result, train), f"Score histograms; {source}")
-            + _figure(f"roc-{p}", roc_figure({result.product: _labels_scores(result)}, f"{result.product}: ROC"),
+    return (f'<details class="product" id="product-{pid}"><summary><h2>{esc(result.product)}</h2>'
+            f'<span class="muted">{one_line(m)}</span></summary><p>{esc(headline(m))}</p><div class="row">'
+            + _figure(f"hist-{pid}", score_histogram(result, train),
+                      f"Score histograms (density); axis clipped at outliers, which are marked ▶ and counted; {source}")
+            + _figure(f"roc-{pid}", roc_figure({result.product: _labels_scores(result)}, f"{result.product}: ROC"),
                       "Image ROC of the expert score")
-            + f'<div id="gallery-{p}"><p class="muted">Red: expert mask and boxes; green: ground-truth outline. '
-              f"Errors of the final verdict.</p>{gallery(result, cfg)}</div></section>")
+            + f"</div>{verdict_tables(m, result.product)}{mllm_table({result.product: m})}"
+              f'<div id="gallery-{pid}"><h3>Examples</h3><p class="note">{esc(CARD_NOTE)}</p>{gallery(result, cfg)}'
+              f'</div><details id="metrics-{pid}"><summary>All metrics</summary>'
+              f"{metrics_table({result.product: m})}</details></details>")
 
 
 def render(evaluation: Evaluation, train: TrainScores, cfg: StorageConfig | None = None) -> str:
     """The whole report page."""
-    columns = {p: r.metrics for p, r in sorted(evaluation.products.items())} | {"overall": evaluation.overall}
-    curves = {p: _labels_scores(r) for p, r in sorted(evaluation.products.items())}
-    means = ", ".join(f"{k} {format_value(v)}" for k, v in evaluation.overall["product_mean"].items())
-    header = (f"<h1>EAGLE audit evaluation</h1><p>run <b>{html.escape(evaluation.run_id)}</b> · output "
-              f"{html.escape(evaluation.output_uri)} · data {html.escape(evaluation.data_root)} · generated "
+    header = (f"<h1>EAGLE audit evaluation</h1><p>run <b>{esc(evaluation.run_id)}</b> · output "
+              f"{esc(evaluation.output_uri)} · data {esc(evaluation.data_root)} · generated "
               f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p>")
-    overall = (f'<section id="overall"><h2>Overall</h2><p>Mean over products: {html.escape(means)}</p>'
-               f'<div id="metrics-overall">{metrics_table(columns)}</div>'
-               + _figure("roc-overall", roc_figure(curves, "Image ROC per product"), "Image ROC per product")
-               + "</section>")
-    sections = "".join(product_section(r, train.get(p), cfg) for p, r in sorted(evaluation.products.items()))
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>EAGLE evaluation '
-            f"{html.escape(evaluation.run_id)}</title><style>{CSS}</style></head><body>{header}{overall}"
-            f"{sections}</body></html>")
+    sections = [summary_section(evaluation)]
+    if evaluation.comparison:
+        sections.append(comparison_section(evaluation.comparison))
+    sections += [product_section(r, train.get(p), cfg) for p, r in sorted(evaluation.products.items())]
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><title>EAGLE evaluation {esc(evaluation.run_id)}</title>'
+            f"<style>{CSS}</style></head><body>{header}{contents(evaluation)}{''.join(sections)}</body></html>")
 
 
 def write_outputs(evaluation: Evaluation, out: str, train: TrainScores,
