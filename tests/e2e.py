@@ -3,8 +3,18 @@ and helpers to build job configs and read output rows back through DuckDB."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -91,3 +101,38 @@ def output_rows(cfg: JobConfig, where: str = "true") -> list[dict]:
     return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
 
 
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_head(env: dict[str, str], dashboard: bool = False) -> Iterator[tuple[int, int | None]]:
+    """A Ray head started as users start one (``ray start --head``), with `env`; yields (GCS port, dashboard
+    port). Kept in the foreground with --block so that stopping it stops only this head, not every Ray on the
+    machine as ``ray stop`` would; its address file is removed afterwards."""
+    ray = str(Path(sys.executable).parent / "ray")
+    port, dash = free_port(), free_port() if dashboard else None
+    address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    ui = [f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1"] if dashboard else ["--include-dashboard=false"]
+    proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", *ui,
+                             f"--ray-client-server-port={free_port()}", "--disable-usage-stats"], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (address_file.exists() and address_file.read_text().strip().endswith(f":{port}")):
+            assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        yield port, dash
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # --block: `ray start` stops its own node's processes
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        if address_file.exists() and address_file.read_text().strip().endswith(f":{port}"):
+            address_file.unlink()

@@ -4,16 +4,13 @@ Ray of their own with ray.address=local. The data root's product folder is a sym
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import duckdb
 import pytest
+from e2e import running_head
 
 from eagle.testing.synth import generate
 
@@ -23,40 +20,11 @@ EXPERT = ["--backbone", "resnet18", "--weights", "random"]
 OVERRIDES = ["expert.resize=64", "expert.crop=64", "threshold.min_unselected_patches=4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def ray_head() -> str:
-    """A Ray head started the way users start one (``ray start --head``, kept in the foreground with --block so
-    that stopping it stops only this head, not every Ray on the machine as ``ray stop`` would). Yields ":PORT "
-    as its address ends in the log."""
-    ray = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    port = _free_port()
-    address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-                             "--include-dashboard=false", f"--ray-client-server-port={_free_port()}",
-                             "--disable-usage-stats"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (address_file.exists() and address_file.read_text().strip().endswith(f":{port}")):
-            assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
-            time.sleep(0.5)
+    """A Ray head started the way users start one; yields ":PORT " as its address ends in the log."""
+    with running_head({**os.environ, "RAY_AUTH_MODE": "disabled"}) as (port, _):
         yield f":{port} "
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # --block: `ray start` stops its own node's processes
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        if address_file.exists() and address_file.read_text().strip().endswith(f":{port}"):
-            address_file.unlink()
 
 
 def _job(repo_root: Path, *args: str) -> subprocess.CompletedProcess:

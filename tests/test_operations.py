@@ -96,6 +96,31 @@ def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path):
     _assert_exactly_once(audit_setup, output, "resume")
 
 
+def test_one_driver_per_run_id_and_resume_after_the_lease_expires(audit_setup, ray_local):
+    output = f"{audit_setup['root']}/twins"
+    args = _cli_args(audit_setup, output, "twin", "--mllm", "none", f"ray.address={_gcs_address()}",
+                     "output.lease_ttl_s=6", "resources.expert.batch_size=1", "resources.decode.batch_size=1")
+    first = subprocess.Popen([sys.executable, INSPECT, *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    lease = f"{output}/_runs/twin.lease"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not storage.exists(lease):
+        time.sleep(0.2)
+    assert first.poll() is None, "the first driver ended before the second could start"
+    second = subprocess.run([sys.executable, INSPECT, *args], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"run twin is being run by another driver (pid {first.pid} on " in second.stderr
+    os.killpg(first.pid, signal.SIGKILL)  # the holder dies without releasing its lease
+    first.wait()
+    assert storage.exists(lease)
+    time.sleep(6.5)  # output.lease_ttl_s: the lease of the dead driver expires
+    cfg = job_config(audit_setup, output={"uri": output, "lease_ttl_s": 6}, run_id="twin", mllm={"model": "none"})
+    summary = run_inspect(cfg)
+    assert summary.skipped + summary.audited == summary.listed
+    _assert_exactly_once(audit_setup, output, "twin")
+    assert not storage.exists(lease)  # released at the end
+
+
 def test_killed_actor_is_replaced_exactly_once(audit_setup, ray_local):
     from ray.util.state import list_actors
 

@@ -267,6 +267,9 @@ class OutputConfig(Section):
     min_rows_per_file: int = Field(
         100_000, gt=0, description="Rows per output file at least (per partition, except a run's last file): "
         "large files keep LIST, reads and the driver's memory small; a crash redoes at most one file's rows.")
+    lease_ttl_s: float = Field(
+        300, gt=0, description="A driver renews its run's lease (one driver per run id) every third of this; a "
+        "lease older than this belongs to a crashed driver and may be taken over by a resume.")
     planning_memory: str = Field(
         "1GB", description="DuckDB memory limit for planning and summaries on the driver; more spills to disk.")
 
@@ -280,6 +283,10 @@ class RayConfig(Section):
         "own. None: RAY_ADDRESS, else a Ray already running on this machine (joined, and logged), else a local "
         "Ray of the job's own.",
     )
+    forward_credentials: bool = Field(
+        False, description="Send the driver's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN to a "
+        "cluster's workers in the job's runtime env. Off: Ray would keep them in its job table (shown by the "
+        "dashboard); workers use their own credentials (instance profile, IRSA, a Secret, a credentials file).")
     num_cpus: int | None = Field(
         None, gt=0, description="Logical CPUs for a Ray the job starts itself (more than cores is fine); "
         "ignored when joining a running Ray.")

@@ -304,6 +304,22 @@ def _walk_local(root: str, within: str | None = None) -> list[FileInfo]:
     return out
 
 
+def create_exclusive(uri: str, data: bytes, cfg: StorageConfig | None = None) -> bool:
+    """Write `uri` only if it does not exist yet (S3: a conditional PUT, ``If-None-Match: *``; locally
+    O_EXCL); True when this call created it, False when it was already there."""
+    fs, path = filesystem(uri, cfg)
+    try:
+        if is_remote(uri):
+            fs.pipe_file(path, data, mode="create")
+        else:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "xb") as fh:
+                fh.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
 def put_folder(local_dir: str, uri: str, cfg: StorageConfig | None = None) -> None:
     """Copy a local folder's files to `uri` (a folder, local or s3://)."""
     fs, path = filesystem(uri, cfg)

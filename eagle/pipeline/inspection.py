@@ -22,6 +22,7 @@ import duckdb
 from eagle import __version__
 from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.io import ledger, querying, storage
+from eagle.io.lease import LeaseHeld, RunLease
 from eagle.io.runs import RUNS_DIR, RunInfo, begin_run
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_dataset
 from eagle.pipeline.ray_setup import configure_data_context
@@ -84,16 +85,30 @@ def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
 def run_inspect(cfg: JobConfig, dry_run: bool = False) -> Summary | Plan:
     """Audit every listed image not yet audited in this run (incrementally: not up to date); returns the run's
     summary. With `dry_run`, only plan: returns the plan (per product listed / done / to audit), writes no
-    rows and no run manifest."""
-    import ray
-
+    rows, no run manifest and takes no lease. A run is held by one driver at a time (`eagle.io.lease`)."""
     if not cfg.model_store:
         raise ConfigError("model_store is required (--model-store)")
     if not cfg.output.uri:
         raise ConfigError("output.uri is required (--output)")
     run_id = cfg.run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    if dry_run:
+        return _plan(cfg, run_id, dry_run=True)[0]
+    try:
+        lease = RunLease(cfg.output.uri, run_id, cfg.output.lease_ttl_s, cfg.storage).acquire()
+    except LeaseHeld:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the output store is unreachable (after retries)
+        raise JobFailed(f"cannot take the run's lease in {cfg.output.uri}: {type(exc).__name__}: {exc}") from exc
+    try:
+        return _run(cfg, run_id)
+    finally:
+        lease.release()
+
+
+def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.DuckDBPyConnection]:
+    import ray
+
     chash = config_hash(cfg)
-    start = time.time()
     con = querying.connect(cfg.storage, memory_limit=cfg.output.planning_memory)
     try:
         files = ledger.output_files(cfg.output.uri, cfg.storage)
@@ -114,11 +129,17 @@ def run_inspect(cfg: JobConfig, dry_run: bool = False) -> Summary | Plan:
                         f"{type(exc).__name__}: {exc}") from exc
     if dry_run:
         storage.remove(out_dir, cfg.storage, recursive=True)
-        return plan
+    return plan, con
+
+
+def _run(cfg: JobConfig, run_id: str) -> Summary:
+    start = time.time()
+    plan, con = _plan(cfg, run_id, dry_run=False)
+    run = plan.run
     log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",
              run_id, run.attempt, cfg.mode, plan.listed, plan.done, plan.todo)
     if plan.todo_dir:
-        stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": chash,
+        stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
         configure_data_context()
         ds = DecodeStage.apply(todo_dataset(plan, cfg), cfg)

@@ -24,8 +24,10 @@ from eagle.io.storage import SECRET_ENV_VARS, SETTING_ENV_VARS
 
 log = logging.getLogger(__name__)
 
-# Passed to workers so they reach the same object store as the driver (settings must exist before ray.init).
-_FORWARDED_ENV = (*SETTING_ENV_VARS, *SECRET_ENV_VARS, "HF_HUB_OFFLINE", "HF_HOME", "EAGLE_TORCH_THREADS")
+# Passed to workers in the job's runtime env so they reach the same object store as the driver. Never the
+# secrets: Ray keeps a runtime env in its job table, which the dashboard and `ray list jobs --detail` show.
+_FORWARDED_ENV = (*SETTING_ENV_VARS, "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "HF_HUB_OFFLINE", "HF_HOME",
+                  "EAGLE_TORCH_THREADS")
 
 
 # Set by Ray's job supervisor for the entrypoint of a submitted job.
@@ -52,7 +54,7 @@ def init_ray(cfg: JobConfig) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
-    runtime_env = {"env_vars": env} if env else None
+    secrets = [k for k in SECRET_ENV_VARS if os.environ.get(k)]
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if os.environ.get(_SUBMITTED_JOB_VAR):
         # Started by `ray job submit`: the job's runtime env already reaches the workers, and Ray refuses to
@@ -64,14 +66,24 @@ def init_ray(cfg: JobConfig) -> None:
                  "one for this job)", running)
         address = running
     if address and address != "local":
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        if secrets and cfg.ray.forward_credentials:
+            log.warning("ray.forward_credentials: sending %s to the cluster's workers in the job's runtime env "
+                        "(readable by anyone who can read the Ray dashboard)", ", ".join(secrets))
+            env.update({k: os.environ[k] for k in secrets})
+        elif secrets:
+            log.info("not sending %s to the cluster (Ray would show them in its job table): its workers use "
+                     "their own credentials (instance profile, IRSA, a Secret in the pod env, a credentials file "
+                     "or AWS_PROFILE); ray.forward_credentials=true sends them anyway", ", ".join(secrets))
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
         resources = ray.cluster_resources()
         log.info("connected to Ray at %s: %g CPUs, %g GPUs", address, resources.get("CPU", 0),
                  resources.get("GPU", 0))
         return
     num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    # Workers of a Ray this job starts inherit its environment, credentials included: no runtime env needed.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": env} if env else None)
 
 
 def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
