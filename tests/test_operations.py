@@ -75,8 +75,8 @@ def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path):
                                                ["mllm"]["model"], f"ray.address={_gcs_address()}",
                                                "mllm.dtype=float32", "mllm.max_new_tokens=24",
                                                "resources.decode.batch_size=2", "resources.expert.batch_size=2",
-                                               "resources.mllm.batch_size=2",
-                                               "output.min_rows_per_file=1")]  # files as batches finish
+                                               "resources.mllm.batch_size=2", "output.min_rows_per_file=1",
+                                               "output.lease_ttl_s=3")]
     log = tmp_path / "driver.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -87,7 +87,8 @@ def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
     proc.wait()
     written_before = len(output_rows(job_config(audit_setup, output={"uri": output}), "run_id = 'resume'"))
-    cfg = job_config(audit_setup, output={"uri": output}, run_id="resume", mllm={"model": "none"})
+    time.sleep(3.5)  # the dead driver's lease expires (output.lease_ttl_s)
+    cfg = job_config(audit_setup, output={"uri": output, "lease_ttl_s": 3}, run_id="resume", mllm={"model": "none"})
     summary = run_inspect(cfg)
     # Ray Data may hand every queued block to one write task, so the kill can come after all rows are
     # written but before the run ended (summary, ledger); partial files are covered by test_planning.py.
