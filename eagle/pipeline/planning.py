@@ -193,8 +193,9 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
         block = rows_per_block(cfg, plan.todo, cpus)
         query = f"SELECT {LISTING_COLUMNS} FROM decided WHERE {redo} ORDER BY product, image_uri"
         with tempfile.TemporaryDirectory(prefix="eagle-plan-") as tmp:
-            local = os.path.join(tmp, "todo")
-            con.execute(f"COPY ({query}) TO {sql_str(local)} (FORMAT parquet, ROW_GROUP_SIZE {block}, "
-                        f"ROW_GROUPS_PER_FILE 1, FILE_EXTENSION {sql_str(INTERNAL_SUFFIX[1:])})")
-            storage.put_folder(local, plan.todo_dir, cfg.storage)
+            # one file per block, streamed from DuckDB (its own COPY cannot cut row groups under 2048 rows)
+            reader = con.sql(query).to_arrow_reader(block)
+            for i, batch in enumerate(reader):
+                pq.write_table(pa.Table.from_batches([batch]), os.path.join(tmp, f"block-{i:07d}{INTERNAL_SUFFIX}"))
+            storage.put_folder(tmp, plan.todo_dir, cfg.storage)
     return plan
