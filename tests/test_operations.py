@@ -97,8 +97,10 @@ def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path):
 
 def test_one_driver_per_run_id_and_resume_after_the_lease_expires(audit_setup, ray_local):
     output = f"{audit_setup['root']}/twins"
-    args = _cli_args(audit_setup, output, "twin", "--mllm", "none", f"ray.address={_gcs_address()}",
-                     "output.lease_ttl_s=6", "resources.expert.batch_size=1", "resources.decode.batch_size=1")
+    args = _cli_args(audit_setup, output, "twin", "--mllm", audit_setup["overrides"]["mllm"]["model"],
+                     f"ray.address={_gcs_address()}", "mllm.dtype=float32", "mllm.max_new_tokens=24",
+                     "output.lease_ttl_s=6", "resources.expert.batch_size=1", "resources.decode.batch_size=1",
+                     "resources.mllm.batch_size=1")  # slow enough to still hold the run when the twin starts
     first = subprocess.Popen([sys.executable, INSPECT, *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     lease = f"{output}/_runs/twin.lease"

@@ -80,8 +80,10 @@ def todo_dataset(plan: Plan, cfg: JobConfig):
 
     files = [f.uri for f in storage.list_files(plan.todo_dir, (INTERNAL_SUFFIX,), cfg.storage)]
     items = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    return items.map_batches(_read_todo, fn_kwargs={"cfg": cfg}, batch_size=None, batch_format="pyarrow",
-                             **ray_options(cfg.resources.decode, actor=False))
+    # One file per task. Its own small CPU share keeps Ray from fusing it with the decode stage: fused, the
+    # decode stage's batch size would count *files* and bundle that many into one task (one block per run).
+    return items.map_batches(_read_todo, fn_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
+                             num_cpus=0.1)
 
 
 def _read_todo(batch: pa.Table, cfg: JobConfig) -> pa.Table:
@@ -198,4 +200,5 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
             for i, batch in enumerate(reader):
                 pq.write_table(pa.Table.from_batches([batch]), os.path.join(tmp, f"block-{i:07d}{INTERNAL_SUFFIX}"))
             storage.put_folder(tmp, plan.todo_dir, cfg.storage)
+        log.info("planned %d rows to audit in %d blocks of up to %d rows", plan.todo, i + 1, block)
     return plan
