@@ -1,13 +1,6 @@
 """Evaluate an inspect run against MVTec-AD-layout ground truth: metrics.json and a self-contained report.html.
 
-    python jobs/evaluate.py --output s3://plant-a/audit --data s3://plant-a/mvtec-root --out ./eval \
-        [--run-id ID] [--compare-run OTHER_ID ...] [--model-store s3://plant-a/models]
-
---compare-run (repeatable) adds a side-by-side table of the runs on the test images all of them scored, the
-evaluated run being the baseline: routing policies, or guidance on and off, over the same images.
-
-Exit codes: 0 success, 2 bad arguments or nothing to evaluate (no rows, unknown run, no test images),
-3 storage failure.
+Usage and options: `python jobs/evaluate.py --help` (eagle/cli/evaluate_cmd.py).
 """
 
 import sys

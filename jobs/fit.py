@@ -1,11 +1,6 @@
 """Fit per-product PatchCore experts (memory bank + label-free threshold) from normal training images.
 
-    python jobs/fit.py --data s3://bucket/mvtec --model-store s3://bucket/models [--products a,b]
-        [--backbone NAME] [--weights imagenet|random|PATH] [--threshold-method k-sigma|mad|quantile|evt]
-        [--coreset-ratio R] [--config FILE] [section.key=value ...]
-
---data is an MVTec-AD-layout root ({product}/train/good/*.png). Products run as parallel Ray tasks sized by
-resources.expert; each writes {model-store}/{product}/{version}/ and moves {product}/LATEST.
+Usage and options: `python jobs/fit.py --help` (eagle/cli/fit_cmd.py).
 """
 
 import sys

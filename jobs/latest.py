@@ -1,8 +1,6 @@
 """Write the latest verdict per image across all runs as one compacted Parquet file.
 
-    python jobs/latest.py --output s3://plant-a/audit --to s3://plant-a/audit-latest/latest.parquet
-
-The same logic as SQL for ad-hoc use: eagle/io/sql/latest.sql (DuckDB views `audit` and `latest`).
+Usage and options: `python jobs/latest.py --help` (eagle/cli/latest_cmd.py).
 """
 
 import sys
