@@ -114,11 +114,11 @@ def pending_runs(output: str, cfg: StorageConfig | None = None) -> dict[str, int
 
 
 def merge_runs(con: duckdb.DuckDBPyConnection, output: str, runs: dict[str, int],
-               cfg: StorageConfig | None = None, files: list[str] | None = None) -> int:
-    """Merge the rows of `runs` into the ledger (latest row per image wins); returns the ledger's row count.
+               cfg: StorageConfig | None = None, files: list[str] | None = None) -> None:
+    """Merge the rows of `runs` into the ledger (latest row per image wins).
     The new ledger is written whole and then the state, so a crash in between only repeats the merge."""
     if not runs:
-        return -1
+        return
     files = output_files(output, cfg) if files is None else files
     run_rows = [f for r in runs for f in run_files(output, r, cfg, files=files)]
     cols = ", ".join(LEDGER_COLUMNS)
@@ -137,7 +137,6 @@ def merge_runs(con: duckdb.DuckDBPyConnection, output: str, runs: dict[str, int]
     state["runs"].update(runs)
     storage.write_bytes(_state_uri(output), json.dumps(state, indent=1, sort_keys=True).encode(), cfg)
     log.info("ledger: merged %d run(s) %s, %d images", len(runs), sorted(runs), count)
-    return count
 
 
 def refresh(con: duckdb.DuckDBPyConnection, output: str, cfg: StorageConfig | None = None,

@@ -178,7 +178,7 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
     """Decide what this run attempt audits; writes the rows to audit under ``out_dir/todo`` (unless a dry run
     only counts them)."""
     con.execute(f"CREATE OR REPLACE TEMP TABLE listing AS SELECT DISTINCT ON (image_uri) * FROM "
-                f"({listing_sql(con, cfg, out_dir)}) ORDER BY image_uri")
+                f"({listing_sql(con, cfg, out_dir)})")
     products = [r[0] for r in con.execute("SELECT DISTINCT product FROM listing ORDER BY 1").fetchall()]
     check_products(products)
     versions = pin_versions(products)

@@ -29,4 +29,4 @@ def write_output(ds: Any, cfg: JobConfig, run: RunInfo) -> None:
     fs, path = storage.pyarrow_filesystem(cfg.output.uri, cfg.storage)
     ds.write_parquet(path, filesystem=fs, partition_cols=cfg.output.partition_by,
                      filename_provider=RunFilenames(run.run_id, run.attempt), schema=OUTPUT_SCHEMA,
-                     min_rows_per_file=cfg.output.min_rows_per_file if cfg.output.min_rows_per_file > 1 else None)
+                     min_rows_per_file=cfg.output.min_rows_per_file)
