@@ -19,7 +19,8 @@ PACKAGE = ROOT / "eagle"
 ALLOWED: dict[str, tuple[str, ...]] = {
     "eagle": (),
     "eagle.findings": (),
-    "eagle.io.storage": (),
+    "eagle.io.storage": ("eagle.io.s3_client",),
+    "eagle.io.s3_client": (),
     "eagle.logs": ("eagle.io.storage",),
     "eagle.config": ("eagle.config", "eagle.io.storage"),
     "eagle.io": ("eagle.io", "eagle.config", "eagle.findings"),

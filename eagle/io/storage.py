@@ -12,10 +12,10 @@ import os
 import posixpath
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import IO, Any
+from typing import IO, Any, Literal
 from urllib.parse import urlparse
 
 import fsspec
@@ -85,7 +85,12 @@ class StorageConfig(BaseModel):
     secret_access_key: SecretStr | None = Field(None, description="Prefer AWS_SECRET_ACCESS_KEY.")
     session_token: SecretStr | None = Field(None, description="Prefer AWS_SESSION_TOKEN.")
     anon: bool = Field(False, description="Anonymous access to public buckets.")
-    max_attempts: int = Field(8, ge=1, description="Attempts per object-store call on throttling/5xx/resets.")
+    max_attempts: int = Field(8, ge=1, description="Attempts per object-store request on throttling (503 "
+                              "SlowDown), 5xx and dropped connections, with exponential backoff (capped at 20 s).")
+    retry_mode: Literal["adaptive", "standard"] = Field(
+        "adaptive", description="botocore retry mode; adaptive also slows this client down while S3 throttles.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="A connection not made in this time is retried.")
+    read_timeout_s: float = Field(30.0, gt=0, description="A request whose answer stalls this long is retried.")
 
 
 def _first(env: Mapping[str, str], names: tuple[str, ...]) -> str | None:
@@ -111,6 +116,9 @@ class S3Settings:
     token: str | None = field(default=None, repr=False)
     anon: bool = False
     max_attempts: int = 8
+    retry_mode: str = "adaptive"
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
 
 
 def s3_settings(cfg: StorageConfig | None = None) -> S3Settings:
@@ -121,7 +129,8 @@ def s3_settings(cfg: StorageConfig | None = None) -> S3Settings:
                       key=secret(cfg.access_key_id, "AWS_ACCESS_KEY_ID"),
                       secret=secret(cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY"),
                       token=secret(cfg.session_token, "AWS_SESSION_TOKEN"),
-                      anon=cfg.anon, max_attempts=cfg.max_attempts)
+                      anon=cfg.anon, max_attempts=cfg.max_attempts, retry_mode=cfg.retry_mode,
+                      connect_timeout_s=cfg.connect_timeout_s, read_timeout_s=cfg.read_timeout_s)
 
 
 def s3_options(cfg: StorageConfig | None = None) -> dict[str, Any]:
@@ -133,7 +142,8 @@ def _options_of(s: S3Settings) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "anon": s.anon,
         "use_listings_cache": False,
-        "config_kwargs": {"retries": {"max_attempts": s.max_attempts, "mode": "adaptive"}},
+        "config_kwargs": {"retries": {"max_attempts": s.max_attempts, "mode": s.retry_mode},
+                          "connect_timeout": s.connect_timeout_s, "read_timeout": s.read_timeout_s},
     }
     if s.endpoint:
         opts["endpoint_url"] = s.endpoint
@@ -148,11 +158,9 @@ def _options_of(s: S3Settings) -> dict[str, Any]:
 
 @lru_cache(maxsize=16)
 def _s3fs(settings: S3Settings) -> fsspec.AbstractFileSystem:
-    import s3fs
+    from eagle.io.s3_client import S3FileSystem
 
-    fs = s3fs.S3FileSystem(**_options_of(settings))
-    fs.retries = settings.max_attempts  # s3fs's own retry loop (class attribute, not an init argument)
-    return fs
+    return S3FileSystem(**_options_of(settings))
 
 
 def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -163,21 +171,38 @@ def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.Abstr
 
 
 def pyarrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
-    """A native pyarrow filesystem (the fastest path for Ray Data reads/writes) and the path inside it."""
+    """A pyarrow filesystem (for Parquet and Ray Data) and the path inside it: the local one, or the same S3
+    client as `filesystem` (its retries, timeouts, whole-or-nothing writes and retry count) behind pyarrow's
+    fsspec handler."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), strip_scheme(uri)
-    s = s3_settings(cfg)
-    kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s.max_attempts),
-                              "region": s.region or "us-east-1"}
-    if s.endpoint:
-        parsed = urlparse(s.endpoint)
-        kwargs["endpoint_override"] = parsed.netloc or parsed.path
-        kwargs["scheme"] = parsed.scheme or "https"
-    if s.key and s.secret:
-        kwargs.update(access_key=s.key, secret_key=s.secret, session_token=s.token)
-    if s.anon:
-        kwargs["anonymous"] = True
-    return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(_s3fs(s3_settings(cfg)))), strip_scheme(uri)
+
+
+def retry_counts() -> dict[str, int]:
+    """Failed object-store requests of this process so far, per kind (read, list, write); see
+    `eagle.io.s3_client.retry_counts`."""
+    from eagle.io.s3_client import retry_counts as counts
+
+    return counts()
+
+
+def add_retry_listener(listener: Callable[[str], None]) -> None:
+    """Call `listener` with the kind of every failed object-store request of this process."""
+    from eagle.io.s3_client import add_retry_listener as add
+
+    add(listener)
+
+
+def abort_uploads(prefix: str, name_prefix: str = "", cfg: StorageConfig | None = None) -> int:
+    """Abort unfinished multipart uploads under an s3:// `prefix` whose object name starts with `name_prefix`;
+    returns how many (0 for local paths, which have none)."""
+    if not is_remote(prefix):
+        return 0
+    from eagle.io.s3_client import abort_uploads as abort
+
+    fs, path = filesystem(prefix, cfg)
+    return abort(fs, path, name_prefix)
 
 
 def open_uri(uri: str, mode: str = "rb", cfg: StorageConfig | None = None) -> IO[Any]:
