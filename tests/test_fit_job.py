@@ -36,3 +36,45 @@ def test_fit_job_end_to_end(tmp_path: Path, s3_bucket: str, repo_root: Path):
         assert art.threshold == pytest.approx(float(lines[product][5]), abs=1e-4)
     grid = load_artifact(store, "grid")
     assert Expert.from_artifact(grid).score([np.zeros((64, 64, 3), np.uint8)])[0].score > 0
+
+
+@pytest.mark.slow
+def test_fit_job_behind_a_faulty_store_lands_artifacts_whole_or_not_at_all(s3_server, s3_bucket, ray_local,
+                                                                          repo_root: Path):
+    import ray
+    from faulty_proxy import FaultyProxy
+
+    from eagle.io import storage
+    from eagle.testing.synth import generate
+
+    data = f"{s3_bucket}/data"
+    generate(data, products=("grid", "nut"), n_train=5, n_test_good=1, n_test_defect=1, size=64)
+    store = f"{s3_bucket}/models"
+
+    def fit(proxy: FaultyProxy, coreset_ratio: float, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "jobs/fit.py", "--data", data, "--model-store", store, "--products", "grid,nut",
+               "--backbone", "resnet18", "--weights", "random", "--coreset-ratio", str(coreset_ratio),
+               "expert.resize=64", "expert.crop=64",
+               "threshold.min_unselected_patches=4", f"storage.endpoint_url={proxy.url}",
+               f"ray.address={ray.get_runtime_context().gcs_address}", *extra]
+        return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600)
+
+    # one in three of every request method fails (a fit makes few): training images, artifact files, LATEST
+    with FaultyProxy(s3_server, every=3) as proxy:
+        proc = fit(proxy, 0.1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proxy.faults and {"GET", "PUT"} <= set(proxy.by_method), proxy.by_method
+    assert "storage retries (failed requests, retried): read " in proc.stderr
+    first = {p: load_artifact(store, p).version for p in ("grid", "nut")}  # complete: content checks pass
+    nut_files = sorted(f.uri for f in storage.list_files(f"{store}/nut"))
+
+    # every write under nut/ fails for good while a changed setting makes a new version
+    with FaultyProxy(s3_server, every=1, methods={"PUT", "POST", "DELETE"}, kinds=("slowdown", "reset"),
+                     paths=r"/models/nut/") as proxy:
+        proc = fit(proxy, 0.3, "storage.max_attempts=2")
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "FAILED" in lines["nut"] and "/models/nut/" in lines["nut"], lines["nut"]  # names the object
+    assert load_artifact(store, "nut").version == first["nut"]  # LATEST still names the complete old version
+    assert sorted(f.uri for f in storage.list_files(f"{store}/nut")) == nut_files  # nothing half-written
+    assert load_artifact(store, "grid").version != first["grid"]  # the healthy product moved on

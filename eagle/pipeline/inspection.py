@@ -25,7 +25,7 @@ from eagle.io import ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
 from eagle.io.runs import RUNS_DIR, RunInfo, begin_run
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_dataset
-from eagle.pipeline.ray_setup import configure_data_context
+from eagle.pipeline.retry_tally import read_tally, start_tally
 from eagle.pipeline.stages.decode_stage import DecodeStage
 from eagle.pipeline.stages.expert_stage import ExpertStage
 from eagle.pipeline.stages.finish_stage import FinishStage
@@ -54,6 +54,7 @@ class Summary:
     mllm_calls: int = 0
     audited_fresh: int = 0  # rows of this run for images not already known to fail
     new_errors: int = 0  # error rows among those
+    storage_retries: dict[str, int] = field(default_factory=dict)  # failed object-store requests, per kind
 
     @property
     def images_per_second(self) -> float:
@@ -65,6 +66,9 @@ class Summary:
                f"  status: {dict(sorted(self.status.items()))}   verdict: {dict(sorted(self.verdict.items()))}   "
                f"MLLM calls: {self.mllm_calls}"]
         out += [f"  {p}: {dict(sorted(c.items()))}" for p, c in sorted(self.by_product.items())]
+        if self.storage_retries:
+            out.append("  storage retries (failed requests, retried): "
+                       + ", ".join(f"{k} {n}" for k, n in self.storage_retries.items()))
         out.append(f"  output: {self.output}")
         return out
 
@@ -105,6 +109,10 @@ def run_inspect(cfg: JobConfig, dry_run: bool = False) -> Summary | Plan:
         lease.release()
 
 
+def _tally_since(tally: object, before: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in read_tally(tally).items()}
+
+
 def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.DuckDBPyConnection]:
     import ray
 
@@ -134,27 +142,78 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
 
 def _run(cfg: JobConfig, run_id: str) -> Summary:
     start = time.time()
+    tally = start_tally()
+    retries_before = read_tally(tally)
     plan, con = _plan(cfg, run_id, dry_run=False)
     run = plan.run
     log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",
              run_id, run.attempt, cfg.mode, plan.listed, plan.done, plan.todo)
     if plan.todo_dir:
+        _abort_leftover_uploads(cfg, run_id)
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
-        configure_data_context()
         ds = DecodeStage.apply(todo_dataset(plan, cfg), cfg)
         ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
         ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
         ds = StampStage.apply(ds, cfg, stamp=stamp)
-        write_output(ds, cfg, run)
+        try:
+            write_output(ds, cfg, run)
+        except Exception as exc:
+            if not isinstance(_root_cause(exc), OSError):
+                raise
+            raise _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)) from exc
     summary = summarize_run(con, cfg, plan, time.time() - start)
-    ledger.merge_runs(con, cfg.output.uri, {run_id: run.attempt}, cfg.storage)
-    storage.remove(plan.plan_dir, cfg.storage, recursive=True)
+    summary.storage_retries = _tally_since(tally, retries_before)
+    try:
+        ledger.merge_runs(con, cfg.output.uri, {run_id: run.attempt}, cfg.storage)
+        storage.remove(plan.plan_dir, cfg.storage, recursive=True)
+    except OSError as exc:  # the results are written; the next run's planning merges them (ledger.refresh)
+        log.warning("run %s is complete, but its ledger update failed (%s); the next run brings the ledger up to "
+                    "date", run_id, exc)
     errors, total = summary.new_errors, summary.audited_fresh
     if total and errors / total > cfg.output.max_error_rate:
         raise JobFailed(f"error rate {errors}/{total} = {errors / total:.0%} exceeds output.max_error_rate "
                         f"{cfg.output.max_error_rate:.0%}; see the error column of run {run_id}")
     return summary
+
+
+def _abort_leftover_uploads(cfg: JobConfig, run_id: str) -> None:
+    """Abort partial uploads an earlier attempt of this run left (a killed worker, a failed abort)."""
+    try:
+        if n := storage.abort_uploads(cfg.output.uri, f"{run_id}_", cfg.storage):
+            log.info("aborted %d partial upload(s) left by an earlier attempt of run %s", n, run_id)
+    except Exception as exc:  # noqa: BLE001 - only housekeeping: a lifecycle rule also removes them
+        log.warning("could not list or abort partial uploads under %s: %s", cfg.output.uri, exc)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost error under Ray's wrappers (task errors, user-code exceptions)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def _write_failed(exc: Exception, cfg: JobConfig, run_id: str, retries: dict[str, int]) -> JobFailed:
+    """The job's failure when the store failed (after all retries) while the results streamed out: what failed,
+    and how to go on."""
+    _abort_leftover_uploads(cfg, run_id)
+    cause = _root_cause(exc)
+    what = str(cause).splitlines()[0] if str(cause) else ""  # Ray appends its own retry advice below
+    try:
+        files = ledger.run_files(cfg.output.uri, run_id, cfg.storage)
+        kept = f"{len(files)} result file(s) of this run were written and are kept"
+    except Exception:  # noqa: BLE001 - the store is failing: say what is known
+        kept = "result files this run wrote before the failure are kept"
+    tried = ", ".join(f"{k} {n}" for k, n in retries.items())
+    return JobFailed(f"the run stopped on an object-store error (after retries): {type(cause).__name__}: {what} "
+                     f"(failed requests: {tried}). {kept}; run again with --run-id {run_id} to audit only the "
+                     f"images whose results are missing (storage.max_attempts and storage.*_timeout_s set how "
+                     f"long a write is retried)")
 
 
 def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, plan: Plan, seconds: float) -> Summary:

@@ -1,5 +1,6 @@
 """Everything a job needs from Ray, in one place: connecting the driver, the options a stage or task runs
-under (from its config), Ray Data's retry settings, and torch threads inside workers.
+under (from its config), and torch threads inside workers. (Object-store retries are the S3 client's, in
+`eagle.io.s3_client`: Ray Data's ``retried_io_errors`` match pyarrow's own S3 errors, which no job raises.)
 
 Connecting: a cluster (config or RAY_ADDRESS), a Ray already running on this machine, or a local instance of
 the job's own.
@@ -100,18 +101,6 @@ def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
         args["max_restarts"] = res.max_restarts
         args["max_task_retries"] = -1 if res.max_restarts else 0
     return args
-
-
-# Bare gateway errors (no S3 XML body) from proxies and S3-compatible stores, retried like Ray's defaults.
-_EXTRA_RETRIED_IO_ERRORS = tuple(f"AWS Error UNKNOWN (HTTP status {code})" for code in (500, 502, 504))
-
-
-def configure_data_context() -> None:
-    """Ray Data's retry settings for this driver's datasets."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *_EXTRA_RETRIED_IO_ERRORS]))
 
 
 def configure_threads(torch: Any) -> int:

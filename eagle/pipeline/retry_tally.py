@@ -1,0 +1,66 @@
+"""Object-store retries of a whole job: every process of it (the driver, decode and write tasks, the actors)
+tells one small actor of the job, per kind, about each failed request, so the summary shows throttling before
+it becomes failure.
+
+Importing `eagle.pipeline` (which every worker of the job does to run a stage or write its files) turns the
+forwarding on; without a tally (no Ray, or none started by the driver) failures are only counted locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any
+
+from eagle.io import storage
+
+log = logging.getLogger(__name__)
+
+_NAME = "eagle-storage-retries"  # one per Ray namespace: each job (driver) has its own
+_handle: list[Any] = []  # the tally this process forwards to, once found
+_lookup = threading.Lock()
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def start_tally() -> Any:
+    """The job's tally actor (made on first use; the driver calls this before any work is sent out)."""
+    import ray
+
+    return ray.remote(_Tally).options(name=_NAME, get_if_exists=True, num_cpus=0, max_restarts=-1).remote()
+
+
+def read_tally(tally: Any) -> dict[str, int]:
+    """Failed requests per kind (read, list, write) the tally has heard of so far."""
+    import ray
+
+    counts = ray.get(tally.get.remote())
+    return {kind: counts.get(kind, 0) for kind in ("read", "list", "write")}
+
+
+def _forward(kind: str) -> None:
+    ray = sys.modules.get("ray")  # never import Ray from inside the S3 client's event loop
+    if ray is None or not ray.is_initialized():
+        return
+    with _lookup:
+        if not _handle:
+            try:
+                _handle.append(ray.get_actor(_NAME))
+            except ValueError:  # no tally (yet): counted locally only
+                return
+    _handle[0].add.remote(kind)
+
+
+def forward_storage_retries() -> None:
+    """Send this process's failed object-store requests to the job's tally (idempotent)."""
+    storage.add_retry_listener(_forward)
