@@ -1,6 +1,6 @@
 """A fault-injecting HTTP proxy for the S3 test server. Every `every`-th request of each chosen method (all by
 default: listings, reads, metadata and writes alike, each counted on its own) and path (a regex; all by
-default) fails, cycling through four kinds, a quarter each:
+default) fails, up to `limit` faults, cycling through four kinds, a quarter each:
 
 * ``slowdown``: 503 SlowDown, as S3 answers when a prefix is written too fast;
 * ``internal``: 500 InternalError;
@@ -41,11 +41,12 @@ class FaultyProxy:
     """Forward to `target`; fail every `every`-th request whose method is in `methods`."""
 
     def __init__(self, target: str, every: int = 10, methods: Iterable[str] = ALL_METHODS,
-                 kinds: Iterable[str] = KINDS, paths: str | None = None) -> None:
+                 kinds: Iterable[str] = KINDS, paths: str | None = None, limit: int | None = None) -> None:
         parsed = urlparse(target)
         self.host, self.port = parsed.hostname, parsed.port
         self.every, self.methods, self.kinds = every, frozenset(methods), tuple(kinds)
         self.paths = re.compile(paths) if paths else None
+        self.limit = limit  # at most this many faults, then everything passes
         self.counters: dict[str, itertools.count] = {}
         self.injected: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.by_method: dict[str, int] = {}
@@ -71,7 +72,8 @@ class FaultyProxy:
 
     def _fault(self, method: str, path: str) -> str | None:
         with self._lock:
-            if not self.enabled or method not in self.methods or (self.paths and not self.paths.search(path)):
+            if (not self.enabled or method not in self.methods or (self.paths and not self.paths.search(path))
+                    or (self.limit is not None and self.faults >= self.limit)):
                 self.forwarded += 1
                 return None
             n = next(self.counters.setdefault(method, itertools.count(1)))

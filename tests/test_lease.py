@@ -47,3 +47,17 @@ def test_lease_is_renewed_while_held_and_taken_over_once_expired(output):
     finally:
         taker.release()
         held.release()  # the old holder's late release must not remove anything it no longer owns
+
+
+def test_a_lost_answer_to_our_own_create_still_takes_the_lease(s3_server, s3_bucket):
+    from faulty_proxy import FaultyProxy
+
+    # the conditional create reaches S3, its answer is lost; the retry then meets the lease this driver wrote
+    with FaultyProxy(s3_server, every=1, methods={"PUT"}, kinds=("lost",), paths=r"\.lease", limit=1) as proxy:
+        cfg = storage.StorageConfig(endpoint_url=proxy.url)
+        lease = RunLease(f"{s3_bucket}/out", "lost", ttl_s=60, cfg=cfg).acquire()
+    assert proxy.injected["lost"] == 1
+    held = json.loads(storage.read_bytes(lease.uri))
+    assert held["token"] == lease.holder.token
+    lease.release()
+    assert not storage.exists(lease.uri)

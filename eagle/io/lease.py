@@ -64,6 +64,9 @@ class RunLease:
     def acquire(self) -> RunLease:
         if not storage.create_exclusive(self.uri, self._payload(), self.cfg):
             other = self._read()
+            if other is not None and other.token == self.holder.token:
+                # our own create landed, but its answer was lost and the retry found it: the lease is ours
+                return self._start_renewing()
             age = (_now() - dt.datetime.fromisoformat(other.renewed_at)).total_seconds() if other else None
             if other is not None and age is not None and age < self.ttl_s:
                 raise LeaseHeld(
@@ -76,6 +79,9 @@ class RunLease:
             storage.remove(self.uri, self.cfg)
             if not storage.create_exclusive(self.uri, self._payload(), self.cfg):
                 raise LeaseHeld(f"run {self.run_id}: another driver took the expired lease first")
+        return self._start_renewing()
+
+    def _start_renewing(self) -> RunLease:
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.run_id}", daemon=True)
         self._thread.start()
         return self
