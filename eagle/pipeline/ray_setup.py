@@ -21,13 +21,14 @@ from typing import Any
 
 from eagle.config import JobConfig, StageResources
 from eagle.io.storage import SECRET_ENV_VARS, SETTING_ENV_VARS
+from eagle.logs import QUIET_ENV, quiet_ray_loggers
 
 log = logging.getLogger(__name__)
 
 # Passed to workers in the job's runtime env so they reach the same object store as the driver. Never the
 # secrets: Ray keeps a runtime env in its job table, which the dashboard and `ray list jobs --detail` show.
 _FORWARDED_ENV = (*SETTING_ENV_VARS, "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "HF_HUB_OFFLINE", "HF_HOME",
-                  "EAGLE_TORCH_THREADS")
+                  "EAGLE_TORCH_THREADS", *QUIET_ENV)
 
 
 # Set by Ray's job supervisor for the entrypoint of a submitted job.
@@ -51,8 +52,14 @@ def init_ray(cfg: JobConfig) -> None:
     fractional actors never starve read tasks."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _connect(cfg)
+    quiet_ray_loggers()  # ray.init sets its loggers up
+
+
+def _connect(cfg: JobConfig) -> None:
+    import ray
+
     env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
     secrets = [k for k in SECRET_ENV_VARS if os.environ.get(k)]
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -80,7 +87,8 @@ def init_ray(cfg: JobConfig) -> None:
                  resources.get("GPU", 0))
         return
     num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
-    log.info("starting a local Ray with %d logical CPUs", num_cpus)
+    log.info("starting a local Ray with %d logical CPUs on %d cores (ray.num_cpus; fractional stages share "
+             "them)", num_cpus, os.cpu_count() or 1)
     # Workers of a Ray this job starts inherit its environment, credentials included: no runtime env needed.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
              runtime_env={"env_vars": env} if env else None)
@@ -97,8 +105,9 @@ def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
         args["accelerator_type"] = res.accelerator_type
     if actor:
         args["compute"] = ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors)
-        args["max_restarts"] = res.max_restarts
-        args["max_task_retries"] = -1 if res.max_restarts else 0
+        if res.max_restarts is not None:  # Ray Data takes these only as (deprecated) ray_remote_args
+            args["max_restarts"] = res.max_restarts
+            args["max_task_retries"] = -1 if res.max_restarts else 0
     return args
 
 
@@ -106,12 +115,16 @@ def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
 _EXTRA_RETRIED_IO_ERRORS = tuple(f"AWS Error UNKNOWN (HTTP status {code})" for code in (500, 502, 504))
 
 
-def configure_data_context() -> None:
-    """Ray Data's retry settings for this driver's datasets."""
+def configure_data_context(progress: type | None = None, verbose: bool = False) -> None:
+    """Ray Data's retry settings for this driver's datasets; its progress bars only when `verbose`, else the
+    `progress` execution callback class (eagle.pipeline.progress) reports."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *_EXTRA_RETRIED_IO_ERRORS]))
+    ctx.enable_progress_bars = verbose
+    if progress is not None and not verbose:
+        ctx.custom_execution_callback_classes = [progress]
 
 
 def configure_threads(torch: Any) -> int:
