@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 log = logging.getLogger("eagle.progress")
 
 
-def stage_rows(topology: dict[Any, Any]) -> dict[str, int]:
+def stage_rows(topology: Iterable[Any]) -> dict[str, int]:
     """Rows each stage has produced so far, by short stage name ("decode", "expert", ...), in pipeline order.
     Fused operators ("A->B") count as their last stage; operators that are not stages are left out."""
     out: dict[str, int] = {}
