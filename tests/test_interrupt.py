@@ -15,6 +15,7 @@ import duckdb
 import pytest
 
 from eagle.cli.inspect_cmd import resume_command
+from eagle.cli.interrupts import catch_signals
 from eagle.config import load_config
 from eagle.expert.training import fit_product
 from eagle.testing.synth import generate
@@ -24,6 +25,23 @@ def test_resume_command_sets_the_run_id(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["jobs/inspect.py"])
     cmd = resume_command(["--input", "/a b", "--run-id", "old", "--mllm", "none", "--run-id=x"], "r1")
     assert cmd == f"{sys.executable} jobs/inspect.py --input '/a b' --mllm none --run-id r1"
+
+
+def test_sigterm_and_sigint_become_keyboard_interrupts_with_their_exit_codes():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        caught = catch_signals()
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises as soon as the signal is delivered
+        assert caught.exit_code() == 143
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        assert caught.exit_code() == 130
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.slow

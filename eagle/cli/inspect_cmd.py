@@ -17,14 +17,18 @@ import logging
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
-from eagle.cli.exit_codes import JOB_FAILED, OK, USAGE, help_text
+from eagle.cli.exit_codes import JOB_FAILED, OK, SIGTERM, USAGE, help_text
 from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_inspect
 from eagle.config import ConfigError, JobConfig, deep_merge, load_config, parse_overrides
 from eagle.io import storage
 from eagle.io.runs import new_run_id
 from eagle.logs import quiet_job, setup_logging
+
+if TYPE_CHECKING:
+    from eagle.pipeline.inspection import Summary
 
 log = logging.getLogger("eagle.inspect")
 
@@ -99,7 +103,7 @@ def resume_command(argv: list[str], run_id: str) -> str:
     return shlex.join([sys.executable, script, *kept, "--run-id", run_id])
 
 
-def _report(summary, args: argparse.Namespace, cfg: JobConfig) -> None:
+def _report(summary: Summary, args: argparse.Namespace, cfg: JobConfig) -> None:
     """The summary on stdout (for schedulers and people), and as JSON when asked."""
     print("\n".join(summary.lines()), flush=True)
     if args.summary_json:
@@ -145,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.shutdown()
-        name = "SIGTERM" if signals.exit_code() == 143 else "SIGINT"
+        name = "SIGTERM" if signals.exit_code() == SIGTERM else "SIGINT"
+        if args.dry_run:
+            log.warning("dry run interrupted by %s; nothing was written", name)
+            return signals.exit_code()
         log.warning("run %s interrupted by %s; its manifest says interrupted. Resume it (only images without a "
                     "row of this run are audited) with:", cfg.run_id, name)
         print(resume_command(argv, cfg.run_id), file=sys.stderr, flush=True)
