@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 OK = 0
 SOME_FAILED = 1
 USAGE = 2
@@ -38,7 +40,8 @@ EXIT_CODES: dict[str, dict[int, str]] = {
 
 def help_text(job: str) -> str:
     """The exit-code table of `job` for its ``--help``."""
-    return "Exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES[job].items())
+    return "Exit codes:\n" + "\n".join(textwrap.fill(f"  {code:>3}  {text}", 110, subsequent_indent=" " * 7)
+                                       for code, text in EXIT_CODES[job].items())
 
 
 def markdown() -> str:

@@ -14,12 +14,14 @@ with the setting that widens the band.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from eagle.cli.exit_codes import JOB_FAILED, OK, SOME_FAILED, USAGE, help_text
 from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_fit
 from eagle.config import ConfigError, load_config
+from eagle.io import storage
 from eagle.logs import quiet_job, setup_logging
 
 log = logging.getLogger("eagle.fit")
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold-method", choices=["k-sigma", "mad", "quantile", "evt"])
     p.add_argument("--coreset-ratio", type=float)
     p.add_argument("--config", metavar="FILE", help="YAML job config (local or s3://).")
+    p.add_argument("--summary-json", metavar="PATH", help="Also write the per-product results as JSON (local or "
+                                                          "s3://).")
     p.add_argument("--verbose", action="store_true", help="Ray's own detail: library warnings, colours.")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
@@ -90,5 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(res, FitSummary) and (advice := empty_band_advice(res.product, res.threshold, res.score_max,
                                                                         cfg.confidence)):
             log.warning("%s", advice)
+    if args.summary_json:
+        doc = {p: r.as_dict() if isinstance(r, FitSummary) else {"error": f"{type(r).__name__}: {r}"}
+               for p, r in results.items()}
+        storage.write_bytes(args.summary_json, json.dumps(doc, indent=2).encode(), cfg.storage)
     return SOME_FAILED if failed else OK
 
