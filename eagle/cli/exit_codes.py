@@ -28,6 +28,8 @@ EXIT_CODES: dict[str, dict[int, str]] = {
         SOME_FAILED: "some products failed (each listed with its error); the others are fitted",
         USAGE: _MISTAKE,
         JOB_FAILED: "data root or model store unreachable",
+        SIGINT: "interrupted by SIGINT (Ctrl-C); products already fitted stay fitted, the same command fits again",
+        SIGTERM: "interrupted by SIGTERM; as for SIGINT",
     },
     "evaluate": {
         OK: "success",
