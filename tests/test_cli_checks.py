@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from eagle.cli import preflight
 from eagle.cli.exit_codes import markdown
+from eagle.cli.preflight import check_inputs, check_mllm
+from eagle.config import ConfigError, InputConfig, load_config
 
 
 def _tree(root: Path) -> set[str]:
@@ -91,3 +94,29 @@ def test_help_and_readme_show_the_exit_codes(repo_root):
         out = subprocess.run([sys.executable, str(repo_root / "jobs" / f"{job}.py"), "--help"], capture_output=True,
                              text=True, timeout=60).stdout
         assert "Exit codes:" in out and "  2  a mistake found before any work" in out
+
+
+def test_an_empty_input_passes_only_when_allowed(site):
+    with pytest.raises(ConfigError, match="holds no images"):
+        check_inputs(InputConfig(uris=[str(site / "empty")]), None)
+    check_inputs(InputConfig(uris=[str(site / "empty")], allow_empty=True), None)
+    check_inputs(InputConfig(uris=[str(site / "data")]), None)
+    with pytest.raises(ConfigError, match="holds no images"):  # its only image is excluded
+        check_inputs(InputConfig(uris=[str(site / "data")], exclude=["*/test/*"]), None)
+
+
+def test_a_hub_mllm_is_found_in_the_cache_and_sized(site, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(preflight, "_hub_snapshot", lambda model, revision: {
+        "org/small": site / "hf-small", "org/big": site / "big-mllm"}.get(model))
+    (site / "hf-small").mkdir()
+    cfg = load_config(overrides={"mllm": {"model": "org/small"}}, env={})
+    check_mllm(cfg, force_cpu=False)  # cached and small: fine on CPU
+    big = load_config(overrides={"mllm": {"model": "org/big"}}, env={})
+    with pytest.raises(ConfigError, match="5.0 GiB of weights and resources.mllm.num_gpus is 0"):
+        check_mllm(big, force_cpu=False)
+    check_mllm(big, force_cpu=True)
+    check_mllm(load_config(overrides={"mllm": {"model": "org/big"}, "resources": {"mllm": {"num_gpus": 1}}},
+                           env={}), force_cpu=False)
+    with pytest.raises(ConfigError, match="not in the local hub cache and HF_HUB_OFFLINE is set"):
+        check_mllm(load_config(overrides={"mllm": {"model": "org/absent"}}, env={}), force_cpu=False)
