@@ -31,6 +31,10 @@ def site(tmp_path: Path) -> Path:
     (tmp_path / "empty" / "grid" / "notes.txt").write_text("no images here")
     (tmp_path / "models" / "grid").mkdir(parents=True)
     (tmp_path / "no-models").mkdir()
+    (tmp_path / "imagenet-models" / "grid" / "v1").mkdir(parents=True)  # an expert fitted with ImageNet weights
+    (tmp_path / "imagenet-models" / "grid" / "LATEST").write_text("v1\n")
+    (tmp_path / "imagenet-models" / "grid" / "v1" / "meta.json").write_text(
+        '{"backbone": {"name": "wide_resnet50_2", "weights": "imagenet"}}')
     (tmp_path / "a-file").write_text("")
     big = tmp_path / "big-mllm"
     big.mkdir()
@@ -58,6 +62,9 @@ MISTAKES = {
                          "output {t}/a-file is a file"),
     "model store without experts": ("inspect", [*INSPECT[:2], "--model-store", "{t}/no-models", *INSPECT[4:],
                                                 "--mllm", "none"], "run jobs/fit.py --model-store"),
+    "experts fitted with ImageNet weights, offline, not cached": (
+        "inspect", [*INSPECT[:2], "--model-store", "{t}/imagenet-models", *INSPECT[4:], "--mllm", "none"],
+        "the experts of grid were fitted with ImageNet weights (wide_resnet50_2)"),
     "missing MLLM folder": ("inspect", [*INSPECT, "--mllm", "{t}/no-such-mllm"],
                             "MLLM folder {t}/no-such-mllm does not exist"),
     "large MLLM without a GPU": ("inspect", [*INSPECT, "--mllm", "{t}/big-mllm"], "--force-cpu-mllm"),

@@ -102,10 +102,30 @@ def check_writable(uri: str, what: str, store: StorageConfig | None) -> None:
 
 
 def check_model_store(uri: str, store: StorageConfig | None) -> None:
-    """The model store of an inspect run holds fitted experts."""
-    if not storage.exists(uri, store) or not storage.list_folders(uri, store):
+    """The model store of an inspect run holds fitted experts, and offline, the ImageNet weights of those
+    fitted with them are cached (the expert rebuilds its backbone from them)."""
+    from eagle.expert.artifact import ArtifactError, read_meta
+
+    folders = storage.list_folders(uri, store) if storage.exists(uri, store) else []
+    if not folders:
         raise ConfigError(f"model store {uri} holds no fitted experts: run jobs/fit.py --model-store {uri} first, "
                           f"or check --model-store (a typo?)")
+    if not _offline():
+        return
+    missing: dict[str, str] = {}  # product -> backbone
+    for folder in folders:
+        product = folder.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            backbone = read_meta(uri, product, storage=store)["backbone"]
+        except (ArtifactError, KeyError):  # not an expert: the run reports products without one
+            continue
+        if backbone["weights"] == "imagenet" and not _imagenet_cached(backbone["name"]):
+            missing[product] = backbone["name"]
+    if missing:
+        raise ConfigError(f"the experts of {', '.join(missing)} were fitted with ImageNet weights "
+                          f"({', '.join(sorted(set(missing.values())))}), which are not in the local hub cache, and "
+                          f"HF_HUB_OFFLINE is set: download them once online (or unset HF_HUB_OFFLINE), or refit "
+                          f"with --weights PATH or random")
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -168,15 +188,19 @@ def check_mllm(cfg: JobConfig, force_cpu: bool) -> None:
                           f"--force-cpu-mllm to run it on CPU anyway")
 
 
+def _imagenet_cached(backbone: str) -> bool:
+    """Whether timm's pretrained weights for `backbone` are in the local hub cache (without importing timm)."""
+    pattern = str(_hub_cache() / f"models--timm--{backbone}.*" / "snapshots" / "*" / "*")
+    return any(f.endswith((".safetensors", ".bin")) for f in glob.glob(pattern))
+
+
 def check_weights(cfg: JobConfig) -> None:
     """expert.weights is 'imagenet' (cached when offline), 'random' or an existing safetensors file."""
     weights = cfg.expert.weights
     if weights == "random":
         return
     if weights == "imagenet":
-        pattern = str(_hub_cache() / f"models--timm--{cfg.expert.backbone}.*" / "snapshots" / "*" / "*")
-        cached = [f for f in glob.glob(pattern) if f.endswith((".safetensors", ".bin"))]
-        if _offline() and not cached:
+        if _offline() and not _imagenet_cached(cfg.expert.backbone):
             raise ConfigError(f"expert weights 'imagenet' for {cfg.expert.backbone} are not in the local hub "
                               f"cache and HF_HUB_OFFLINE is set: download them once online, or pass --weights "
                               f"PATH (a safetensors state dict of the backbone) or --weights random (for trials)")
