@@ -71,8 +71,9 @@ class PlainText:
 
 def quiet_job(verbose: bool = False) -> None:
     """What a job's entry point calls first, before Ray starts: unless `verbose`, library deprecation warnings
-    are ignored (here and in the workers), Ray's own loggers speak at WARNING (`quiet_ray_loggers`), and colour
-    codes are dropped from stdout/stderr when they are not terminals. Warnings from eagle's own code stay."""
+    are ignored (here and in the workers), Ray's own loggers speak at WARNING (`ray_logging_level`,
+    `quiet_ray_loggers`), and colour codes are dropped from stdout/stderr when they are not terminals.
+    Warnings from eagle's own code stay."""
     if verbose:
         return
     for key, value in QUIET_ENV.items():
@@ -87,9 +88,13 @@ def quiet_job(verbose: bool = False) -> None:
             setattr(sys, name, PlainText(stream))
 
 
+def ray_logging_level() -> int:
+    """The level ``ray.init(logging_level=...)`` gives Ray's logger: WARNING in a quiet job."""
+    return logging.WARNING if _quiet else logging.INFO
+
+
 def quiet_ray_loggers() -> None:
-    """After ``import ray`` (which sets its loggers up): Ray's and Ray Data's loggers at WARNING in a quiet job."""
+    """After ``ray.init``: Ray Data's logger at WARNING too in a quiet job."""
     if _quiet:
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"

@@ -21,7 +21,7 @@ from typing import Any
 
 from eagle.config import JobConfig, StageResources
 from eagle.io.storage import SECRET_ENV_VARS, SETTING_ENV_VARS
-from eagle.logs import QUIET_ENV, quiet_ray_loggers
+from eagle.logs import QUIET_ENV, quiet_ray_loggers, ray_logging_level
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def init_ray(cfg: JobConfig) -> None:
 
     if not ray.is_initialized():
         _connect(cfg)
-    quiet_ray_loggers()  # ray.init sets its loggers up
+    quiet_ray_loggers()
 
 
 def _connect(cfg: JobConfig) -> None:
@@ -66,7 +66,7 @@ def _connect(cfg: JobConfig) -> None:
     if os.environ.get(_SUBMITTED_JOB_VAR):
         # Started by `ray job submit`: the job's runtime env already reaches the workers, and Ray refuses to
         # merge a second one that sets the same variables.
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_logging_level())
         return
     if address is None and (running := running_local_cluster()):
         log.info("joining the Ray already running on this machine at %s (ray.address=local starts a separate "
@@ -81,7 +81,8 @@ def _connect(cfg: JobConfig) -> None:
             log.info("not sending %s to the cluster (Ray would show them in its job table): its workers use "
                      "their own credentials (instance profile, IRSA, a Secret in the pod env, a credentials file "
                      "or AWS_PROFILE); ray.forward_credentials=true sends them anyway", ", ".join(secrets))
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+                 logging_level=ray_logging_level())
         resources = ray.cluster_resources()
         log.info("connected to Ray at %s: %g CPUs, %g GPUs", address, resources.get("CPU", 0),
                  resources.get("GPU", 0))
@@ -91,7 +92,7 @@ def _connect(cfg: JobConfig) -> None:
              "them)", num_cpus, os.cpu_count() or 1)
     # Workers of a Ray this job starts inherit its environment, credentials included: no runtime env needed.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env} if env else None)
+             runtime_env={"env_vars": env} if env else None, logging_level=ray_logging_level())
 
 
 def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
@@ -123,6 +124,10 @@ def configure_data_context(progress: type | None = None, verbose: bool = False) 
     ctx = ray.data.DataContext.get_current()
     ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *_EXTRA_RETRIED_IO_ERRORS]))
     ctx.enable_progress_bars = verbose
+    if not verbose:
+        # Its memory figure is the worker process's, which holds models an earlier task loaded: a false alarm
+        # for the light listing/decode tasks, many lines long.
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     if progress is not None and not verbose:
         ctx.custom_execution_callback_classes = [progress]
 
