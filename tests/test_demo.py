@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -29,3 +30,11 @@ def test_demo_runs_offline_and_says_what_it_did(repo_root, tmp_path):
     assert sorted(r[0] for r in rows) == sorted(str(p) for p in test_images)
     assert all(r[1] == "ok" and r[2] in ("normal", "anomalous") for r in rows)
     assert all("tiny-mllm" in r[3] for r in rows)
+    # quiet, useful logs: a few lines per step, one progress line per 30 s, no warnings, no colour codes
+    log = proc.stderr.splitlines()
+    assert len(log) <= 25, proc.stderr
+    assert any("eagle.progress: progress:" in line and "of 32 images" in line for line in log)
+    warnings = [line for line in log if re.search(r"warn", line, re.I) and "DEMO MODE" not in line]
+    assert not warnings, warnings
+    assert "\x1b[" not in proc.stdout + proc.stderr
+    assert "32 audited" in proc.stdout and "confidence: {" in proc.stdout  # the summary, on stdout

@@ -9,8 +9,10 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from eagle.evaluation.report import write_outputs
 from eagle.evaluation.scorecard import EvaluationError, evaluate, load_train_scores
 from eagle.expert.threshold import classify
 from eagle.io import storage
+from eagle.io.runs import RunInfo
 from eagle.testing.report_sample import write_output
 from eagle.testing.synth import generate
 
@@ -483,3 +486,22 @@ def test_on_s3(s3_bucket, tmp_path):
     assert metrics["products"]["grid"]["aupro"] == pytest.approx(1.0)
     html = storage.read_bytes(report_uri).decode()
     assert html.count('<article class="card"') == 6 and "image unavailable" not in html  # pictures read from S3
+
+
+def test_without_run_id_the_latest_full_run_is_evaluated_and_the_log_says_so(workspace, tmp_path, repo_root):
+    audit = tmp_path / "audit"
+    shutil.copytree(workspace / "audit", audit)
+    for run_id, mode, started in (("old", "full", "2026-01-01T00:00:00"), ("new", "incremental", "2026-02-01")):
+        info = RunInfo(run_id, started, started[:10], "h", [started], mode=mode, status="completed")
+        storage.write_bytes(str(audit / "_runs" / f"{run_id}.json"), json.dumps(asdict(info)).encode())
+    result = evaluate(str(audit), str(workspace / "data"))
+    assert (result.run_id, result.chosen_as) == ("old", "the latest full run")
+    total = len(load_ground_truth(str(workspace / "data")))
+    assert result.overall["n_test_images"] == total
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs" / "evaluate.py"), "--output", str(audit),
+                           "--data", str(workspace / "data"), "--out", str(tmp_path / "eval")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    seen = result.overall["n_test_images_with_rows"]
+    assert f"evaluating run old (the latest full run): it has rows for {seen} of the {total} ground-truth" \
+        in proc.stderr

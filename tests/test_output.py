@@ -11,7 +11,7 @@ import pytest
 
 from eagle.io import storage
 from eagle.io.history import latest_table, write_latest
-from eagle.io.runs import begin_run
+from eagle.io.runs import begin_run, end_run, read_runs
 from eagle.io.schema import OUTPUT_SCHEMA, to_table
 from eagle.pipeline.writing import RunFilenames
 
@@ -38,6 +38,21 @@ def test_run_manifest_attempts(tmp_path):
     again = begin_run(out, "r1", "h1")
     assert (first.attempt, again.attempt) == (1, 2)
     assert again.audit_date == first.audit_date and again.started_at == first.started_at
+
+
+def test_run_manifest_status_and_mode(tmp_path):
+    out = str(tmp_path)
+    end_run(out, "never-started", "interrupted")  # no manifest: nothing written
+    assert not (tmp_path / "_runs").exists()
+    assert begin_run(out, "r1", "h", mode="incremental").status == "running"
+    end_run(out, "r1", "interrupted")
+    assert [(r.run_id, r.mode, r.status) for r in read_runs(out)] == [("r1", "incremental", "interrupted")]
+    begin_run(out, "r1", "h")  # the resume: running again, in the mode it runs now
+    end_run(out, "r1", "completed")
+    (r1,) = read_runs(out)
+    assert (r1.attempt, r1.mode, r1.status) == (2, "full", "completed")
+    with pytest.raises(ValueError, match="unknown run status"):
+        end_run(out, "r1", "done")
 
 
 def test_filenames_stable_per_task_and_distinct_per_attempt():

@@ -8,18 +8,19 @@ import datetime as dt
 import gzip
 import io
 import json
+import logging
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eagle.config import InputConfig, load_config
+from eagle.config import ConfigError, InputConfig, RoutingConfig, load_config
 from eagle.io import ledger, querying, storage
 from eagle.io.inputs import list_inputs
 from eagle.io.runs import begin_run, output_files
 from eagle.io.schema import to_table
-from eagle.pipeline.inspection import run_inspect
+from eagle.pipeline.inspection import run_inspect, say_unreachable_band
 from eagle.pipeline.planning import decide
 
 
@@ -198,3 +199,29 @@ def test_dry_run_plans_per_product_and_writes_nothing(tmp_path):
     assert plan.lines()[-1].split() == ["total", str(len(listed)), "0", str(len(listed))]
     assert not os.path.exists(out) or not [f for f in storage.list_files(out)
                                            if "/_ledger/" not in f.uri]  # no manifest, plan or rows left
+
+
+def test_an_empty_listing_is_refused_unless_allowed(tmp_path):
+    (tmp_path / "empty").mkdir()
+    overrides = {"inputs": {"uris": [str(tmp_path / "empty")]}, "output": {"uri": str(tmp_path / "audit")},
+                 "model_store": str(tmp_path / "models"), "mllm": {"model": "none"}, "run_id": "dry"}
+    with pytest.raises(ConfigError, match="the inputs list no images .*pass --allow-empty"):
+        run_inspect(load_config(overrides=overrides, env={}), dry_run=True)
+    overrides["inputs"]["allow_empty"] = True
+    assert run_inspect(load_config(overrides=overrides, env={}), dry_run=True).listed == 0
+
+
+def test_a_routing_policy_that_can_route_nothing_says_so_up_front(tmp_path, caplog):
+    store = str(tmp_path / "models")
+    for product, threshold in (("grid", 0.5), ("nut", 0.3)):  # grid: threshold above score_max 0.4
+        meta = {"format": "eagle-expert/1", "threshold": {"value": threshold, "score_max": 0.4}}
+        storage.write_bytes(storage.join(store, product, "v1", "meta.json"), json.dumps(meta).encode())
+    cfg = load_config(overrides={"model_store": store, "routing": {"policy": "uncertain"}}, env={})
+    with caplog.at_level(logging.INFO, "eagle.pipeline.inspection"):
+        say_unreachable_band(cfg, {"grid": "v1", "nut": "v1"})
+    assert [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records] == [("WARNING", "grid")]
+    assert "routing.policy=uncertain sends none of its images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "eagle.pipeline.inspection"):  # guidance only: a note, not a warning
+        say_unreachable_band(cfg.model_copy(update={"routing": RoutingConfig(policy="all")}), {"grid": "v1"})
+    assert [r.levelname for r in caplog.records] == ["INFO"]

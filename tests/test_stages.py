@@ -189,6 +189,16 @@ def test_mllm_stage_routes_answers_and_keeps_the_expert_on_failure(cfg):
     assert runner.calls == [3, 1, 1, 1]  # the batch of 3 failed, then one by one; the 4th row alone
 
 
+def test_an_unparsed_answer_keeps_the_expert_explanation_and_stores_the_reply(cfg):
+    runner = SimpleNamespace(run=lambda requests: [
+        SimpleNamespace(answer="unparsed", explanation="bolt bolt zq", raw_text="bolt bolt zq", guided=True,
+                        image_attention_share=None) for _ in requests])
+    (row,) = rows_of(_mllm_stage(cfg, runner)(_scored(["uncertain"])))
+    assert (row["answer"], row["verdict"], row["explanation_source"], row["mllm_reply"]) == (
+        "unparsed", "anomalous", "expert", "bolt bolt zq")
+    assert row["explanation"].startswith("Expert: uncertain")
+
+
 def test_failed_rows_get_the_not_asked_columns_in_both_stages(cfg):
     batch = _scored(["uncertain", "uncertain"])
     batch["status"][1] = "error"

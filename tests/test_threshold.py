@@ -10,7 +10,14 @@ from scipy import stats
 from eagle.config import ConfidenceConfig, ThresholdConfig
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
-from eagle.expert.threshold import classify, fit_threshold, leave_own_out_scores, threshold_value
+from eagle.expert.threshold import (
+    band_is_empty,
+    classify,
+    empty_band_advice,
+    fit_threshold,
+    leave_own_out_scores,
+    threshold_value,
+)
 
 
 def rule(method: str, **kw) -> ThresholdConfig:
@@ -110,3 +117,13 @@ def test_classify_eagle_band_and_factors():
     assert classify(0.75, 1.0, 2.0, wide) == ("normal", "confident_normal")
     assert classify(2.5, 1.0, 2.0, wide) == ("anomalous", "uncertain")
     assert classify(3.0, 1.0, 2.0, wide) == ("anomalous", "confident_anomalous")
+
+
+def test_an_empty_uncertain_band_is_named_with_the_setting_that_widens_it():
+    assert band_is_empty(0.5, 0.4) and not band_is_empty(0.3, 0.4)
+    assert not band_is_empty(0.5, 0.4, ConfidenceConfig(low_factor=0.9))  # normal verdicts near the threshold
+    assert not band_is_empty(0.5, 0.4, ConfidenceConfig(high_factor=1.3))
+    advice = empty_band_advice("grid", 0.5, 0.4)
+    assert advice.startswith("grid: threshold 0.5 >= score_max 0.4") and "confidence.high_factor=1.26" in advice
+    assert not band_is_empty(0.5, 0.4, ConfidenceConfig(high_factor=1.26))  # the advice is enough
+    assert empty_band_advice("grid", 0.3, 0.4) is None

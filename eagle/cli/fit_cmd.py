@@ -5,19 +5,24 @@
         [--coreset-ratio R] [--config FILE] [section.key=value ...]
 
 --data is an MVTec-AD-layout root ({product}/train/good/*.png). Products run as parallel Ray tasks sized by
-resources.expert; each writes {model-store}/{product}/{version}/ and moves {product}/LATEST.
+resources.expert; each writes {model-store}/{product}/{version}/ and moves {product}/LATEST. --weights imagenet
+(the default) needs timm's pretrained weights from the hub or its local cache; random is for trials.
+A product whose threshold lies at or above its largest training score (an empty uncertain band) is reported
+with the setting that widens the band.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
+from eagle.cli.exit_codes import JOB_FAILED, OK, SOME_FAILED, USAGE, help_text
+from eagle.cli.interrupts import catch_signals
+from eagle.cli.preflight import StorageUnreachable, check_fit
 from eagle.config import ConfigError, load_config
-from eagle.expert.training import FitSummary, list_products
-from eagle.logs import setup_logging
-from eagle.pipeline.fitting import fit_products
-from eagle.pipeline.ray_setup import init_ray
+from eagle.io import storage
+from eagle.logs import quiet_job, setup_logging
 
 log = logging.getLogger("eagle.fit")
 
@@ -27,7 +32,9 @@ _FLAGS = {"model_store": "model_store", "backbone": "expert.backbone", "weights"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jobs/fit.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs/fit.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__ + "\n" + help_text("fit"))
     p.add_argument("--data", required=True, metavar="ROOT", help="MVTec-layout root, local or s3://.")
     p.add_argument("--model-store", metavar="URI", help="Where artifacts go (config: model_store).")
     p.add_argument("--products", help="Comma-separated products (default: every product under ROOT).")
@@ -36,25 +43,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold-method", choices=["k-sigma", "mad", "quantile", "evt"])
     p.add_argument("--coreset-ratio", type=float)
     p.add_argument("--config", metavar="FILE", help="YAML job config (local or s3://).")
+    p.add_argument("--summary-json", metavar="PATH", help="Also write the per-product results as JSON (local or "
+                                                          "s3://).")
+    p.add_argument("--verbose", action="store_true", help="Ray's own detail: library warnings, colours.")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
+    quiet_job(args.verbose)
     setup_logging()
     flags = [f"{key}={getattr(args, name)}" for name, key in _FLAGS.items() if getattr(args, name) is not None]
     try:
         cfg = load_config(args.config, args.overrides + flags)
+        check_fit(cfg, args.data)
     except ConfigError as err:
         log.error("%s", err)
-        return 2
-    if not cfg.model_store:
-        log.error("no model store: pass --model-store or set model_store in the config")
-        return 2
+        return USAGE
+    except StorageUnreachable as exc:
+        log.error("job failed: %s", exc)
+        return JOB_FAILED
+    from eagle.expert.threshold import empty_band_advice
+    from eagle.expert.training import FitSummary, list_products
+
     products = [s.strip() for s in args.products.split(",") if s.strip()] if args.products else \
         list_products(args.data, cfg.storage)
     if not products:
-        log.error("no products with train/good images under %s", args.data)
-        return 2
-    init_ray(cfg)
-    results = fit_products(args.data, products, cfg)
+        log.error("no products with train/good images under %s: check --data (an MVTec-layout root with "
+                  "PRODUCT/train/good/*.png)", args.data)
+        return USAGE
+    signals = catch_signals()
+    from eagle.pipeline.fitting import fit_products
+    from eagle.pipeline.ray_setup import init_ray
+
+    try:
+        init_ray(cfg)
+        results = fit_products(args.data, products, cfg)
+    except KeyboardInterrupt:
+        log.warning("interrupted: products whose LATEST moved are fitted; run the same command again to fit "
+                    "the rest")
+        return signals.exit_code()
     print(f"{'product':<16} {'images':>6} {'patches':>8} {'coreset':>7} {'method':>8} {'threshold':>10} "
           f"{'score_max':>10} {'skipped':>7} {'seconds':>8}  version")
     failed = 0
@@ -65,5 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             failed += 1
             print(f"{product:<16} FAILED: {type(res).__name__}: {res}")
-    return 1 if failed else 0
+    for res in results.values():
+        if isinstance(res, FitSummary) and (advice := empty_band_advice(res.product, res.threshold, res.score_max,
+                                                                        cfg.confidence)):
+            log.warning("%s", advice)
+    if args.summary_json:
+        doc = {p: r.as_dict() if isinstance(r, FitSummary) else {"error": f"{type(r).__name__}: {r}"}
+               for p, r in results.items()}
+        storage.write_bytes(args.summary_json, json.dumps(doc, indent=2).encode(), cfg.storage)
+    return SOME_FAILED if failed else OK
 

@@ -4,26 +4,39 @@
     ray job submit --working-dir . -- python jobs/inspect.py --config audit.yaml [section.key=value ...]
     python jobs/inspect.py            # no arguments: the embedded offline demo (synthetic data, tiny MLLM)
 
-Exit codes: 0 success (individual bad images are error rows, not failures), 2 bad config or arguments,
-3 job-level failure (storage unreachable, error rate above output.max_error_rate).
+Before Ray starts, the job checks its inputs (each prefix exists and holds images), output, model store and MLLM
+(a local folder, an s3:// prefix, or a hub id in the local cache; a model over 4 GiB needs a GPU unless
+--force-cpu-mllm). The summary goes to stdout (and as JSON to --summary-json); logs go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shlex
 import sys
+from typing import TYPE_CHECKING
 
-from eagle.config import ConfigError, deep_merge, load_config, parse_overrides
-from eagle.logs import setup_logging
+from eagle.cli.exit_codes import JOB_FAILED, OK, SIGTERM, USAGE, help_text
+from eagle.cli.interrupts import catch_signals
+from eagle.cli.preflight import StorageUnreachable, check_inspect
+from eagle.config import ConfigError, JobConfig, deep_merge, load_config, parse_overrides
+from eagle.io import storage
+from eagle.io.runs import new_run_id
+from eagle.logs import quiet_job, setup_logging
+
+if TYPE_CHECKING:
+    from eagle.pipeline.inspection import Summary
 
 log = logging.getLogger("eagle.inspect")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobs/inspect.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__ + "\n" + help_text("inspect"))
     p.add_argument("--input", action="append", default=[], metavar="URI",
                    help="Image prefix (local or s3://, recursive), a manifest (.parquet/.csv with a 'uri' "
                         "column) or an S3 Inventory report's manifest.json. Repeatable.")
@@ -37,6 +50,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="List and plan only: print per product how many images are listed, already done and "
                         "to audit, then exit (nothing is written).")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="An input without images is a normal, empty run (config: inputs.allow_empty); without "
+                        "it, exit 2.")
+    p.add_argument("--force-cpu-mllm", action="store_true",
+                   help="Run an MLLM over 4 GiB on CPU (resources.mllm.num_gpus=0) instead of refusing.")
+    p.add_argument("--summary-json", metavar="PATH", help="Also write the run's summary as JSON (local or s3://).")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own detail: progress bars, library warnings, colours.")
     p.add_argument("--demo-dir", default="demo", help="Where the no-argument demo writes (default ./demo).")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
     return p.parse_intermixed_args(argv)  # overrides may stand before, between or after flags
@@ -62,37 +83,83 @@ def _flag_overrides(args: argparse.Namespace) -> dict:
         out["run_id"] = args.run_id
     if args.mode:
         out["mode"] = args.mode
+    if args.allow_empty:
+        out.setdefault("inputs", {})["allow_empty"] = True
     return out
+
+
+def resume_command(argv: list[str], run_id: str) -> str:
+    """The command line that resumes `run_id`: this one with ``--run-id`` set to it."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--run-id="):
+            skip = False
+            continue
+        if arg == "--run-id":
+            skip = True
+            continue
+        kept.append(arg)
+    script = os.path.join("jobs", "inspect.py") if not sys.argv[0].endswith(".py") else sys.argv[0]
+    return shlex.join([sys.executable, script, *kept, "--run-id", run_id])
+
+
+def _report(summary: Summary, args: argparse.Namespace, cfg: JobConfig) -> None:
+    """The summary on stdout (for schedulers and people), and as JSON when asked."""
+    print("\n".join(summary.lines()), flush=True)
+    if args.summary_json:
+        storage.write_bytes(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode(), cfg.storage)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
-    setup_logging()
     args = parse_args(argv)
+    quiet_job(args.verbose)
+    setup_logging()
     if not argv or argv == ["--demo-dir", args.demo_dir]:
         from eagle.testing.demo import run_demo
 
         return run_demo(args.demo_dir)
+    try:
+        overrides = deep_merge(_flag_overrides(args), parse_overrides(args.overrides))
+        cfg = load_config(args.config, overrides=overrides)
+        check_inspect(cfg, force_cpu_mllm=args.force_cpu_mllm)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return USAGE
+    except StorageUnreachable as exc:
+        log.error("job failed: %s", exc)
+        return JOB_FAILED
+    if not args.dry_run and not cfg.run_id:
+        cfg.run_id = new_run_id()  # known up front, so an interrupted run can say how to resume it
+    signals = catch_signals()
     from eagle.pipeline.inspection import JobFailed, run_inspect
     from eagle.pipeline.ray_setup import init_ray
 
     try:
-        overrides = deep_merge(_flag_overrides(args), parse_overrides(args.overrides))
-        cfg = load_config(args.config, overrides=overrides)
         init_ray(cfg)
-        result = run_inspect(cfg, dry_run=args.dry_run)
+        result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose)
     except ConfigError as exc:
         log.error("%s", exc)
-        return 2
+        return USAGE
     except JobFailed as exc:
         log.error("job failed: %s", exc)
-        return 3
+        return JOB_FAILED
+    except KeyboardInterrupt:
+        import ray
+
+        ray.shutdown()
+        name = "SIGTERM" if signals.exit_code() == SIGTERM else "SIGINT"
+        if args.dry_run:
+            log.warning("dry run interrupted by %s; nothing was written", name)
+            return signals.exit_code()
+        log.warning("run %s interrupted by %s; its manifest says interrupted. Resume it (only images without a "
+                    "row of this run are audited) with:", cfg.run_id, name)
+        print(resume_command(argv, cfg.run_id), file=sys.stderr, flush=True)
+        return signals.exit_code()
     if args.dry_run:
         print(f"dry run ({cfg.mode}{', run ' + cfg.run_id if cfg.run_id else ''}): nothing was audited or written")
         print("\n".join(result.lines()))
-        return 0
-    for line in result.lines():
-        log.info("%s", line)
-    return 0
-
+        return OK
+    _report(result, args, cfg)
+    return OK

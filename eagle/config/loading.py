@@ -86,11 +86,15 @@ def load_config(
 ) -> JobConfig:
     """Build a JobConfig from (lowest to highest precedence) environment, a YAML file and overrides.
 
-    Raises ConfigError naming the offending key and what is allowed.
+    Raises ConfigError naming the offending key and what is allowed, or the config file it cannot read.
     """
     data = _env_defaults(dict(os.environ) if env is None else env)
     if path is not None:
-        text = Path(path).read_text() if "://" not in str(path) else read_bytes(str(path)).decode()
+        try:
+            text = Path(path).read_text() if "://" not in str(path) else read_bytes(str(path)).decode()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file {path} ({type(exc).__name__}: {exc}); check the "
+                              f"path given to --config") from None
         try:
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

@@ -59,7 +59,9 @@ class StageResources(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions let several actors share one GPU.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100' or 'A10G'.")
     device: str = Field("auto", description="'auto' (cuda when num_gpus > 0, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
-    max_restarts: int = Field(3, ge=-1, description="Ray actor restarts after a crash (-1: unlimited).")
+    max_restarts: int | None = Field(
+        None, ge=-1, description="Ray actor restarts after a crash (-1: unlimited); None keeps Ray Data's default "
+        "(unlimited, the actor's tasks retried). A value is passed as Ray Data's deprecated ray_remote_args.")
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> StageResources:
@@ -249,6 +251,9 @@ class InputConfig(Section):
         default_factory=lambda: ["*/ground_truth/*"],
         description="Glob patterns (fnmatch, '*' spans '/') of listed URIs to skip; default skips MVTec masks.",
     )
+    allow_empty: bool = Field(
+        False, description="An input that lists no images is a normal, empty run; otherwise the job exits 2 "
+        "naming the input (a mistyped prefix must not pass a nightly re-audit).")
     max_image_pixels: int = Field(64_000_000, gt=0, description="Larger images are refused (decompression bombs).")
     rows_per_block: int = Field(
         4096, gt=0, description="Rows per Ray block of the listing (thousands at scale; the models' batch sizes "

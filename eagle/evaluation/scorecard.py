@@ -27,7 +27,7 @@ from eagle.evaluation.ground_truth import Truth, load_ground_truth, relative_pat
 from eagle.expert.artifact import ArtifactError, read_meta
 from eagle.expert.regions import decode_gray_png
 from eagle.io import storage
-from eagle.io.runs import read_rows
+from eagle.io.runs import read_rows, read_runs
 
 ROW_COLUMNS = ["run_id", "audited_at", "image_uri", "product", "width", "height", "status", "error", "error_stage",
                "expert_score", "threshold", "score_max", "expert_verdict", "confidence", "boxes", "mask_png",
@@ -59,6 +59,7 @@ class Evaluation:
     products: dict[str, ProductResult] = field(default_factory=dict)
     overall: dict[str, Any] = field(default_factory=dict)
     comparison: dict[str, Any] | None = None  # compare_runs(), when other runs were named
+    chosen_as: str = "given"  # how the run was chosen: given, the latest full run, or the newest rows
 
     def to_json(self) -> dict[str, Any]:
         doc = {"run_id": self.run_id, "output": self.output_uri, "data": self.data_root, "overall": self.overall,
@@ -74,6 +75,14 @@ class Matched:
     errors: Counter = field(default_factory=Counter)
     unmatched: Counter = field(default_factory=Counter)
     missing: Counter = field(default_factory=Counter)
+
+
+def latest_full_run(output_uri: str, table: pa.Table, cfg: StorageConfig | None = None) -> str | None:
+    """The latest run (by start) whose manifest says it ran in full mode and that has rows in `table`; None when
+    no manifest says so (manifests from before the mode was recorded)."""
+    with_rows = set(pc.unique(table.column("run_id")).to_pylist())
+    full = [r.run_id for r in read_runs(output_uri, cfg) if r.mode == "full" and r.run_id in with_rows]
+    return full[-1] if full else None
 
 
 def select_run(table: pa.Table, run_id: str | None) -> tuple[str, pa.Table]:
@@ -142,12 +151,16 @@ def evaluate(output_uri: str, data_root: str, run_id: str | None = None, cfg: St
     table = read_rows(output_uri, ROW_COLUMNS, cfg)
     if not table.num_rows:
         raise EvaluationError(f"no output rows under {output_uri}")
+    chosen_as = "given"
+    if run_id is None:
+        run_id = latest_full_run(output_uri, table, cfg)
+        chosen_as = "the latest full run" if run_id else "the run with the newest rows (no manifest says full)"
     run_id, run_rows = select_run(table, run_id)
     truth = load_ground_truth(data_root, cfg)
     if not truth:
         raise EvaluationError(f"no test images under {data_root} (expected {{product}}/test/{{defect}}/*)")
     matched = match_rows(run_rows, truth, data_root)
-    result = Evaluation(run_id, output_uri, data_root)
+    result = Evaluation(run_id, output_uri, data_root, chosen_as=chosen_as)
     all_rows, all_truths, all_pixels = [], [], metrics.PixelCounts()
     for product in sorted(set(matched.scored) | set(matched.errors) | set(matched.unmatched)):
         pairs = list(matched.scored[product].values())
@@ -163,6 +176,7 @@ def evaluate(output_uri: str, data_root: str, run_id: str | None = None, cfg: St
     overall = group_metrics(all_rows, all_truths, all_pixels)
     overall.update(n_errors=sum(matched.errors.values()), n_unmatched=sum(matched.unmatched.values()),
                    n_missing=sum(matched.missing[p] for p in result.products),
+                   n_test_images=len(truth), n_test_images_with_rows=len(truth) - sum(matched.missing.values()),
                    product_mean={k: mean(r.metrics[k] for r in result.products.values() if r.metrics[k] is not None)
                                  for k in ("image_auroc", "pixel_auroc", "aupro")})
     result.overall = overall

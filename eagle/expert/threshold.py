@@ -116,3 +116,21 @@ def classify(score: float, threshold: float, score_max: float,
     if score < threshold:
         return "normal", ("uncertain" if score >= cfg.low_factor * threshold else "confident_normal")
     return "anomalous", ("uncertain" if score < cfg.high_factor * score_max else "confident_anomalous")
+
+
+def band_is_empty(threshold: float, score_max: float, cfg: ConfidenceConfig | None = None) -> bool:
+    """Whether `classify` can call no score uncertain (see its docstring)."""
+    cfg = cfg or ConfidenceConfig()
+    return cfg.low_factor >= 1 and threshold >= cfg.high_factor * score_max
+
+
+def empty_band_advice(product: str, threshold: float, score_max: float, cfg: ConfidenceConfig | None = None
+                      ) -> str | None:
+    """What to tell the user when a product's uncertain band is empty; None when it is not."""
+    if not band_is_empty(threshold, score_max, cfg):
+        return None
+    factor = np.ceil(threshold / score_max * 100) / 100 + 0.01 if score_max > 0 else float("nan")
+    return (f"{product}: threshold {threshold:.4g} >= score_max {score_max:.4g}, so its uncertain band is empty: "
+            f"routing.policy=uncertain sends none of its images to the MLLM and guidance (apply_to=uncertain) "
+            f"never applies. Widen the band with confidence.high_factor={factor:.2f} (or confidence.low_factor "
+            f"below 1), or refit with a lower threshold (threshold.k, threshold.method=quantile).")

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from eagle.io import storage
 from eagle.io.querying import sql_list, sql_str
-from eagle.io.runs import INTERNAL_SUFFIX, LEDGER_DIR, RUNS_DIR, RunInfo, output_files
+from eagle.io.runs import INTERNAL_SUFFIX, LEDGER_DIR, output_files, read_runs
 from eagle.io.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ def pending_runs(output: str, cfg: StorageConfig | None = None) -> dict[str, int
     """Run ids (with their attempt count) whose latest attempt the ledger does not hold yet."""
     merged = read_state(output, cfg)["runs"]
     out = {}
-    for f in storage.list_files(storage.join(output, RUNS_DIR), (".json",), cfg):
-        info = RunInfo(**json.loads(storage.read_bytes(f.uri, cfg)))
+    for info in read_runs(output, cfg):
         if merged.get(info.run_id, 0) < info.attempt:
             out[info.run_id] = info.attempt
     return out

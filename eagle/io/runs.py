@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import posixpath
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -32,6 +33,11 @@ LEDGER_DIR = "_ledger"  # the compacted ledger (eagle.io.ledger)
 INTERNAL_SUFFIX = ".pq"
 
 
+# A run's status in its manifest: running (an attempt is under way, or its driver died), then what the last
+# attempt ended as. Manifests written before the field existed read as "unknown".
+RUN_STATUSES = ("running", "completed", "failed", "interrupted", "unknown")
+
+
 @dataclass
 class RunInfo:
     """A run's identity, kept in ``{output}/_runs/{run_id}.json`` so a resume reuses its audit date."""
@@ -41,15 +47,28 @@ class RunInfo:
     audit_date: str
     config_hash: str
     attempts: list[str] = field(default_factory=list)
+    mode: str = "unknown"  # full or incremental, as the last attempt ran ("unknown" in older manifests)
+    status: str = "unknown"  # one of RUN_STATUSES
 
     @property
     def attempt(self) -> int:
         return len(self.attempts)
 
 
-def begin_run(output_uri: str, run_id: str, config_hash: str, cfg: StorageConfig | None = None) -> RunInfo:
-    """Create the run manifest, or load it and register a new attempt when the run id already exists."""
-    uri = storage.join(output_uri, RUNS_DIR, f"{run_id}.json")
+def new_run_id() -> str:
+    """A fresh run id: UTC start time and a random suffix (sorts by start time)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
+def manifest_uri(output_uri: str, run_id: str) -> str:
+    return storage.join(output_uri, RUNS_DIR, f"{run_id}.json")
+
+
+def begin_run(output_uri: str, run_id: str, config_hash: str, cfg: StorageConfig | None = None,
+              mode: str = "full") -> RunInfo:
+    """Create the run manifest, or load it and register a new attempt when the run id already exists; the
+    manifest says ``running`` until `end_run`."""
+    uri = manifest_uri(output_uri, run_id)
     now = dt.datetime.now(dt.UTC)
     if storage.exists(uri, cfg):
         info = RunInfo(**json.loads(storage.read_bytes(uri, cfg)))
@@ -60,8 +79,30 @@ def begin_run(output_uri: str, run_id: str, config_hash: str, cfg: StorageConfig
         info = RunInfo(run_id=run_id, started_at=now.isoformat(), audit_date=now.date().isoformat(),
                        config_hash=config_hash)
     info.attempts.append(now.isoformat())
+    info.mode, info.status = mode, "running"
     storage.write_bytes(uri, json.dumps(asdict(info), indent=2).encode(), cfg)
     return info
+
+
+def end_run(output_uri: str, run_id: str, status: str, cfg: StorageConfig | None = None) -> None:
+    """Record how the run's current attempt ended (completed, failed or interrupted); a no-op when the run
+    never got a manifest (it stopped before planning)."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"unknown run status {status!r}; expected one of {RUN_STATUSES}")
+    uri = manifest_uri(output_uri, run_id)
+    if not storage.exists(uri, cfg):
+        return
+    info = RunInfo(**json.loads(storage.read_bytes(uri, cfg)))
+    info.status = status
+    storage.write_bytes(uri, json.dumps(asdict(info), indent=2).encode(), cfg)
+
+
+def read_runs(output_uri: str, cfg: StorageConfig | None = None) -> list[RunInfo]:
+    """Every run manifest under the output prefix, oldest first."""
+    folder = storage.join(output_uri, RUNS_DIR)
+    infos = [RunInfo(**json.loads(storage.read_bytes(f.uri, cfg)))
+             for f in storage.list_files(folder, (".json",), cfg, recursive=False)]
+    return sorted(infos, key=lambda r: r.started_at)
 
 
 def output_files(output_uri: str, cfg: StorageConfig | None = None) -> list[str]:

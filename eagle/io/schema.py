@@ -45,6 +45,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("verdict", pa.string(), "Final verdict: the MLLM's when it answered yes/no, else the expert's."),
     ("explanation", pa.string(), "One sentence: what and where, or why normal."),
     ("explanation_source", pa.string(), "'mllm' or 'expert'."),
+    ("mllm_reply", pa.string(), "The MLLM's raw reply when it could not be parsed (answer 'unparsed'; the "
+     "explanation is then the expert's); null otherwise."),
     ("image_attention_share", pa.float32(), "Share of image-token attention inside the expert's region."),
     ("expert_model_version", pa.string(), "Content hash of the expert artifact used."),
     ("mllm_model", pa.string(), "MLLM id/path used (null when none)."),

@@ -10,12 +10,11 @@ never holds a row per image. Afterwards it counts the run's own output and merge
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import duckdb
 
@@ -23,8 +22,10 @@ from eagle import __version__
 from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.io import ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
-from eagle.io.runs import RUNS_DIR, RunInfo, begin_run
+from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_dataset
+from eagle.pipeline.progress import progress_callback
+from eagle.pipeline.ray_setup import configure_data_context
 from eagle.pipeline.retry_tally import read_tally, start_tally
 from eagle.pipeline.stages.decode_stage import DecodeStage
 from eagle.pipeline.stages.expert_stage import ExpertStage
@@ -51,7 +52,9 @@ class Summary:
     status: dict[str, int] = field(default_factory=dict)
     verdict: dict[str, int] = field(default_factory=dict)
     by_product: dict[str, dict[str, int]] = field(default_factory=dict)
+    confidence: dict[str, int] = field(default_factory=dict)  # rows per expert confidence band
     mllm_calls: int = 0
+    guided: int = 0  # MLLM calls with attention guidance
     audited_fresh: int = 0  # rows of this run for images not already known to fail
     new_errors: int = 0  # error rows among those
     storage_retries: dict[str, int] = field(default_factory=dict)  # failed object-store requests, per kind
@@ -60,11 +63,16 @@ class Summary:
     def images_per_second(self) -> float:
         return self.audited / self.seconds if self.seconds else 0.0
 
+    def as_dict(self) -> dict:
+        """The summary as plain JSON-ready values (what ``--summary-json`` writes)."""
+        return {**asdict(self), "images_per_second": round(self.images_per_second, 3)}
+
     def lines(self) -> list[str]:
         out = [f"run {self.run_id}: {self.listed} images listed, {self.skipped} already done, "
                f"{self.audited} audited in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)",
-               f"  status: {dict(sorted(self.status.items()))}   verdict: {dict(sorted(self.verdict.items()))}   "
-               f"MLLM calls: {self.mllm_calls}"]
+               f"  status: {dict(sorted(self.status.items()))}   verdict: {dict(sorted(self.verdict.items()))}",
+               f"  confidence: {dict(sorted(self.confidence.items()))}   MLLM calls: {self.mllm_calls} "
+               f"({self.guided} guided)"]
         out += [f"  {p}: {dict(sorted(c.items()))}" for p, c in sorted(self.by_product.items())]
         if self.storage_retries:
             out.append("  storage retries (failed requests, retried): "
@@ -86,15 +94,33 @@ def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
     return versions
 
 
-def run_inspect(cfg: JobConfig, dry_run: bool = False) -> Summary | Plan:
+def say_unreachable_band(cfg: JobConfig, versions: dict[str, str]) -> None:
+    """Say up front which products have an empty uncertain band: a warning when the routing policy then sends
+    none of their images to the MLLM, a note when only guidance (apply_to=uncertain) never applies."""
+    from eagle.expert.artifact import read_meta
+    from eagle.expert.threshold import empty_band_advice
+
+    routes = cfg.routing.policy == "uncertain"
+    guides = cfg.guidance.enabled and cfg.guidance.apply_to == "uncertain"
+    if not cfg.mllm.model or not (routes or guides):
+        return
+    for product, version in sorted(versions.items()):
+        fitted = read_meta(cfg.model_store, product, version, cfg.storage)["threshold"]
+        if advice := empty_band_advice(product, fitted["value"], fitted["score_max"], cfg.confidence):
+            log.log(logging.WARNING if routes else logging.INFO, "%s", advice)
+
+
+def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False) -> Summary | Plan:
     """Audit every listed image not yet audited in this run (incrementally: not up to date); returns the run's
     summary. With `dry_run`, only plan: returns the plan (per product listed / done / to audit), writes no
-    rows, no run manifest and takes no lease. A run is held by one driver at a time (`eagle.io.lease`)."""
+    rows, no run manifest and takes no lease. A run is held by one driver at a time (`eagle.io.lease`); its
+    manifest ends completed, failed or interrupted. `verbose` keeps Ray Data's progress bars instead of one
+    progress line per 30 s."""
     if not cfg.model_store:
         raise ConfigError("model_store is required (--model-store)")
     if not cfg.output.uri:
         raise ConfigError("output.uri is required (--output)")
-    run_id = cfg.run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    run_id = cfg.run_id or new_run_id()
     if dry_run:
         return _plan(cfg, run_id, dry_run=True)[0]
     try:
@@ -103,10 +129,19 @@ def run_inspect(cfg: JobConfig, dry_run: bool = False) -> Summary | Plan:
         raise
     except Exception as exc:  # noqa: BLE001 - the output store is unreachable (after retries)
         raise JobFailed(f"cannot take the run's lease in {cfg.output.uri}: {type(exc).__name__}: {exc}") from exc
+    status = "failed"
     try:
-        return _run(cfg, run_id)
+        summary = _run(cfg, run_id, verbose)
+        status = "completed"
+        return summary
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM as the job's command line maps it
+        status = "interrupted"
+        raise
     finally:
-        lease.release()
+        try:
+            end_run(cfg.output.uri, run_id, status, cfg.storage)
+        finally:
+            lease.release()
 
 
 def _tally_since(tally: object, before: dict[str, int]) -> dict[str, int]:
@@ -125,7 +160,7 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
             run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
             out_dir = storage.join(cfg.output.uri, RUNS_DIR, f"_dry-run-{uuid.uuid4().hex[:8]}")
         else:
-            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage)
+            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode)
             out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
         cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
         plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),
@@ -140,7 +175,7 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
     return plan, con
 
 
-def _run(cfg: JobConfig, run_id: str) -> Summary:
+def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
     start = time.time()
     tally = start_tally()
     retries_before = read_tally(tally)
@@ -149,9 +184,11 @@ def _run(cfg: JobConfig, run_id: str) -> Summary:
     log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",
              run_id, run.attempt, cfg.mode, plan.listed, plan.done, plan.todo)
     if plan.todo_dir:
+        say_unreachable_band(cfg, plan.versions)
         _abort_leftover_uploads(cfg, run_id)
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
+        configure_data_context(progress_callback(plan.todo), verbose)
         ds = DecodeStage.apply(todo_dataset(plan, cfg), cfg)
         ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
         ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
@@ -232,10 +269,14 @@ def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, plan: Plan, se
     for product, v, n in con.execute("SELECT product, coalesce(verdict, 'error'), count(*) FROM run_rows "
                                      "GROUP BY 1, 2").fetchall():
         by_product.setdefault(product, {})[v] = n
-    mllm_calls, fresh, new_errors = con.execute(
-        "SELECT count(*) FILTER (WHERE r.mllm_ran), count(*) FILTER (WHERE NOT coalesce(d.failed_before, false)), "
+    confidence = dict(con.execute("SELECT confidence, count(*) FROM run_rows WHERE confidence IS NOT NULL "
+                                  "GROUP BY 1").fetchall())
+    mllm_calls, guided, fresh, new_errors = con.execute(
+        "SELECT count(*) FILTER (WHERE r.mllm_ran), count(*) FILTER (WHERE r.guided), "
+        "count(*) FILTER (WHERE NOT coalesce(d.failed_before, false)), "
         "count(*) FILTER (WHERE NOT coalesce(d.failed_before, false) AND r.status = 'error') "
         "FROM run_rows r LEFT JOIN decided d ON d.image_uri = r.image_uri").fetchone()
     return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
                    audited=plan.todo, seconds=seconds, status=status, verdict=verdict, by_product=by_product,
-                   mllm_calls=mllm_calls, audited_fresh=fresh, new_errors=new_errors)
+                   confidence=confidence, mllm_calls=mllm_calls, guided=guided, audited_fresh=fresh,
+                   new_errors=new_errors)

@@ -180,6 +180,11 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
     con.execute(f"CREATE OR REPLACE TEMP TABLE listing AS SELECT DISTINCT ON (image_uri) * FROM "
                 f"({listing_sql(con, cfg, out_dir)})")
     products = [r[0] for r in con.execute("SELECT DISTINCT product FROM listing ORDER BY 1").fetchall()]
+    if not products and not cfg.inputs.allow_empty:
+        sources = [*cfg.inputs.uris, *([cfg.inputs.manifest] if cfg.inputs.manifest else [])]
+        raise ConfigError(f"the inputs list no images ({', '.join(sources)}; extensions "
+                          f"{', '.join(cfg.inputs.extensions)}, excluding {', '.join(cfg.inputs.exclude) or 'nothing'})"
+                          f": check --input and inputs.exclude; pass --allow-empty if an empty input is expected")
     check_products(products)
     versions = pin_versions(products)
     con.execute("CREATE OR REPLACE TEMP TABLE versions (product VARCHAR, version VARCHAR)")

@@ -1,6 +1,7 @@
 """Everything a job needs from Ray, in one place: connecting the driver, the options a stage or task runs
-under (from its config), and torch threads inside workers. (Object-store retries are the S3 client's, in
-`eagle.io.s3_client`: Ray Data's ``retried_io_errors`` match pyarrow's own S3 errors, which no job raises.)
+under (from its config), Ray Data's progress reporting, and torch threads inside workers. (Object-store
+retries are the S3 client's, in `eagle.io.s3_client`: Ray Data's ``retried_io_errors`` match pyarrow's own S3
+errors, which no job raises.)
 
 Connecting: a cluster (config or RAY_ADDRESS), a Ray already running on this machine, or a local instance of
 the job's own.
@@ -22,13 +23,14 @@ from typing import Any
 
 from eagle.config import JobConfig, StageResources
 from eagle.io.storage import SECRET_ENV_VARS, SETTING_ENV_VARS
+from eagle.logs import QUIET_ENV, quiet_ray_loggers, ray_logging_level
 
 log = logging.getLogger(__name__)
 
 # Passed to workers in the job's runtime env so they reach the same object store as the driver. Never the
 # secrets: Ray keeps a runtime env in its job table, which the dashboard and `ray list jobs --detail` show.
 _FORWARDED_ENV = (*SETTING_ENV_VARS, "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "HF_HUB_OFFLINE", "HF_HOME",
-                  "EAGLE_TORCH_THREADS")
+                  "EAGLE_TORCH_THREADS", *QUIET_ENV)
 
 
 # Set by Ray's job supervisor for the entrypoint of a submitted job.
@@ -52,15 +54,21 @@ def init_ray(cfg: JobConfig) -> None:
     fractional actors never starve read tasks."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _connect(cfg)
+    quiet_ray_loggers()
+
+
+def _connect(cfg: JobConfig) -> None:
+    import ray
+
     env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
     secrets = [k for k in SECRET_ENV_VARS if os.environ.get(k)]
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if os.environ.get(_SUBMITTED_JOB_VAR):
         # Started by `ray job submit`: the job's runtime env already reaches the workers, and Ray refuses to
         # merge a second one that sets the same variables.
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_logging_level())
         return
     if address is None and (running := running_local_cluster()):
         log.info("joining the Ray already running on this machine at %s (ray.address=local starts a separate "
@@ -75,16 +83,18 @@ def init_ray(cfg: JobConfig) -> None:
             log.info("not sending %s to the cluster (Ray would show them in its job table): its workers use "
                      "their own credentials (instance profile, IRSA, a Secret in the pod env, a credentials file "
                      "or AWS_PROFILE); ray.forward_credentials=true sends them anyway", ", ".join(secrets))
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+                 logging_level=ray_logging_level())
         resources = ray.cluster_resources()
         log.info("connected to Ray at %s: %g CPUs, %g GPUs", address, resources.get("CPU", 0),
                  resources.get("GPU", 0))
         return
     num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
-    log.info("starting a local Ray with %d logical CPUs", num_cpus)
+    log.info("starting a local Ray with %d logical CPUs on %d cores (ray.num_cpus; fractional stages share "
+             "them)", num_cpus, os.cpu_count() or 1)
     # Workers of a Ray this job starts inherit its environment, credentials included: no runtime env needed.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env} if env else None)
+             runtime_env={"env_vars": env} if env else None, logging_level=ray_logging_level())
 
 
 def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
@@ -98,9 +108,25 @@ def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
         args["accelerator_type"] = res.accelerator_type
     if actor:
         args["compute"] = ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors)
-        args["max_restarts"] = res.max_restarts
-        args["max_task_retries"] = -1 if res.max_restarts else 0
+        if res.max_restarts is not None:  # Ray Data takes these only as (deprecated) ray_remote_args
+            args["max_restarts"] = res.max_restarts
+            args["max_task_retries"] = -1 if res.max_restarts else 0
     return args
+
+
+def configure_data_context(progress: type | None = None, verbose: bool = False) -> None:
+    """Ray Data's reporting for this driver's datasets: its progress bars only when `verbose`, else the
+    `progress` execution callback class (eagle.pipeline.progress) reports."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    if not verbose:
+        # Its memory figure is the worker process's, which holds models an earlier task loaded: a false alarm
+        # for the light listing/decode tasks, many lines long.
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+    if progress is not None and not verbose:
+        ctx.custom_execution_callback_classes = [progress]
 
 
 def configure_threads(torch: Any) -> int:

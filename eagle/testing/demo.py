@@ -61,8 +61,7 @@ def run_demo(root: str = "demo") -> int:
             raise fitted
         log.info("fitted %s: %s", product, fitted.as_dict())
     summary = run_inspect(cfg)
-    for line in summary.lines():
-        log.info("%s", line)
+    print("\n".join(summary.lines()))
     query = (f"SELECT product, expert_verdict, verdict, count(*) AS n FROM read_parquet("
              f"'{cfg.output.uri}/**/*.parquet', hive_partitioning = true) WHERE run_id = 'demo' "
              f"GROUP BY ALL ORDER BY ALL")

@@ -160,9 +160,15 @@ class Stage:
                 "batch_size": None if cls.whole_blocks else res.batch_size}
         if cls.actor:
             return ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg, **kwargs}, **args)
-        return ds.map_batches(_run_task, fn_kwargs={"stage": cls, "cfg": cfg, "kwargs": kwargs}, **args)
+        return ds.map_batches(_task_of(cls), fn_kwargs={"cfg": cfg, "kwargs": kwargs}, **args)
 
 
-def _run_task(batch: Batch, stage: type[Stage], cfg: JobConfig, kwargs: dict[str, Any]) -> Any:
-    """A stateless stage as a Ray task: built per batch (its constructor is cheap)."""
-    return stage(cfg, **kwargs)(batch)
+def _task_of(stage: type[Stage]) -> Callable[..., Any]:
+    """A stateless stage as a Ray task function, named after the stage (Ray names the operator after it):
+    the stage is built per batch (its constructor is cheap)."""
+
+    def run(batch: Batch, cfg: JobConfig, kwargs: dict[str, Any]) -> Any:
+        return stage(cfg, **kwargs)(batch)
+
+    run.__name__ = run.__qualname__ = stage.__name__
+    return run

@@ -14,7 +14,7 @@ from eagle.pipeline.routing import expert_explanation, finish_with_expert, needs
 from eagle.pipeline.stages.base import Row, Stage, boxes_of, describe
 
 # What a row says about the MLLM; shared with FinishStage so both paths give rows the same columns.
-MLLM_COLUMNS = ("mllm_ran", "guided", "answer", "verdict", "explanation", "explanation_source",
+MLLM_COLUMNS = ("mllm_ran", "guided", "answer", "verdict", "explanation", "explanation_source", "mllm_reply",
                 "image_attention_share", "mllm_ms")
 NOT_ASKED = {"mllm_ran": False, "guided": False}
 DECISION_INPUTS = ("product", "status", "expert_verdict", "expert_score", "threshold", "confidence", "boxes_json",
@@ -63,7 +63,10 @@ class MLLMStage(Stage):
         row.update(mllm_ran=True, guided=res.guided, answer=res.answer, mllm_ms=ms,
                    image_attention_share=res.image_attention_share,
                    verdict=final_verdict(res.answer, row["expert_verdict"]))
-        if res.explanation:
+        if res.answer == "unparsed":  # the reply is kept as is, never passed off as an explanation
+            row.update(explanation=expert_explanation(row, boxes_of(row)), explanation_source="expert",
+                       mllm_reply=res.raw_text)
+        elif res.explanation:
             row.update(explanation=res.explanation, explanation_source="mllm")
         else:
             row.update(explanation=expert_explanation(row, boxes_of(row)), explanation_source="expert")

@@ -1,0 +1,58 @@
+"""Exit codes of the jobs, in one table: each job's ``--help`` and the README show it from here."""
+
+from __future__ import annotations
+
+import textwrap
+
+OK = 0
+SOME_FAILED = 1
+USAGE = 2
+JOB_FAILED = 3
+SIGINT = 130
+SIGTERM = 143
+
+_MISTAKE = ("a mistake found before any work (arguments, config file, missing or empty input, unwritable output, "
+            "missing model store, MLLM or weights): one message says what to do; nothing is written")
+_INTERRUPTED = "interrupted by {signal}; the run manifest says interrupted and the last line is the resume command"
+
+EXIT_CODES: dict[str, dict[int, str]] = {
+    "inspect": {
+        OK: "success (individual bad images are error rows, not failures)",
+        USAGE: _MISTAKE,
+        JOB_FAILED: "job-level failure: storage unreachable, or an error rate above output.max_error_rate",
+        SIGINT: _INTERRUPTED.format(signal="SIGINT (Ctrl-C)"),
+        SIGTERM: _INTERRUPTED.format(signal="SIGTERM"),
+    },
+    "fit": {
+        OK: "every product fitted",
+        SOME_FAILED: "some products failed (each listed with its error); the others are fitted",
+        USAGE: _MISTAKE,
+        JOB_FAILED: "data root or model store unreachable",
+        SIGINT: "interrupted by SIGINT (Ctrl-C); products already fitted stay fitted, the same command fits again",
+        SIGTERM: "interrupted by SIGTERM; as for SIGINT",
+    },
+    "evaluate": {
+        OK: "success",
+        USAGE: "bad arguments or nothing to evaluate (no rows, unknown run, no test images)",
+        JOB_FAILED: "storage failure",
+    },
+    "latest": {OK: "success", USAGE: "bad arguments (--to inside --output)"},
+}
+
+
+def help_text(job: str) -> str:
+    """The exit-code table of `job` for its ``--help``."""
+    return "Exit codes:\n" + "\n".join(textwrap.fill(f"  {code:>3}  {text}", 110, subsequent_indent=" " * 7)
+                                       for code, text in EXIT_CODES[job].items())
+
+
+def markdown() -> str:
+    """Every job's exit codes as one Markdown table, for the README."""
+    lines = ["| job | exit code | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `jobs/{job}.py` | {code} | {text} |" for job, codes in EXIT_CODES.items()
+              for code, text in codes.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())

@@ -1,0 +1,129 @@
+"""Every user mistake of issue 16's table, run as the user runs it: exit 2 before Ray starts, one message that
+names the problem and says what to do, no traceback, and nothing written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eagle.cli import preflight
+from eagle.cli.exit_codes import markdown
+from eagle.cli.preflight import check_inputs, check_mllm
+from eagle.config import ConfigError, InputConfig, load_config
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture()
+def site(tmp_path: Path) -> Path:
+    """Inputs with one image, an empty input folder, a model store with one product, a file where a folder
+    belongs, a local MLLM folder too large for a CPU, and an empty hub cache."""
+    (tmp_path / "data" / "grid" / "test").mkdir(parents=True)
+    (tmp_path / "data" / "grid" / "test" / "000.png").write_bytes(b"png")
+    (tmp_path / "empty" / "grid").mkdir(parents=True)
+    (tmp_path / "empty" / "grid" / "notes.txt").write_text("no images here")
+    (tmp_path / "models" / "grid").mkdir(parents=True)
+    (tmp_path / "no-models").mkdir()
+    (tmp_path / "imagenet-models" / "grid" / "v1").mkdir(parents=True)  # an expert fitted with ImageNet weights
+    (tmp_path / "imagenet-models" / "grid" / "LATEST").write_text("v1\n")
+    (tmp_path / "imagenet-models" / "grid" / "v1" / "meta.json").write_text(
+        '{"backbone": {"name": "wide_resnet50_2", "weights": "imagenet"}}')
+    (tmp_path / "a-file").write_text("")
+    big = tmp_path / "big-mllm"
+    big.mkdir()
+    (big / "config.json").write_text("{}")
+    with open(big / "model.safetensors", "wb") as fh:  # sparse: 5 GiB on paper, nothing on disk
+        fh.truncate(5 * 2**30)
+    (tmp_path / "hf").mkdir()
+    return tmp_path
+
+
+INSPECT = ["--input", "{t}/data", "--model-store", "{t}/models", "--output", "{t}/out"]
+FIT = ["--data", "{t}/data", "--model-store", "{t}/models-out", "--weights", "random"]
+
+# (job, arguments, message that must appear); each exits 2.
+MISTAKES = {
+    "mllm left out: the 7B default, not cached, offline": ("inspect", INSPECT, "HF_HUB_OFFLINE is set"),
+    "mistyped input": ("inspect", [*INSPECT, "--mllm", "none", "--input", "/data/nope"],
+                       "input path /data/nope does not exist"),
+    "empty input prefix": ("inspect", ["--input", "{t}/empty", *INSPECT[2:], "--mllm", "none"],
+                           "input path {t}/empty holds no images"),
+    "missing config file": ("inspect", [*INSPECT, "--mllm", "none", "--config", "nope.yaml"],
+                            "cannot read the config file nope.yaml"),
+    "missing output": ("inspect", [*INSPECT[:4], "--mllm", "none"], "no output: pass --output"),
+    "output is a file": ("inspect", [*INSPECT[:4], "--output", "{t}/a-file", "--mllm", "none"],
+                         "output {t}/a-file is a file"),
+    "model store without experts": ("inspect", [*INSPECT[:2], "--model-store", "{t}/no-models", *INSPECT[4:],
+                                                "--mllm", "none"], "run jobs/fit.py --model-store"),
+    "experts fitted with ImageNet weights, offline, not cached": (
+        "inspect", [*INSPECT[:2], "--model-store", "{t}/imagenet-models", *INSPECT[4:], "--mllm", "none"],
+        "the experts of grid were fitted with ImageNet weights (wide_resnet50_2)"),
+    "missing MLLM folder": ("inspect", [*INSPECT, "--mllm", "{t}/no-such-mllm"],
+                            "MLLM folder {t}/no-such-mllm does not exist"),
+    "large MLLM without a GPU": ("inspect", [*INSPECT, "--mllm", "{t}/big-mllm"], "--force-cpu-mllm"),
+    "unknown config key": ("inspect", [*INSPECT, "--mllm", "none", "expert.batchsize=3"],
+                           "expert.batchsize: unknown key"),
+    "mistyped weights": ("fit", [*FIT, "--weights", "imagnet"], "did you mean imagenet or random?"),
+    "default weights offline, not cached": ("fit", [*FIT[:4]], "--weights random"),
+    "weights path that does not exist": ("fit", [*FIT, "--weights", "{t}/wrn50.safetensors"],
+                                         "'{t}/wrn50.safetensors': no such file"),
+    "fit without a model store": ("fit", FIT[:2], "no model store: pass --model-store"),
+    "fit with a missing data root": ("fit", ["--data", "{t}/nope", *FIT[2:]], "data root {t}/nope does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_each_mistake_exits_2_with_a_message_and_writes_nothing(case, site, repo_root):
+    job, args, message = MISTAKES[case]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(site / "hf"), "HF_HUB_CACHE": str(site / "hf")}
+    before = _tree(site)
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs" / f"{job}.py"),
+                           *[a.format(t=site) for a in args]], cwd=site, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message.format(t=site) in proc.stderr
+    assert "Traceback" not in proc.stderr and "Ray" not in proc.stderr  # refused before Ray started
+    assert len(re.findall(r"^\d{4}-\d\d-\d\d ", proc.stderr, re.M)) == 1  # one message (one log record)
+    assert _tree(site) == before  # nothing written: no output folder, no run manifest, no model store
+
+
+def test_help_and_readme_show_the_exit_codes(repo_root):
+    readme = (repo_root / "README.md").read_text()
+    assert markdown() in readme, "regenerate the README exit-code table with `python -m eagle.cli.exit_codes`"
+    for job in ("inspect", "fit"):
+        out = subprocess.run([sys.executable, str(repo_root / "jobs" / f"{job}.py"), "--help"], capture_output=True,
+                             text=True, timeout=60).stdout
+        assert "Exit codes:" in out and "  2  a mistake found before any work" in out
+
+
+def test_an_empty_input_passes_only_when_allowed(site):
+    with pytest.raises(ConfigError, match="holds no images"):
+        check_inputs(InputConfig(uris=[str(site / "empty")]), None)
+    check_inputs(InputConfig(uris=[str(site / "empty")], allow_empty=True), None)
+    check_inputs(InputConfig(uris=[str(site / "data")]), None)
+    with pytest.raises(ConfigError, match="holds no images"):  # its only image is excluded
+        check_inputs(InputConfig(uris=[str(site / "data")], exclude=["*/test/*"]), None)
+
+
+def test_a_hub_mllm_is_found_in_the_cache_and_sized(site, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(preflight, "_hub_snapshot", lambda model, revision: {
+        "org/small": site / "hf-small", "org/big": site / "big-mllm"}.get(model))
+    (site / "hf-small").mkdir()
+    cfg = load_config(overrides={"mllm": {"model": "org/small"}}, env={})
+    check_mllm(cfg, force_cpu=False)  # cached and small: fine on CPU
+    big = load_config(overrides={"mllm": {"model": "org/big"}}, env={})
+    with pytest.raises(ConfigError, match="5.0 GiB of weights and resources.mllm.num_gpus is 0"):
+        check_mllm(big, force_cpu=False)
+    check_mllm(big, force_cpu=True)
+    check_mllm(load_config(overrides={"mllm": {"model": "org/big"}, "resources": {"mllm": {"num_gpus": 1}}},
+                           env={}), force_cpu=False)
+    with pytest.raises(ConfigError, match="not in the local hub cache and HF_HUB_OFFLINE is set"):
+        check_mllm(load_config(overrides={"mllm": {"model": "org/absent"}}, env={}), force_cpu=False)

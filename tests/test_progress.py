@@ -1,0 +1,51 @@
+"""Quiet logs: the one-line progress report, colour codes dropped off a terminal, library deprecations hidden."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import warnings
+from types import SimpleNamespace
+
+from eagle import logs
+from eagle.logs import PlainText
+from eagle.pipeline.progress import progress_line, stage_rows
+
+
+def _op(name: str, rows: int) -> SimpleNamespace:
+    return SimpleNamespace(name=name, metrics=SimpleNamespace(rows_task_outputs_generated=rows))
+
+
+def test_progress_line_counts_rows_per_stage_and_estimates_the_rest():
+    topology = [_op("Input", 0), _op("MapBatches(_read_todo)", 400),
+                _op("MapBatches(DecodeStage)->MapBatches(ExpertStage)", 120), _op("MapBatches(MLLMStage)", 60),
+                _op("MapBatches(StampStage)", 50), _op("Write", 2)]  # Ray's topology: a dict keyed by operator
+    rows = stage_rows(topology)
+    assert rows == {"expert": 120, "mllm": 60, "stamp": 50}
+    assert progress_line(rows, 400, 100.0) == ("progress: expert 120, mllm 60, stamp 50 of 400 images; "
+                                               "0.50 images/s, ETA 11m 40s")
+    assert progress_line({"expert": 0}, 10, 30.0).endswith("0.00 images/s, ETA unknown")
+
+
+def test_plain_text_drops_colour_codes():
+    sink = io.StringIO()
+    PlainText(sink).write("\x1b[36m(MLLMStage pid=1)\x1b[0m loaded\x1b[32m [repeated 2x]\x1b[0m\n")
+    assert sink.getvalue() == "(MLLMStage pid=1) loaded [repeated 2x]\n"
+
+
+def test_a_quiet_job_hides_library_deprecations_but_not_eagles_own(monkeypatch):
+    monkeypatch.setattr(logs, "_quiet", False)
+    for key in logs.QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        logs.quiet_job()
+        for module in ("timm.models.layers", "anomalib.models", "eagle.pipeline.stages.base"):
+            warnings.warn_explicit(f"old API in {module}", FutureWarning, "x.py", 1, module=module)
+    assert [str(w.message) for w in seen] == ["old API in eagle.pipeline.stages.base"]  # only eagle's own
+    assert os.environ["PYTHONWARNINGS"] == "ignore::DeprecationWarning,ignore::FutureWarning"  # for the workers
+    assert isinstance(sys.stderr, PlainText) and logs.ray_logging_level() == logging.WARNING
