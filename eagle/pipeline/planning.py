@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from eagle.config import ConfigError, JobConfig
 from eagle.io import ledger, storage
 from eagle.io.inputs import check_products, list_part, manifest_source_sql, parts_of
+from eagle.io.ledger import Results
 from eagle.io.querying import sql_list, sql_str
 from eagle.io.runs import INTERNAL_SUFFIX, RUNS_DIR, RunInfo
 from eagle.pipeline.ray_setup import ray_options
@@ -155,12 +156,12 @@ def _decisions_sql(cfg: JobConfig, chash: str) -> str:
             f"LEFT JOIN ledger g ON g.image_uri = l.image_uri LEFT JOIN versions v ON v.product = g.product")
 
 
-def decide(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run_id: str, chash: str, files: list[str]) -> str:
+def decide(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run_id: str, chash: str, results: Results) -> str:
     """Table `decided` (the `listing` and `versions` tables with `_decisions_sql`'s flags); returns the SQL
     condition for rows to audit. Torn files of this run (a crash mid-write) are deleted: their images are
     redone; other runs' files are only read."""
-    mine = ledger.run_files(cfg.output.uri, run_id, cfg.storage, drop_torn=True, files=files)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW mine AS SELECT DISTINCT image_uri FROM ({ledger.rows_sql(mine)})")
+    mine = results.run_rows_sql(con, [run_id], ["image_uri"], drop_torn=True)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW mine AS SELECT DISTINCT image_uri FROM ({mine})")
     con.execute(f"CREATE OR REPLACE TEMP VIEW ledger AS {ledger.ledger_sql(con, cfg.output.uri, cfg.storage)}")
     con.execute(f"CREATE OR REPLACE TEMP TABLE decided AS {_decisions_sql(cfg, chash)}")
     return "NOT in_run" + (" AND NOT current" if cfg.mode == "incremental" else "")
@@ -173,7 +174,7 @@ def rows_per_block(cfg: JobConfig, todo: int, cpus: float) -> int:
 
 
 def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chash: str, out_dir: str,
-              pin_versions: Callable[[list[str]], dict[str, str]], files: list[str], cpus: float,
+              pin_versions: Callable[[list[str]], dict[str, str]], results: Results, cpus: float,
               write_todo: bool = True) -> Plan:
     """Decide what this run attempt audits; writes the rows to audit under ``out_dir/todo`` (unless a dry run
     only counts them)."""
@@ -185,7 +186,7 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
     con.execute("CREATE OR REPLACE TEMP TABLE versions (product VARCHAR, version VARCHAR)")
     if versions:
         con.executemany("INSERT INTO versions VALUES (?, ?)", list(versions.items()))
-    redo = decide(con, cfg, run.run_id, chash, files)
+    redo = decide(con, cfg, run.run_id, chash, results)
     counts = con.execute(f"SELECT product, count(*), count(*) FILTER (WHERE NOT ({redo})) FROM decided "
                          f"GROUP BY product ORDER BY product").fetchall()
     plan = Plan(run=run, plan_dir=out_dir, todo_dir=None, versions=versions,
