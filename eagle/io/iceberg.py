@@ -3,7 +3,8 @@
     {namespace}.audits   every row of every run, appended once per run attempt (one snapshot each, tagged
                          ``eagle.run_id``); partitioned per `output.partition_by`: product → identity(product),
                          audit_date → day(audited_at), run_id → identity(run_id)
-    {namespace}.latest   one row per image, its newest result; upserted by image_uri after each run
+    {namespace}.latest   one row per image: its newest result, except that a failure does not replace an
+                         earlier success (as eagle/io/sql/latest.sql); upserted by image_uri after each run
                          (eagle.pipeline.writing.update_latest), partitioned by product
 
 Both are created on first use with OUTPUT_SCHEMA. Ray Data writes the files (eagle.pipeline.writing); this
@@ -129,3 +130,20 @@ class IcebergResults:
         con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_scan")
         con.unregister(f"{name}_scan")
         return f"SELECT * FROM {name}"
+
+
+def successes_kept(out: OutputConfig, run_id: str, cfg: StorageConfig | None = None) -> list[str]:
+    """Images that failed in run `run_id` but have a success in `latest`, which keeps it. Costs this run's
+    error rows (usually few): their URIs are held and looked up in `latest`."""
+    from pyiceberg.expressions import And, EqualTo, In
+
+    audits, latest = table(out, AUDITS, cfg), table(out, LATEST, cfg)
+    if audits is None or latest is None or latest.current_snapshot() is None:
+        return []
+    failed = audits.scan(row_filter=And(EqualTo("run_id", run_id), EqualTo("status", "error")),
+                         selected_fields=("image_uri",)).to_arrow().column("image_uri").to_pylist()
+    if not failed:
+        return []
+    kept = latest.scan(row_filter=And(In("image_uri", set(failed)), EqualTo("status", "ok")),
+                       selected_fields=("image_uri",)).to_arrow()
+    return kept.column("image_uri").to_pylist()

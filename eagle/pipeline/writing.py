@@ -42,8 +42,9 @@ def write_output(ds: Any, cfg: JobConfig, run: RunInfo) -> None:
 
 def update_latest(cfg: JobConfig, run_id: str) -> None:
     """Upsert one run's rows from `audits` into `latest` by image_uri (Ray Data's copy-on-write upsert: the
-    rows are read and written on the cluster; the driver holds only their image_uri keys). Idempotent, so a
-    crash before the ledger records the run just repeats it."""
+    rows are read and written on the cluster; the driver holds only their image_uri keys), except failures of
+    images that `latest` holds a success for. Idempotent, so a crash before the ledger records the run just
+    repeats it."""
     import ray
     from ray.data import SaveMode
     from ray.data.expressions import col
@@ -52,8 +53,11 @@ def update_latest(cfg: JobConfig, run_id: str) -> None:
     if audits is None or audits.current_snapshot() is None:
         return
     latest = iceberg.table(cfg.output, iceberg.LATEST, cfg.storage, create=True)
+    mine = col("run_id") == run_id
+    kept = iceberg.successes_kept(cfg.output, run_id, cfg.storage)
     rows = ray.data.read_iceberg(table_identifier=iceberg.identifier(cfg.output, iceberg.AUDITS),
-                                 catalog_kwargs=_catalog_kwargs(cfg)).filter(expr=col("run_id") == run_id)
+                                 catalog_kwargs=_catalog_kwargs(cfg)
+                                 ).filter(expr=mine & col("image_uri").not_in(kept) if kept else mine)
     # Ray's upsert scans the table's current snapshot, which a new table does not have yet: append then
     first = latest.current_snapshot() is None
     rows.write_iceberg(iceberg.identifier(cfg.output, iceberg.LATEST), catalog_kwargs=_catalog_kwargs(cfg),
