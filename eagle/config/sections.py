@@ -279,6 +279,9 @@ class OutputConfig(Section):
         default_factory=dict, description="iceberg: pyiceberg catalog properties (type: rest | glue | hive | sql, "
         "uri, ...). Empty: a SQLite-file SQL catalog at {uri}/_iceberg/catalog.db (local output only). Keep "
         "secrets out of the config: PYICEBERG_CATALOG__EAGLE__<PROPERTY> environment variables or ~/.pyiceberg.yaml.")
+    commit_rows: int = Field(
+        100_000, gt=0, description="iceberg: rows per commit to `audits` (one snapshot each; models are loaded "
+        "again per commit): a crash redoes at most this many rows.")
     namespace: str = Field("eagle", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="iceberg: the tables' namespace.")
 
 

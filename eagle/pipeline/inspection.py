@@ -25,7 +25,7 @@ from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
 from eagle.io.runs import RUNS_DIR, RunInfo, begin_run
-from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_dataset
+from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.ray_setup import configure_data_context
 from eagle.pipeline.stages.decode_stage import DecodeStage
 from eagle.pipeline.stages.expert_stage import ExpertStage
@@ -143,11 +143,14 @@ def _run(cfg: JobConfig, run_id: str) -> Summary:
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
         configure_data_context()
-        ds = DecodeStage.apply(todo_dataset(plan, cfg), cfg)
-        ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
-        ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
-        ds = StampStage.apply(ds, cfg, stamp=stamp)
-        write_output(ds, cfg, run)
+        # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
+        # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
+        for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):
+            ds = DecodeStage.apply(todo_dataset(files, cfg), cfg)
+            ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
+            ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
+            ds = StampStage.apply(ds, cfg, stamp=stamp)
+            write_output(ds, cfg, run)
     results = _results(cfg, listed=False)
     summary = summarize_run(con, cfg, results, plan, time.time() - start)
     merge_runs(con, cfg, results, {run_id: run.attempt})
@@ -187,7 +190,7 @@ def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, results: ledge
     run_id = plan.run.run_id
     con.execute(f"CREATE OR REPLACE TEMP TABLE run_rows AS "
                 f"{results.run_rows_sql(con, [run_id], _SUMMARY_COLUMNS)}")
-    if not con.execute("SELECT count(*) FROM run_rows").fetchone()[0]:
+    if not con.execute("SELECT count(*) FROM run_rows").fetchall()[0][0]:
         return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
                        audited=plan.todo, seconds=seconds)
     status = dict(con.execute("SELECT status, count(*) FROM run_rows GROUP BY 1").fetchall())
@@ -200,7 +203,7 @@ def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, results: ledge
     mllm_calls, fresh, new_errors = con.execute(
         "SELECT count(*) FILTER (WHERE r.mllm_ran), count(*) FILTER (WHERE NOT coalesce(d.failed_before, false)), "
         "count(*) FILTER (WHERE NOT coalesce(d.failed_before, false) AND r.status = 'error') "
-        "FROM run_rows r LEFT JOIN decided d ON d.image_uri = r.image_uri").fetchone()
+        "FROM run_rows r LEFT JOIN decided d ON d.image_uri = r.image_uri").fetchall()[0]
     return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
                    audited=plan.todo, seconds=seconds, status=status, verdict=verdict, by_product=by_product,
                    mllm_calls=mllm_calls, audited_fresh=fresh, new_errors=new_errors)

@@ -52,6 +52,7 @@ class Plan:
     todo_dir: str | None
     versions: dict[str, str]
     products: list[ProductCounts] = field(default_factory=list)
+    block_rows: int = 0  # rows per todo file at most
 
     @property
     def listed(self) -> int:
@@ -74,12 +75,18 @@ class Plan:
         return out
 
 
-def todo_dataset(plan: Plan, cfg: JobConfig):
-    """The rows to audit as a Ray Dataset, one block per todo file (Ray's Parquet reader would merge small
+def todo_chunks(plan: Plan, cfg: JobConfig, rows: int | None = None) -> list[list[str]]:
+    """The todo files in chunks of about `rows` rows (whole files; None: one chunk), in plan order."""
+    files = sorted(f.uri for f in storage.list_files(plan.todo_dir, (INTERNAL_SUFFIX,), cfg.storage))
+    step = len(files) if rows is None else max(1, rows // max(1, plan.block_rows))
+    return [files[i:i + step] for i in range(0, len(files), max(1, step))]
+
+
+def todo_dataset(files: list[str], cfg: JobConfig):
+    """Rows to audit as a Ray Dataset, one block per todo file (Ray's Parquet reader would merge small
     files into one read task, and with it the whole run into one block)."""
     import ray
 
-    files = [f.uri for f in storage.list_files(plan.todo_dir, (INTERNAL_SUFFIX,), cfg.storage)]
     items = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
     # One file per task. Its own small CPU share keeps Ray from fusing it with the decode stage: fused, the
     # decode stage's batch size would count *files* and bundle that many into one task (one block per run).
@@ -193,7 +200,7 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
                 products=[ProductCounts(p, n, d, n - d) for p, n, d in counts])
     if plan.todo and write_todo:
         plan.todo_dir = storage.join(out_dir, "todo")
-        block = rows_per_block(cfg, plan.todo, cpus)
+        block = plan.block_rows = rows_per_block(cfg, plan.todo, cpus)
         query = f"SELECT {LISTING_COLUMNS} FROM decided WHERE {redo} ORDER BY product, image_uri"
         with tempfile.TemporaryDirectory(prefix="eagle-plan-") as tmp:
             # one file per block, streamed from DuckDB (its own COPY cannot cut row groups under 2048 rows)
