@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import duckdb
 import pytest
+from conftest import TEST_SECRET
 from e2e import job_config, output_rows, output_section, png
 from PIL import Image
 
@@ -58,6 +59,9 @@ def test_same_run_id_again_adds_nothing(audit_setup, fmt):
     assert again.audited == 0 and again.skipped == first.listed
     rows = output_rows(cfg, "run_id = 'twice'")
     assert len(rows) == len({r["image_uri"] for r in rows}) == first.listed
+    # the S3 credentials handed to pyiceberg's FileIO land in no table file, manifest or catalog entry
+    written = [f.uri for f in storage.list_files(cfg.output.uri)] + [cfg.output.catalog.get("uri", "").removeprefix("sqlite:///")]
+    assert all(TEST_SECRET.encode() not in storage.read_bytes(uri) for uri in written if uri)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "iceberg"])

@@ -121,3 +121,24 @@ def test_iceberg_round_trip_two_runs(tmp_path, ray_local):
     assert sorted(run_rows) == [("a", "ok"), ("b", "error"), ("d", "ok")]
     in_ledger = dict(con.sql(f"SELECT image_uri, run_id FROM ({ledger.ledger_sql(con, cfg.output.uri)})").fetchall())
     assert in_ledger == {"a": "r2", "b": "r2", "c": "r1", "d": "r2"}  # the ledger keeps the newest row
+
+
+def test_iceberg_catalog_from_config(tmp_path):
+    from eagle.config import ConfigError, load_config
+    from eagle.io import iceberg
+
+    def cfg(uri: str, **output):
+        return load_config(overrides={"output": {"uri": uri, "format": "iceberg", **output},
+                                      "storage": {"endpoint_url": "http://127.0.0.1:9000"}}, env={})
+
+    local = cfg(str(tmp_path / "audit"))
+    props = iceberg.catalog_properties(local.output, local.storage)
+    assert props == {"warehouse": f"file://{tmp_path}/audit", "type": "sql",
+                     "uri": f"sqlite:///{tmp_path}/audit/_iceberg/catalog.db"}
+    with pytest.raises(ConfigError, match="needs output.catalog"):  # a SQLite file cannot live on S3
+        remote = cfg("s3://plant-a/audit")
+        iceberg.catalog_properties(remote.output, remote.storage)
+    remote = cfg("s3://plant-a/audit", catalog={"type": "rest", "uri": "https://catalog.example.com"})
+    props = iceberg.catalog_properties(remote.output, remote.storage)
+    assert props["type"] == "rest" and props["warehouse"] == "s3://plant-a/audit"
+    assert props["s3.endpoint"] == "http://127.0.0.1:9000"
