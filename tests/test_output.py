@@ -123,7 +123,7 @@ def test_iceberg_round_trip_two_runs(tmp_path, ray_local):
     assert in_ledger == {"a": "r2", "b": "r2", "c": "r1", "d": "r2"}  # the ledger keeps the newest row
 
 
-def test_iceberg_catalog_from_config(tmp_path):
+def test_iceberg_catalog_from_config(tmp_path, monkeypatch):
     from eagle.config import ConfigError, load_config
     from eagle.io import iceberg
 
@@ -142,3 +142,6 @@ def test_iceberg_catalog_from_config(tmp_path):
     props = iceberg.catalog_properties(remote.output, remote.storage)
     assert props["type"] == "rest" and props["warehouse"] == "s3://plant-a/audit"
     assert props["s3.endpoint"] == "http://127.0.0.1:9000"
+    monkeypatch.setenv("PYICEBERG_CATALOG__EAGLE__TYPE", "glue")  # a catalog from pyiceberg's own environment
+    assert "type" not in iceberg.catalog_properties(cfg("s3://plant-a/audit").output)
+    assert "type" not in iceberg.catalog_properties(local.output)  # no SQLite default over it

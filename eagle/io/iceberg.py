@@ -41,19 +41,23 @@ _TABLE_PROPERTIES = {"write.metadata.metrics.column.run_id": "full"}
 
 def catalog_properties(out: OutputConfig, cfg: StorageConfig | None = None) -> dict[str, str]:
     """pyiceberg catalog properties: `output.catalog` over the defaults (warehouse at output.uri, S3 FileIO
-    settings from the storage section, a SQLite file under a local output). Holds credentials: never log it."""
+    settings from the storage section). With no catalog configured (neither `output.catalog` nor pyiceberg's
+    own environment variables or ~/.pyiceberg.yaml), a local output gets a SQLite-file SQL catalog and an
+    s3:// output is a config error. Holds credentials: never log it."""
+    from pyiceberg.utils.config import Config
+
+    configured = bool(out.catalog or Config().get_catalog_config(CATALOG_NAME))
     if storage.is_remote(out.uri):
+        if not configured:
+            raise ConfigError("output.format iceberg with an s3:// output needs output.catalog (a REST, Glue or "
+                              "Hive catalog, or type: sql with a database uri): a SQLite file cannot live on S3")
         s = storage.s3_settings(cfg)
         found = {"s3.endpoint": s.endpoint, "s3.region": s.region or "us-east-1", "s3.access-key-id": s.key,
                  "s3.secret-access-key": s.secret, "s3.session-token": s.token}
-        props = {"warehouse": out.uri, **{k: v for k, v in found.items() if v}}
-        if not out.catalog:
-            raise ConfigError("output.format iceberg with an s3:// output needs output.catalog (a REST, Glue or "
-                              "Hive catalog, or type: sql with a database uri): a SQLite file cannot live on S3")
-        return {**props, **out.catalog}
+        return {"warehouse": out.uri, **{k: v for k, v in found.items() if v}, **out.catalog}
     root = os.path.abspath(storage.strip_scheme(out.uri))
     props = {"warehouse": f"file://{root}"}
-    if not out.catalog:
+    if not configured:
         os.makedirs(os.path.join(root, CATALOG_DIR), exist_ok=True)
         props.update(type="sql", uri=f"sqlite:///{os.path.join(root, CATALOG_DIR, 'catalog.db')}")
     return {**props, **out.catalog}
@@ -75,6 +79,7 @@ def _partition_fields(name: str, partition_by: Sequence[str]) -> list[tuple[str,
     spec = {"product": ("product", IdentityTransform(), "product"),
             "audit_date": ("audited_at", DayTransform(), "audit_day"),
             "run_id": ("run_id", IdentityTransform(), "run_id")}
+    # `latest` holds one row per image: by product only (a date or run partition would move rows between runs)
     return [spec[p] for p in partition_by if name == AUDITS or p == "product"]
 
 
