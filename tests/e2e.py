@@ -84,20 +84,39 @@ def make_audit_setup(s3_server: str, tiny_model: str) -> dict:
     cfg = load_config(overrides=overrides)
     fitted = fit_products(data, PRODUCTS, cfg)
     assert all(not isinstance(v, Exception) for v in fitted.values()), fitted
-    return {"root": root, "data": data, "overrides": overrides, "bad": bad, "odd": odd, "cfg": cfg}
+    return {"root": root, "data": data, "overrides": overrides, "bad": bad, "odd": odd, "cfg": cfg,
+            "catalogs": tempfile.mkdtemp(prefix="eagle-catalogs-")}
 
 
 def job_config(setup: dict, **extra) -> JobConfig:
     return load_config(overrides={**setup["overrides"], **extra})
 
 
+def output_section(setup: dict, fmt: str, name: str = "audit", **extra) -> dict:
+    """The shared test config's output section for `fmt` at ``{root}/{name}``; iceberg's SQL catalog in a local
+    SQLite file of its own (a SQLite file cannot live on S3)."""
+    out = {**setup["overrides"]["output"], "uri": f"{setup['root']}/{name}", **extra}
+    if fmt == "iceberg":
+        out.update(format="iceberg", catalog={"type": "sql", "uri": f"sqlite:///{setup['catalogs']}/{name}.db"})
+    return out
+
+
 def output_rows(cfg: JobConfig, where: str = "true") -> list[dict]:
+    """Result rows of either output format, through DuckDB (Iceberg: the audits table scanned to Arrow)."""
     con = duckdb.connect()
-    fs, _ = storage.filesystem(cfg.output.uri, cfg.storage)
-    fs.invalidate_cache()
-    con.register_filesystem(fs)
-    rel = con.sql(f"SELECT * FROM read_parquet('{cfg.output.uri}/**/*.parquet', hive_partitioning = true) "
-                  f"WHERE {where}")
+    if cfg.output.format == "iceberg":
+        from eagle.io import iceberg
+        from eagle.io.schema import OUTPUT_SCHEMA
+
+        table = iceberg.table(cfg.output, iceberg.AUDITS, cfg.storage)
+        audits = table.scan().to_arrow() if table else OUTPUT_SCHEMA.empty_table()  # noqa: F841 - used by name
+        rel = con.sql(f"SELECT * FROM audits WHERE {where}")
+    else:
+        fs, _ = storage.filesystem(cfg.output.uri, cfg.storage)
+        fs.invalidate_cache()
+        con.register_filesystem(fs)
+        rel = con.sql(f"SELECT * FROM read_parquet('{cfg.output.uri}/**/*.parquet', hive_partitioning = true) "
+                      f"WHERE {where}")
     return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
 
 

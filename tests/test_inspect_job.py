@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import duckdb
 import pytest
-from e2e import job_config, output_rows, png
+from conftest import TEST_SECRET
+from e2e import job_config, output_rows, output_section, png
 from PIL import Image
 
 from eagle.io import storage
@@ -49,30 +50,37 @@ def test_every_input_once_with_clear_errors_and_duckdb(audit_setup):
     assert sum(n for _, _, n in grouped) == len(ok)
 
 
-def test_same_run_id_again_adds_nothing(audit_setup):
-    cfg = job_config(audit_setup, run_id="twice", mllm={"model": "none"})
+@pytest.mark.parametrize("fmt", ["parquet", "iceberg"])
+def test_same_run_id_again_adds_nothing(audit_setup, fmt):
+    cfg = job_config(audit_setup, run_id="twice", mllm={"model": "none"},
+                     output=output_section(audit_setup, fmt, f"twice-{fmt}"))
     first = run_inspect(cfg)
     again = run_inspect(cfg)
     assert again.audited == 0 and again.skipped == first.listed
     rows = output_rows(cfg, "run_id = 'twice'")
     assert len(rows) == len({r["image_uri"] for r in rows}) == first.listed
+    # the S3 credentials handed to pyiceberg's FileIO land in no table file, manifest or catalog entry
+    written = [f.uri for f in storage.list_files(cfg.output.uri)] + [cfg.output.catalog.get("uri", "").removeprefix("sqlite:///")]
+    assert all(TEST_SECRET.encode() not in storage.read_bytes(uri) for uri in written if uri)
 
 
-def test_incremental_audits_new_images_and_refit_product_only(audit_setup):
-    base = {"mllm": {"model": "none"}, "mode": "incremental"}
-    run_inspect(job_config(audit_setup, run_id="inc0", **base))  # baseline for this model/config
+@pytest.mark.parametrize("fmt", ["parquet", "iceberg"])
+def test_incremental_audits_new_images_and_refit_product_only(audit_setup, fmt):
+    base = {"mllm": {"model": "none"}, "mode": "incremental", "output": output_section(audit_setup, fmt, f"inc-{fmt}")}
+    cfg = job_config(audit_setup, run_id="inc0", **base)
+    run_inspect(cfg)  # baseline for this model/config
     data = audit_setup["data"]
-    new = [f"{data}/grid/test/good/new_{i}.png" for i in range(5)]
+    new = [f"{data}/grid/test/good/new_{fmt}_{i}.png" for i in range(5)]
     for i, uri in enumerate(new):
-        storage.write_bytes(uri, png(Image.fromarray(render_normal("grid", image_rng(77, "grid", "new", i), 96))))
+        storage.write_bytes(uri, png(Image.fromarray(render_normal("grid", image_rng(77, "grid", fmt, i), 96))))
     run_inspect(job_config(audit_setup, run_id="inc1", **base))
-    audited = {r["image_uri"] for r in output_rows(audit_setup["cfg"], "run_id = 'inc1'")}
+    audited = {r["image_uri"] for r in output_rows(cfg, "run_id = 'inc1'")}
     assert audited == set(new)  # unchanged images, good or bad, are not redone
 
     # a new artifact version for one product (another threshold method) re-audits that product only
-    refit = job_config(audit_setup, threshold={"method": "mad"})
+    refit = job_config(audit_setup, threshold={"method": {"parquet": "mad", "iceberg": "quantile"}[fmt]})
     assert not isinstance(fit_products(data, ["grid"], refit)["grid"], Exception)
     run_inspect(job_config(audit_setup, run_id="inc2", **base))
-    rows = output_rows(audit_setup["cfg"], "run_id = 'inc2'")
+    rows = output_rows(cfg, "run_id = 'inc2'")
     grid_listed = [u for u in list_inputs(refit.inputs).column("image_uri").to_pylist() if "/grid/" in u]
     assert sorted(r["image_uri"] for r in rows) == sorted(grid_listed)

@@ -12,10 +12,10 @@ import time
 
 import pytest
 from conftest import TEST_SECRET
-from e2e import job_config, output_rows
+from e2e import job_config, output_rows, output_section
 from faulty_proxy import FaultyProxy
 
-from eagle.io import storage
+from eagle.io import iceberg, storage
 from eagle.io.inputs import list_inputs
 from eagle.io.runs import output_files
 from eagle.pipeline.inspection import run_inspect
@@ -69,30 +69,41 @@ def test_ray_job_submit_and_no_credentials_in_logs(audit_setup, ray_local, tmp_p
         assert TEST_SECRET.encode() not in storage.read_bytes(uri)
 
 
-def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path):
-    output = f"{audit_setup['root']}/resumed"
+def _committed(cfg) -> bool:
+    """Whether the run has committed rows: a result file (Parquet) or a snapshot of `audits` (Iceberg)."""
+    if cfg.output.format == "parquet":
+        return bool(output_files(cfg.output.uri))
+    audits = iceberg.table(cfg.output, iceberg.AUDITS, cfg.storage)
+    return audits is not None and audits.current_snapshot() is not None
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "iceberg"])
+def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path, fmt):
+    out = output_section(audit_setup, fmt, f"resumed-{fmt}", lease_ttl_s=3, min_rows_per_file=1, commit_rows=2)
+    cfg = job_config(audit_setup, output=out)
+    output = cfg.output.uri
     cmd = [sys.executable, INSPECT, *_cli_args(audit_setup, output, "resume", "--mllm", audit_setup["overrides"]
                                                ["mllm"]["model"], f"ray.address={_gcs_address()}",
                                                "mllm.dtype=float32", "mllm.max_new_tokens=24",
                                                "resources.decode.batch_size=2", "resources.expert.batch_size=2",
-                                               "resources.mllm.batch_size=2", "output.min_rows_per_file=1",
-                                               "output.lease_ttl_s=3")]
+                                               "resources.mllm.batch_size=2",
+                                               *(f"output.{k}={json.dumps(v)}" for k, v in out.items()))]
     log = tmp_path / "driver.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not output_files(output):
+    while time.time() < deadline and proc.poll() is None and not _committed(cfg):
         time.sleep(0.2)
     assert proc.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run
     proc.wait()
-    written_before = len(output_rows(job_config(audit_setup, output={"uri": output}), "run_id = 'resume'"))
+    written_before = len(output_rows(cfg, "run_id = 'resume'"))
     time.sleep(3.5)  # the dead driver's lease expires (output.lease_ttl_s)
-    cfg = job_config(audit_setup, output={"uri": output, "lease_ttl_s": 3}, run_id="resume", mllm={"model": "none"})
-    summary = run_inspect(cfg)
+    summary = run_inspect(job_config(audit_setup, output=out, run_id="resume", mllm={"model": "none"}))
     assert 0 < written_before < summary.listed
     assert summary.skipped == written_before and summary.audited == summary.listed - written_before
-    _assert_exactly_once(audit_setup, output, "resume")
+    listed = sorted(list_inputs(cfg.inputs, cfg.storage).column("image_uri").to_pylist())
+    assert sorted(r["image_uri"] for r in output_rows(cfg, "run_id = 'resume'")) == listed  # exactly once
 
 
 def test_one_driver_per_run_id_and_resume_after_the_lease_expires(audit_setup, ray_local):

@@ -85,3 +85,78 @@ def test_schema_table_round_trip():
     assert table.column("boxes").to_pylist()[0][0]["x2"] == 3
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
         to_table([{"width": "not a number"}])
+
+
+def _iceberg_run(cfg, run_id: str, rows: list[dict]) -> None:
+    """What a run does after its stages: write the rows, then fold them into `latest` and the ledger."""
+    import ray
+
+    from eagle.io import iceberg, querying
+    from eagle.io.runs import RunInfo
+    from eagle.pipeline.inspection import merge_runs
+    from eagle.pipeline.writing import write_output
+
+    run = RunInfo(run_id=run_id, started_at="", audit_date="2026-01-01", config_hash="h", attempts=["t"])
+    write_output(ray.data.from_arrow(to_table(rows)), cfg, run)
+    merge_runs(querying.connect(), cfg, iceberg.IcebergResults(cfg.output), {run_id: 1})
+
+
+def test_iceberg_round_trip_two_runs(tmp_path, ray_local):
+    from pyiceberg.expressions import EqualTo
+
+    from eagle.config import load_config
+    from eagle.io import iceberg, ledger, querying
+
+    cfg = load_config(overrides={"output": {"uri": str(tmp_path / "audit"), "format": "iceberg"}}, env={})
+    _iceberg_run(cfg, "r1", [_row("a", "r1"), _row("b", "r1"), _row("c", "r1", product="q")])
+    _iceberg_run(cfg, "r2", [_row("a", "r2", when=24, verdict="anomalous"), _row("b", "r2", status="error", when=24),
+                             _row("d", "r2", when=24)])
+    assert (tmp_path / "audit" / iceberg.CATALOG_DIR / "catalog.db").exists()  # the local default catalog
+
+    con = querying.connect()
+    latest = iceberg.table(cfg.output, iceberg.LATEST).scan().to_arrow()
+    rows = {r[0]: r[1:] for r in con.sql("SELECT image_uri, run_id, status, verdict FROM latest").fetchall()}
+    assert rows == {"a": ("r2", "ok", "anomalous"), "b": ("r1", "ok", "normal"),  # a failure keeps the success
+                    "c": ("r1", "ok", "normal"), "d": ("r2", "ok", "normal")}
+    assert latest.num_rows == 4
+
+    audits = iceberg.table(cfg.output, iceberg.AUDITS)
+    appends = [s for s in audits.snapshots() if s.summary.additional_properties.get("eagle.run_id")]
+    assert [s.summary.additional_properties["eagle.run_id"] for s in appends] == ["r1", "r2"]
+    first = audits.scan(snapshot_id=appends[0].snapshot_id).to_arrow()  # time travel: what r1 said
+    assert sorted(first.column("image_uri").to_pylist()) == ["a", "b", "c"]
+    assert set(first.column("run_id").to_pylist()) == {"r1"}
+    assert audits.scan().to_arrow().num_rows == 6
+    fields = {f.name: str(f.transform) for f in audits.spec().fields}
+    assert fields == {"product": "identity", "audit_day": "day"}
+    assert audits.scan(row_filter=EqualTo("product", "q")).to_arrow().num_rows == 1
+
+    results = iceberg.IcebergResults(cfg.output)  # a run's own rows, for resume and its summary
+    run_rows = con.sql(results.run_rows_sql(con, ["r2"], ["image_uri", "status"])).fetchall()
+    assert sorted(run_rows) == [("a", "ok"), ("b", "error"), ("d", "ok")]
+    in_ledger = dict(con.sql(f"SELECT image_uri, run_id FROM ({ledger.ledger_sql(con, cfg.output.uri)})").fetchall())
+    assert in_ledger == {"a": "r2", "b": "r2", "c": "r1", "d": "r2"}  # the ledger keeps the newest row
+
+
+def test_iceberg_catalog_from_config(tmp_path, monkeypatch):
+    from eagle.config import ConfigError, load_config
+    from eagle.io import iceberg
+
+    def cfg(uri: str, **output):
+        return load_config(overrides={"output": {"uri": uri, "format": "iceberg", **output},
+                                      "storage": {"endpoint_url": "http://127.0.0.1:9000"}}, env={})
+
+    local = cfg(str(tmp_path / "audit"))
+    props = iceberg.catalog_properties(local.output, local.storage)
+    assert props == {"warehouse": f"file://{tmp_path}/audit", "type": "sql",
+                     "uri": f"sqlite:///{tmp_path}/audit/_iceberg/catalog.db"}
+    with pytest.raises(ConfigError, match="needs output.catalog"):  # a SQLite file cannot live on S3
+        remote = cfg("s3://plant-a/audit")
+        iceberg.catalog_properties(remote.output, remote.storage)
+    remote = cfg("s3://plant-a/audit", catalog={"type": "rest", "uri": "https://catalog.example.com"})
+    props = iceberg.catalog_properties(remote.output, remote.storage)
+    assert props["type"] == "rest" and props["warehouse"] == "s3://plant-a/audit"
+    assert props["s3.endpoint"] == "http://127.0.0.1:9000"
+    monkeypatch.setenv("PYICEBERG_CATALOG__EAGLE__TYPE", "glue")  # a catalog from pyiceberg's own environment
+    assert "type" not in iceberg.catalog_properties(cfg("s3://plant-a/audit").output)
+    assert "type" not in iceberg.catalog_properties(local.output)  # no SQLite default over it

@@ -53,7 +53,7 @@ def _decided(con, cfg, run_id: str, listing: dict[str, str], versions: dict[str,
     con.execute("CREATE OR REPLACE TEMP TABLE listing AS SELECT * FROM listing_arrow")
     con.execute("CREATE OR REPLACE TEMP TABLE versions (product VARCHAR, version VARCHAR)")
     con.executemany("INSERT INTO versions VALUES (?, ?)", list(versions.items()))
-    decide(con, cfg, run_id, "h", output_files(cfg.output.uri))
+    decide(con, cfg, run_id, "h", ledger.ParquetResults(cfg.output.uri, files=output_files(cfg.output.uri)))
     rows = con.execute("SELECT image_uri, in_run, current, failed_before FROM decided").fetchall()
     return {u: (i, c, f) for u, i, c, f in rows}
 
@@ -71,7 +71,7 @@ def test_ledger_holds_the_latest_row_per_image_and_merges_each_attempt_once(tmp_
         begin_run(out, run, "h")
         _write(out, run, [_row("a", run, when=when), _row(f"only-{run}", run, when=when)])
     assert ledger.pending_runs(out) == {"r1": 1, "r2": 1}
-    ledger.refresh(con, out)
+    ledger.merge_runs(con, ledger.ParquetResults(out), ledger.pending_runs(out))
     rows = {r[0]: r[1] for r in con.execute(f"SELECT image_uri, run_id FROM ({ledger.ledger_sql(con, out)})")
             .fetchall()}
     assert rows == {"a": "r2", "only-r1": "r1", "only-r2": "r2"}  # one row per image, the latest wins
@@ -109,7 +109,7 @@ def test_incremental_rules_on_the_latest_row(tmp_path):
     _write(out, "r2", [_row("fixed-later", "r2", when=1),
                        _row("broke-later", "r2", status="error", stage="decode", expert=None, when=1)])
     con = querying.connect()
-    ledger.merge_runs(con, out, {"r1": 1, "r2": 1})
+    ledger.merge_runs(con, ledger.ParquetResults(out), {"r1": 1, "r2": 1})
     uris = ["same", "changed", "old-model", "new", "corrupt", "unreadable", "unfitted", "fixed-later",
             "broke-later"]
     _listing(con, {u: "v2" if u == "changed" else "v1" for u in uris})
@@ -138,7 +138,7 @@ def test_a_transient_read_error_while_planning_deletes_nothing(tmp_path, monkeyp
     with pytest.raises(OSError, match="cannot read output file"):
         ledger.run_files(out, "r1", drop_torn=True)
     with pytest.raises(OSError):
-        ledger.merge_runs(querying.connect(), out, {"r0": 1})
+        ledger.merge_runs(querying.connect(), ledger.ParquetResults(out), {"r0": 1})
     assert os.path.exists(mine) and os.path.exists(other)
 
 

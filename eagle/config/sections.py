@@ -277,6 +277,17 @@ class OutputConfig(Section):
         "lease older than this belongs to a crashed driver and may be taken over by a resume.")
     planning_memory: str = Field(
         "1GB", description="DuckDB memory limit for planning and summaries on the driver; more spills to disk.")
+    format: Literal["parquet", "iceberg"] = Field(
+        "parquet", description="parquet: Hive-partitioned files under `uri`. iceberg: tables `audits` (history, "
+        "appended once per run attempt) and `latest` (one row per image) in `catalog`, warehouse at `uri`.")
+    catalog: dict[str, str] = Field(
+        default_factory=dict, description="iceberg: pyiceberg catalog properties (type: rest | glue | hive | sql, "
+        "uri, ...). Empty: a SQLite-file SQL catalog at {uri}/_iceberg/catalog.db (local output only). Keep "
+        "secrets out of the config: PYICEBERG_CATALOG__EAGLE__<PROPERTY> environment variables or ~/.pyiceberg.yaml.")
+    commit_rows: int = Field(
+        100_000, gt=0, description="iceberg: rows per commit to `audits` (one snapshot each; models are loaded "
+        "again per commit): a crash redoes at most this many rows.")
+    namespace: str = Field("eagle", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="iceberg: the tables' namespace.")
 
 
 class RayConfig(Section):

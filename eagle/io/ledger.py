@@ -6,9 +6,10 @@ costs O(this run's listing), never O(history).
     {output}/_ledger/state.json       which run attempts it holds
 
 After a run writes, its rows are merged in (DuckDB, out of core); a run that crashed before merging is merged
-at the start of the next run that finds it (`refresh`). A run's own files are found by their names
-(``{run_id}_a…``, see eagle.pipeline.writing), so a resume reads only its own run. Reading earlier output
-never deletes it: only the *current* run's torn files may be removed (`run_files(..., drop_torn=True)`).
+at the start of the next run that finds it (`pending_runs`). A run's rows come from a `Results` store: Parquet
+files found by their names (``{run_id}_a…``, see eagle.pipeline.writing; `ParquetResults`) or the Iceberg
+audits table (eagle.io.iceberg), so a resume reads only its own run. Reading earlier output never deletes
+it: only the *current* run's torn files may be removed (`run_files(..., drop_torn=True)`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import logging
 import os
 import posixpath
 import tempfile
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow.parquet as pq
@@ -26,16 +29,48 @@ import pyarrow.parquet as pq
 from eagle.io import storage
 from eagle.io.querying import sql_list, sql_str
 from eagle.io.runs import INTERNAL_SUFFIX, LEDGER_DIR, output_files, read_runs
+from eagle.io.schema import OUTPUT_SCHEMA
 from eagle.io.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
 LEDGER_COLUMNS = ("image_uri", "run_id", "image_version", "status", "error_stage", "expert_model_version",
                   "mllm_model", "config_hash", "product", "audited_at")
-_EMPTY = ("SELECT NULL::VARCHAR AS image_uri, NULL::VARCHAR AS run_id, NULL::VARCHAR AS image_version, "
-          "NULL::VARCHAR AS status, NULL::VARCHAR AS error_stage, NULL::VARCHAR AS expert_model_version, "
-          "NULL::VARCHAR AS mllm_model, NULL::VARCHAR AS config_hash, NULL::VARCHAR AS product, "
-          "NULL::TIMESTAMPTZ AS audited_at WHERE false")
+_SQL_TYPES = {"string": "VARCHAR", "bool": "BOOLEAN", "timestamp[us, tz=UTC]": "TIMESTAMPTZ", "float": "FLOAT",
+              "int32": "INTEGER", "int64": "BIGINT", "binary": "BLOB"}
+
+
+class Results(Protocol):
+    """Where a job's result rows live (Parquet files or an Iceberg table), as DuckDB SQL over chosen runs."""
+
+    output: str
+    storage: StorageConfig | None
+
+    def run_rows_sql(self, con: duckdb.DuckDBPyConnection, run_ids: Sequence[str], columns: Sequence[str],
+                     drop_torn: bool = False) -> str: ...
+
+
+@dataclass
+class ParquetResults:
+    """Result rows in Hive-partitioned Parquet under `output`; `files` is a listing taken once per plan (None:
+    list when asked)."""
+
+    output: str
+    storage: StorageConfig | None = None
+    files: list[str] | None = None
+
+    def run_rows_sql(self, con: duckdb.DuckDBPyConnection, run_ids: Sequence[str], columns: Sequence[str],
+                     drop_torn: bool = False) -> str:
+        """SQL for the rows of `run_ids`; torn files of theirs are left out (deleted with `drop_torn`)."""
+        files = self.files if self.files is not None else output_files(self.output, self.storage)
+        return rows_sql([f for r in run_ids for f in run_files(self.output, r, self.storage, drop_torn, files)],
+                        columns)
+
+
+def empty_sql(columns: Sequence[str]) -> str:
+    """SQL for no rows with these output columns, typed as in OUTPUT_SCHEMA."""
+    cols = ", ".join(f"NULL::{_SQL_TYPES[str(OUTPUT_SCHEMA.field(c).type)]} AS {c}" for c in columns)
+    return f"SELECT {cols} WHERE false"
 
 
 def _ledger_uri(output: str) -> str:
@@ -80,18 +115,18 @@ def _is_torn(exc: Exception) -> bool:
                                    "Invalid Parquet", "file size", "is too small", "Parquet file size is 0"))
 
 
-def rows_sql(files: list[str]) -> str:
-    """SQL for the rows of result files, Hive partition values (product, audit_date) recovered from paths."""
+def rows_sql(files: list[str], columns: Sequence[str]) -> str:
+    """SQL for `columns` of result files, Hive partition values (product, audit_date) recovered from paths."""
     if not files:
-        return _EMPTY
-    return (f"SELECT * FROM read_parquet({sql_list(files)}, hive_partitioning = true, union_by_name = true, "
-            f"hive_types_autocast = false)")
+        return empty_sql(columns)
+    return (f"SELECT {', '.join(columns)} FROM read_parquet({sql_list(files)}, hive_partitioning = true, "
+            f"union_by_name = true, hive_types_autocast = false)")
 
 
 def ledger_sql(con: duckdb.DuckDBPyConnection, output: str, cfg: StorageConfig | None = None) -> str:
     """SQL for the ledger's rows (an empty relation before the first merge)."""
     uri = _ledger_uri(output)
-    return f"SELECT * FROM read_parquet({sql_str(uri)})" if storage.exists(uri, cfg) else _EMPTY
+    return f"SELECT * FROM read_parquet({sql_str(uri)})" if storage.exists(uri, cfg) else empty_sql(LEDGER_COLUMNS)
 
 
 def read_state(output: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
@@ -103,26 +138,20 @@ def read_state(output: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
 
 
 def pending_runs(output: str, cfg: StorageConfig | None = None) -> dict[str, int]:
-    """Run ids (with their attempt count) whose latest attempt the ledger does not hold yet."""
+    """Run ids (with their attempt count) whose latest attempt the ledger does not hold yet, oldest run first."""
     merged = read_state(output, cfg)["runs"]
-    out = {}
-    for info in read_runs(output, cfg):
-        if merged.get(info.run_id, 0) < info.attempt:
-            out[info.run_id] = info.attempt
-    return out
+    return {i.run_id: i.attempt for i in read_runs(output, cfg) if merged.get(i.run_id, 0) < i.attempt}
 
 
-def merge_runs(con: duckdb.DuckDBPyConnection, output: str, runs: dict[str, int],
-               cfg: StorageConfig | None = None, files: list[str] | None = None) -> None:
+def merge_runs(con: duckdb.DuckDBPyConnection, results: Results, runs: dict[str, int]) -> None:
     """Merge the rows of `runs` into the ledger (latest row per image wins).
     The new ledger is written whole and then the state, so a crash in between only repeats the merge."""
     if not runs:
         return
-    files = output_files(output, cfg) if files is None else files
-    run_rows = [f for r in runs for f in run_files(output, r, cfg, files=files)]
+    output, cfg = results.output, results.storage
     cols = ", ".join(LEDGER_COLUMNS)
     query = (f"SELECT {cols} FROM (SELECT {cols} FROM ({ledger_sql(con, output, cfg)}) "
-             f"UNION ALL BY NAME SELECT {cols} FROM ({rows_sql(run_rows)})) "
+             f"UNION ALL BY NAME SELECT {cols} FROM ({results.run_rows_sql(con, list(runs), LEDGER_COLUMNS)})) "
              f"QUALIFY row_number() OVER (PARTITION BY image_uri ORDER BY audited_at DESC, run_id DESC) = 1")
     with tempfile.TemporaryDirectory(prefix="eagle-ledger-") as tmp:
         local = os.path.join(tmp, f"ledger{INTERNAL_SUFFIX}")
@@ -137,10 +166,3 @@ def merge_runs(con: duckdb.DuckDBPyConnection, output: str, runs: dict[str, int]
     storage.write_bytes(_state_uri(output), json.dumps(state, indent=1, sort_keys=True).encode(), cfg)
     log.info("ledger: merged %d run(s) %s, %d images", len(runs), sorted(runs), count)
 
-
-def refresh(con: duckdb.DuckDBPyConnection, output: str, cfg: StorageConfig | None = None,
-            files: list[str] | None = None) -> None:
-    """Merge every run attempt the ledger does not hold yet (a run that crashed before its own merge)."""
-    pending = pending_runs(output, cfg)
-    if pending:
-        merge_runs(con, output, pending, cfg, files)

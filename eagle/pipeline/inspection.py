@@ -5,7 +5,8 @@
 
 The driver plans (eagle.pipeline.planning: listing, this run's own rows, the compacted ledger, in DuckDB out of
 core), pins each product's expert version, then streams the rows to audit from the plan's Parquet files; it
-never holds a row per image. Afterwards it counts the run's own output and merges it into the ledger.
+never holds a row per image. Afterwards it counts the run's own output and merges it into the ledger (and,
+in iceberg format, into the `latest` table).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import duckdb
 
 from eagle import __version__
 from eagle.config import ConfigError, JobConfig, config_hash
-from eagle.io import ledger, querying, storage
+from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
 from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id
-from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_dataset
+from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.progress import progress_callback
 from eagle.pipeline.ray_setup import configure_data_context
 from eagle.pipeline.retry_tally import read_tally, start_tally
@@ -32,7 +33,7 @@ from eagle.pipeline.stages.expert_stage import ExpertStage
 from eagle.pipeline.stages.finish_stage import FinishStage
 from eagle.pipeline.stages.mllm_stage import MLLMStage
 from eagle.pipeline.stages.stamp_stage import StampStage
-from eagle.pipeline.writing import write_output
+from eagle.pipeline.writing import update_latest, write_output
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,8 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
     chash = config_hash(cfg)
     con = querying.connect(cfg.storage, memory_limit=cfg.output.planning_memory)
     try:
-        files = ledger.output_files(cfg.output.uri, cfg.storage)
-        ledger.refresh(con, cfg.output.uri, cfg.storage, files)
+        results = _results(cfg, listed=True)
+        merge_runs(con, cfg, results, ledger.pending_runs(cfg.output.uri, cfg.storage))
         if dry_run:
             run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
             out_dir = storage.join(cfg.output.uri, RUNS_DIR, f"_dry-run-{uuid.uuid4().hex[:8]}")
@@ -164,7 +165,7 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
             out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
         cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
         plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),
-                         files, cpus, write_todo=not dry_run)
+                         results, cpus, write_todo=not dry_run)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - any storage failure here (after retries) ends the job
@@ -189,22 +190,26 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
         configure_data_context(progress_callback(plan.todo), verbose)
-        ds = DecodeStage.apply(todo_dataset(plan, cfg), cfg)
-        ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
-        ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
-        ds = StampStage.apply(ds, cfg, stamp=stamp)
-        try:
-            write_output(ds, cfg, run)
-        except Exception as exc:
-            if not isinstance(_root_cause(exc), OSError):
-                raise
-            raise _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)) from exc
-    summary = summarize_run(con, cfg, plan, time.time() - start)
+        # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
+        # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
+        for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):
+            ds = DecodeStage.apply(todo_dataset(files, cfg), cfg)
+            ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
+            ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
+            ds = StampStage.apply(ds, cfg, stamp=stamp)
+            try:
+                write_output(ds, cfg, run)
+            except Exception as exc:
+                if not isinstance(_root_cause(exc), OSError):
+                    raise
+                raise _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)) from exc
+    results = _results(cfg, listed=False)
+    summary = summarize_run(con, cfg, results, plan, time.time() - start)
     summary.storage_retries = _tally_since(tally, retries_before)
     try:
-        ledger.merge_runs(con, cfg.output.uri, {run_id: run.attempt}, cfg.storage)
+        merge_runs(con, cfg, results, {run_id: run.attempt})
         storage.remove(plan.plan_dir, cfg.storage, recursive=True)
-    except OSError as exc:  # the results are written; the next run's planning merges them (ledger.refresh)
+    except OSError as exc:  # the results are written; the next run's planning merges them (pending runs)
         log.warning("run %s is complete, but its ledger update failed (%s); the next run brings the ledger up to "
                     "date", run_id, exc)
     errors, total = summary.new_errors, summary.audited_fresh
@@ -241,11 +246,15 @@ def _write_failed(exc: Exception, cfg: JobConfig, run_id: str, retries: dict[str
     _abort_leftover_uploads(cfg, run_id)
     cause = _root_cause(exc)
     what = str(cause).splitlines()[0] if str(cause) else ""  # Ray appends its own retry advice below
-    try:
-        files = ledger.run_files(cfg.output.uri, run_id, cfg.storage)
-        kept = f"{len(files)} result file(s) of this run were written and are kept"
-    except Exception:  # noqa: BLE001 - the store is failing: say what is known
-        kept = "result files this run wrote before the failure are kept"
+    kept = "result files this run wrote before the failure are kept"
+    if cfg.output.format == "iceberg":
+        kept = "chunks this run committed before the failure are kept"
+    else:
+        try:
+            kept = f"{len(ledger.run_files(cfg.output.uri, run_id, cfg.storage))} result file(s) of this run were " \
+                   f"written and are kept"
+        except Exception:  # noqa: BLE001 - the store is failing: say what is known
+            pass
     tried = ", ".join(f"{k} {n}" for k, n in retries.items())
     return JobFailed(f"the run stopped on an object-store error (after retries): {type(cause).__name__}: {what} "
                      f"(failed requests: {tried}). {kept}; run again with --run-id {run_id} to audit only the "
@@ -253,15 +262,37 @@ def _write_failed(exc: Exception, cfg: JobConfig, run_id: str, retries: dict[str
                      f"long a write is retried)")
 
 
-def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, plan: Plan, seconds: float) -> Summary:
-    """Counts of this run's rows, read back from its own output files (so it also proves what was written).
+def _results(cfg: JobConfig, listed: bool) -> ledger.Results:
+    """The output's result rows; for Parquet with the output listed once now (`listed`) or on each use."""
+    if cfg.output.format == "iceberg":
+        return iceberg.IcebergResults(cfg.output, cfg.storage)
+    files = ledger.output_files(cfg.output.uri, cfg.storage) if listed else None
+    return ledger.ParquetResults(cfg.output.uri, cfg.storage, files)
+
+
+def merge_runs(con: duckdb.DuckDBPyConnection, cfg: JobConfig, results: ledger.Results,
+               runs: dict[str, int]) -> None:
+    """Fold finished run attempts (oldest first) into the `latest` table (iceberg format) and then the ledger,
+    whose state is written last: a crash in between repeats both (idempotent) at the next start."""
+    if cfg.output.format == "iceberg":
+        for run_id in runs:
+            update_latest(cfg, run_id)
+    ledger.merge_runs(con, results, runs)
+
+
+_SUMMARY_COLUMNS = ("image_uri", "product", "status", "verdict", "confidence", "mllm_ran", "guided")
+
+
+def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, results: ledger.Results, plan: Plan,
+                  seconds: float) -> Summary:
+    """Counts of this run's rows, read back from its own output (so it also proves what was written).
     Images whose latest earlier result was an error stay out of the error budget."""
     run_id = plan.run.run_id
-    files = ledger.run_files(cfg.output.uri, run_id, cfg.storage)
-    if not files:
+    con.execute(f"CREATE OR REPLACE TEMP TABLE run_rows AS "
+                f"{results.run_rows_sql(con, [run_id], _SUMMARY_COLUMNS)}")
+    if not con.execute("SELECT count(*) FROM run_rows").fetchall()[0][0]:
         return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
                        audited=plan.todo, seconds=seconds)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW run_rows AS {ledger.rows_sql(files)}")
     status = dict(con.execute("SELECT status, count(*) FROM run_rows GROUP BY 1").fetchall())
     verdict = dict(con.execute("SELECT verdict, count(*) FROM run_rows WHERE verdict IS NOT NULL GROUP BY 1")
                    .fetchall())
@@ -275,7 +306,7 @@ def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, plan: Plan, se
         "SELECT count(*) FILTER (WHERE r.mllm_ran), count(*) FILTER (WHERE r.guided), "
         "count(*) FILTER (WHERE NOT coalesce(d.failed_before, false)), "
         "count(*) FILTER (WHERE NOT coalesce(d.failed_before, false) AND r.status = 'error') "
-        "FROM run_rows r LEFT JOIN decided d ON d.image_uri = r.image_uri").fetchone()
+        "FROM run_rows r LEFT JOIN decided d ON d.image_uri = r.image_uri").fetchall()[0]
     return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
                    audited=plan.todo, seconds=seconds, status=status, verdict=verdict, by_product=by_product,
                    confidence=confidence, mllm_calls=mllm_calls, guided=guided, audited_fresh=fresh,

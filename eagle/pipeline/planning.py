@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from eagle.config import ConfigError, JobConfig
 from eagle.io import ledger, storage
 from eagle.io.inputs import check_products, list_part, manifest_source_sql, parts_of
+from eagle.io.ledger import Results
 from eagle.io.querying import sql_list, sql_str
 from eagle.io.runs import INTERNAL_SUFFIX, RUNS_DIR, RunInfo
 from eagle.pipeline.ray_setup import ray_options
@@ -51,6 +52,7 @@ class Plan:
     todo_dir: str | None
     versions: dict[str, str]
     products: list[ProductCounts] = field(default_factory=list)
+    block_rows: int = 0  # rows per todo file at most
 
     @property
     def listed(self) -> int:
@@ -73,12 +75,18 @@ class Plan:
         return out
 
 
-def todo_dataset(plan: Plan, cfg: JobConfig):
-    """The rows to audit as a Ray Dataset, one block per todo file (Ray's Parquet reader would merge small
+def todo_chunks(plan: Plan, cfg: JobConfig, rows: int | None = None) -> list[list[str]]:
+    """The todo files in chunks of about `rows` rows (whole files; None: one chunk), in plan order."""
+    files = sorted(f.uri for f in storage.list_files(plan.todo_dir, (INTERNAL_SUFFIX,), cfg.storage))
+    step = len(files) if rows is None else max(1, rows // max(1, plan.block_rows))
+    return [files[i:i + step] for i in range(0, len(files), max(1, step))]
+
+
+def todo_dataset(files: list[str], cfg: JobConfig):
+    """Rows to audit as a Ray Dataset, one block per todo file (Ray's Parquet reader would merge small
     files into one read task, and with it the whole run into one block)."""
     import ray
 
-    files = [f.uri for f in storage.list_files(plan.todo_dir, (INTERNAL_SUFFIX,), cfg.storage)]
     items = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
     # One file per task. Its own small CPU share keeps Ray from fusing it with the decode stage: fused, the
     # decode stage's batch size would count *files* and bundle that many into one task (one block per run).
@@ -155,12 +163,12 @@ def _decisions_sql(cfg: JobConfig, chash: str) -> str:
             f"LEFT JOIN ledger g ON g.image_uri = l.image_uri LEFT JOIN versions v ON v.product = g.product")
 
 
-def decide(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run_id: str, chash: str, files: list[str]) -> str:
+def decide(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run_id: str, chash: str, results: Results) -> str:
     """Table `decided` (the `listing` and `versions` tables with `_decisions_sql`'s flags); returns the SQL
     condition for rows to audit. Torn files of this run (a crash mid-write) are deleted: their images are
     redone; other runs' files are only read."""
-    mine = ledger.run_files(cfg.output.uri, run_id, cfg.storage, drop_torn=True, files=files)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW mine AS SELECT DISTINCT image_uri FROM ({ledger.rows_sql(mine)})")
+    mine = results.run_rows_sql(con, [run_id], ["image_uri"], drop_torn=True)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW mine AS SELECT DISTINCT image_uri FROM ({mine})")
     con.execute(f"CREATE OR REPLACE TEMP VIEW ledger AS {ledger.ledger_sql(con, cfg.output.uri, cfg.storage)}")
     con.execute(f"CREATE OR REPLACE TEMP TABLE decided AS {_decisions_sql(cfg, chash)}")
     return "NOT in_run" + (" AND NOT current" if cfg.mode == "incremental" else "")
@@ -173,7 +181,7 @@ def rows_per_block(cfg: JobConfig, todo: int, cpus: float) -> int:
 
 
 def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chash: str, out_dir: str,
-              pin_versions: Callable[[list[str]], dict[str, str]], files: list[str], cpus: float,
+              pin_versions: Callable[[list[str]], dict[str, str]], results: Results, cpus: float,
               write_todo: bool = True) -> Plan:
     """Decide what this run attempt audits; writes the rows to audit under ``out_dir/todo`` (unless a dry run
     only counts them)."""
@@ -190,14 +198,14 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
     con.execute("CREATE OR REPLACE TEMP TABLE versions (product VARCHAR, version VARCHAR)")
     if versions:
         con.executemany("INSERT INTO versions VALUES (?, ?)", list(versions.items()))
-    redo = decide(con, cfg, run.run_id, chash, files)
+    redo = decide(con, cfg, run.run_id, chash, results)
     counts = con.execute(f"SELECT product, count(*), count(*) FILTER (WHERE NOT ({redo})) FROM decided "
                          f"GROUP BY product ORDER BY product").fetchall()
     plan = Plan(run=run, plan_dir=out_dir, todo_dir=None, versions=versions,
                 products=[ProductCounts(p, n, d, n - d) for p, n, d in counts])
     if plan.todo and write_todo:
         plan.todo_dir = storage.join(out_dir, "todo")
-        block = rows_per_block(cfg, plan.todo, cpus)
+        block = plan.block_rows = rows_per_block(cfg, plan.todo, cpus)
         query = f"SELECT {LISTING_COLUMNS} FROM decided WHERE {redo} ORDER BY product, image_uri"
         with tempfile.TemporaryDirectory(prefix="eagle-plan-") as tmp:
             # one file per block, streamed from DuckDB (its own COPY cannot cut row groups under 2048 rows)
