@@ -107,3 +107,30 @@ def test_checkpoint_weights_from_safetensors(tmp_path):
     save_file(partial, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="lacks .* backbone tensors"):
         build_extractor("resnet18", LAYERS, str(tmp_path / "partial.safetensors"))
+
+
+def test_model_inputs_made_elsewhere_score_as_the_images_do():
+    """The decode tasks send `model_input` copies (uint8, crop x crop) instead of images: the same scores and
+    maps at the original size, up to the uint8 rounding of the resized pixels."""
+    from eagle.config import RegionsConfig
+    from eagle.expert.regions import find_regions
+
+    model = build_model(ExpertConfig(backbone="resnet18", layers=LAYERS, weights="random", resize=80, crop=64))
+    model.memory_bank = model.embed(model.preprocess(images(3, size=96))).reshape(-1, 384)
+    test = [im[:, :80].copy() for im in images(3, size=96, seed=4)]
+    for im in test[1:]:
+        im[40:56, 30:46] = 255
+    expert = Expert(model)
+    inputs = [expert.model_input(im) for im in test]
+    assert all(x.shape == (64, 64, 3) and x.dtype == np.uint8 for x in inputs)
+    direct = expert.score(test)
+    remote = expert.score_inputs(inputs, [im.shape[:2] for im in test])
+    for a, b in zip(direct, remote, strict=True):
+        assert b.anomaly_map.shape == (96, 80)
+        assert b.score == pytest.approx(a.score, rel=1e-2)
+        assert np.abs(b.anomaly_map - a.anomaly_map).max() <= 0.01 * a.anomaly_map.max()
+        mask_a = find_regions(a.anomaly_map, RegionsConfig()).mask_png
+        mask_b = find_regions(b.anomaly_map, RegionsConfig()).mask_png
+        assert (mask_a is None) == (mask_b is None)
+    with pytest.raises(ValueError, match="expected a 64x64x3 uint8 model input"):
+        expert.score_inputs([test[0]], [test[0].shape[:2]])

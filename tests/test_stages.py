@@ -3,6 +3,7 @@ failure paths (bad files, missing experts, a broken artifact, an image that brea
 
 from __future__ import annotations
 
+import hashlib
 import io
 from types import SimpleNamespace
 
@@ -39,7 +40,8 @@ def _decoded(rows: list[dict]) -> dict[str, np.ndarray]:
     """A batch as the decode stage leaves it."""
     full = [{"image_uri": f"/x/{i}.png", "product": "p", "image_version": "v", "image_size_bytes": 1,
              "content_sha256": "h", "status": "ok", "error": None, "error_stage": None, "decode_ms": 1.0,
-             "image": np.zeros((16, 24, 3), np.uint8), "width": 24, "height": 16, **r} for i, r in enumerate(rows)]
+             "expert_input": np.zeros((8, 8, 3), np.uint8), "width": 24, "height": 16, **r}
+            for i, r in enumerate(rows)]
     return batch_of(full, list(full[0]))
 
 
@@ -89,9 +91,12 @@ def test_decode_stage_reads_decodes_and_turns_failures_into_rows(cfg, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     listing = [{"image_uri": str(tmp_path / n), "product": "p", "image_version": "", "image_size_bytes": None}
                for n in ("ok.png", "bad.png", "missing.png")]
-    out = rows_of(DecodeStage(cfg)(batch_of(listing, LISTING)))
+    out = rows_of(DecodeStage(cfg, input_sizes={"p": (16, 12)})(batch_of(listing, LISTING)))
     ok, bad, missing = out
-    assert ok["status"] == "ok" and ok["image"].shape == (20, 30, 3) and (ok["width"], ok["height"]) == (30, 20)
+    assert ok["status"] == "ok" and (ok["width"], ok["height"]) == (30, 20)
+    assert "image" not in ok  # the decoded image stays in this task: only the expert's small input travels
+    assert ok["expert_input"].shape == (12, 12, 3) and ok["expert_input"].dtype == np.uint8
+    assert int(ok["expert_input"].mean()) == 90  # the uniform test image, resized and cropped
     assert ok["image_version"] == f"sha256:{ok['content_sha256']}"  # manifest images get a content token
     assert (bad["status"], bad["error_stage"]) == ("error", "decode") and "not an image" in bad["error"]
     assert (missing["status"], missing["error_stage"], missing["error"]) == ("error", "read", "file not found")
@@ -99,16 +104,17 @@ def test_decode_stage_reads_decodes_and_turns_failures_into_rows(cfg, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- expert
 class _FakeExpert:
-    """Scores an image by its mean brightness; an image whose first pixel is 255 breaks scoring."""
+    """Scores a model input by its mean brightness (map at the original size); one whose first pixel is 255
+    breaks scoring."""
 
-    def score(self, images):
-        if any(img[0, 0, 0] == 255 for img in images):
+    def score_inputs(self, inputs, sizes):
+        if any(x[0, 0, 0] == 255 for x in inputs):
             raise ValueError("cannot score this one")
         out = []
-        for img in images:
-            amap = np.zeros(img.shape[:2], np.float32)
-            amap[2:6, 3:9] = img.mean()
-            out.append(SimpleNamespace(score=float(img.mean()), anomaly_map=amap))
+        for x, size in zip(inputs, sizes, strict=True):
+            amap = np.zeros(size, np.float32)
+            amap[2:6, 3:9] = x.mean()
+            out.append(SimpleNamespace(score=float(x.mean()), anomaly_map=amap))
         return out
 
 
@@ -126,8 +132,8 @@ def _expert_stage(cfg, broken=()):
 
 
 def test_expert_stage_scores_classifies_and_isolates_failures(cfg):
-    images = [np.full((16, 24, 3), v, np.uint8) for v in (10, 60, 255, 90, 20)]
-    batch = _decoded([{"image": img} for img in images]
+    inputs = [np.full((8, 8, 3), v, np.uint8) for v in (10, 60, 255, 90, 20)]
+    batch = _decoded([{"expert_input": x} for x in inputs]
                      + [{"product": "unknown"}, {"product": "broken"}, {"status": "error", "error": "x"}])
     out = rows_of(_expert_stage(cfg, broken={"broken"})(batch))
     verdicts = [(r["status"], r["expert_verdict"], r["confidence"]) for r in out[:5]]
@@ -143,6 +149,14 @@ def test_expert_stage_scores_classifies_and_isolates_failures(cfg):
 
 
 # ---------------------------------------------------------------------------------------------- mllm / finish
+@pytest.fixture()
+def image_file(tmp_path) -> dict:
+    """An image on disk as the decode stage saw it (its URI and content hash): the MLLM stage reads it again."""
+    path = tmp_path / "img.png"
+    path.write_bytes(_png((300, 400, 3)))
+    return {"image_uri": str(path), "content_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def _scored(confidences: list[str], **extra) -> dict[str, np.ndarray]:
     rows = []
     for c in confidences:
@@ -155,10 +169,11 @@ def _scored(confidences: list[str], **extra) -> dict[str, np.ndarray]:
 
 class _FakeRunner:
     def __init__(self, fail_on_product=None):
-        self.fail_on_product, self.calls = fail_on_product, []
+        self.fail_on_product, self.calls, self.shapes = fail_on_product, [], []
 
     def run(self, requests):
         self.calls.append(len(requests))
+        self.shapes += [r.image.shape for r in requests]
         if any(r.product == self.fail_on_product for r in requests):
             raise RuntimeError("CUDA out of memory")
         return [SimpleNamespace(answer="no", explanation="Looks fine.", guided=r.confidence == "uncertain",
@@ -172,13 +187,16 @@ def _mllm_stage(cfg, runner):
     return stage
 
 
-def test_mllm_stage_routes_answers_and_keeps_the_expert_on_failure(cfg):
-    batch = _scored(["confident_normal", "uncertain", "confident_anomalous", "uncertain"])
+def test_mllm_stage_routes_answers_and_keeps_the_expert_on_failure(cfg, image_file):
+    batch = _scored(["confident_normal", "uncertain", "confident_anomalous", "uncertain"], **image_file)
     batch["product"][3] = "cursed"
     batch["status"][0] = "ok"
     runner = _FakeRunner(fail_on_product="cursed")
+    cfg.mllm.max_pixels = 30_000
     out = rows_of(_mllm_stage(cfg, runner)(batch))
-    assert "image" not in out[0]  # pixels leave the pipeline here
+    assert "image" not in out[0]  # no pixels travel on
+    # the routed images, read again and capped at the processor's pixel budget (aspect kept)
+    assert set(runner.shapes) == {(150, 200, 3)}
     normal, unsure, anomalous, cursed = out
     assert (normal["mllm_ran"], normal["verdict"], normal["explanation_source"]) == (False, "normal", "expert")
     assert (unsure["mllm_ran"], unsure["guided"], unsure["verdict"]) == (True, True, "normal")  # the MLLM decides
@@ -189,18 +207,25 @@ def test_mllm_stage_routes_answers_and_keeps_the_expert_on_failure(cfg):
     assert runner.calls == [3, 1, 1, 1]  # the batch of 3 failed, then one by one; the 4th row alone
 
 
-def test_an_unparsed_answer_keeps_the_expert_explanation_and_stores_the_reply(cfg):
+def test_a_routed_image_changed_since_decoding_keeps_the_expert_verdict(cfg, image_file):
+    batch = _scored(["uncertain"], **{**image_file, "content_sha256": "0" * 64})
+    (row,) = rows_of(_mllm_stage(cfg, _FakeRunner())(batch))
+    assert (row["mllm_ran"], row["verdict"], row["status"], row["error_stage"]) == (False, "anomalous", "ok", "mllm")
+    assert "changed since it was decoded for the expert" in row["error"]
+
+
+def test_an_unparsed_answer_keeps_the_expert_explanation_and_stores_the_reply(cfg, image_file):
     runner = SimpleNamespace(run=lambda requests: [
         SimpleNamespace(answer="unparsed", explanation="bolt bolt zq", raw_text="bolt bolt zq", guided=True,
                         image_attention_share=None) for _ in requests])
-    (row,) = rows_of(_mllm_stage(cfg, runner)(_scored(["uncertain"])))
+    (row,) = rows_of(_mllm_stage(cfg, runner)(_scored(["uncertain"], **image_file)))
     assert (row["answer"], row["verdict"], row["explanation_source"], row["mllm_reply"]) == (
         "unparsed", "anomalous", "expert", "bolt bolt zq")
     assert row["explanation"].startswith("Expert: uncertain")
 
 
-def test_failed_rows_get_the_not_asked_columns_in_both_stages(cfg):
-    batch = _scored(["uncertain", "uncertain"])
+def test_failed_rows_get_the_not_asked_columns_in_both_stages(cfg, image_file):
+    batch = _scored(["uncertain", "uncertain"], **image_file)
     batch["status"][1] = "error"
     for stage, verdict in ((_mllm_stage(cfg, _FakeRunner()), "normal"), (FinishStage(cfg), "anomalous")):
         out = rows_of(stage(batch))

@@ -64,9 +64,22 @@ class Expert:
         """Scores and anomaly maps for a batch of images of any sizes, in one backbone pass."""
         if not images:
             return []
-        batch = self.model.preprocess(images)
+        return self._scored(self.model.preprocess(images), [img.shape[:2] for img in images])
+
+    def score_inputs(self, inputs: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[ExpertResult]:
+        """The same from `model_input` copies (made where the images were decoded) and the original (H, W) sizes,
+        which the anomaly maps come back at."""
+        if not inputs:
+            return []
+        return self._scored(self.model.preprocessor.normalise(inputs, self.model.device, self.model.dtype), sizes)
+
+    def model_input(self, image: np.ndarray) -> np.ndarray:
+        """The small uint8 copy of `image` that `score_inputs` takes."""
+        return self.model.preprocessor.model_input(image)
+
+    def _scored(self, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[ExpertResult]:
         scores, patch_maps = self.model(batch)
-        maps = self.model.anomaly_maps(patch_maps, [img.shape[:2] for img in images])
+        maps = self.model.anomaly_maps(patch_maps, sizes)
         scores_np, patch_np = scores.float().cpu().numpy(), patch_maps.float().cpu().numpy()
         return [ExpertResult(score=float(s), anomaly_map=m.float().cpu().numpy(), patch_map=p)
                 for s, m, p in zip(scores_np, maps, patch_np, strict=True)]

@@ -62,3 +62,13 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         img = img.convert("RGBA")
     arr = np.asarray(img.convert("RGB"))
     return np.ascontiguousarray(arr)
+
+
+def capped(image: np.ndarray, max_pixels: int) -> np.ndarray:
+    """`image` downscaled (aspect kept, bicubic) to at most `max_pixels`, or itself when it is that small."""
+    h, w = image.shape[:2]
+    if h * w <= max_pixels:
+        return image
+    scale = (max_pixels / (h * w)) ** 0.5
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))

@@ -28,7 +28,7 @@ from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo
 from eagle.pipeline.progress import progress_callback
 from eagle.pipeline.ray_setup import configure_data_context
 from eagle.pipeline.retry_tally import read_tally, start_tally
-from eagle.pipeline.stages.decode_stage import DecodeStage
+from eagle.pipeline.stages.decode_stage import DecodeStage, model_input_sizes
 from eagle.pipeline.stages.expert_stage import ExpertStage
 from eagle.pipeline.stages.finish_stage import FinishStage
 from eagle.pipeline.stages.mllm_stage import MLLMStage
@@ -190,10 +190,11 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
         configure_data_context(progress_callback(plan.todo), verbose)
+        input_sizes = model_input_sizes(cfg, plan.versions)
         # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
         # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
         for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):
-            ds = DecodeStage.apply(todo_dataset(files, cfg), cfg)
+            ds = DecodeStage.apply(todo_dataset(files, cfg), cfg, input_sizes=input_sizes)
             ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
             ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
             ds = StampStage.apply(ds, cfg, stamp=stamp)

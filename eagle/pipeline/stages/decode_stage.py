@@ -1,12 +1,21 @@
-"""Read + decode stage (CPU tasks): bytes from storage → validated RGB array, or an error row."""
+"""Read + decode stage (CPU tasks): bytes from storage → validated RGB array → the expert's model input, or an
+error row.
+
+Pixels move once and small: the decoded image never leaves this task. What travels on is the expert's input
+(resized and cropped as the product's artifact says, uint8: crop x crop x 3, ~150 KB at 224) and the original
+size the anomaly maps come back at; the MLLM re-reads the few images routed to it (`MLLMStage`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import time
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
+from eagle.config import JobConfig
 from eagle.io import storage
 from eagle.io.images import DecodeError, decode_image
 from eagle.pipeline.stages.base import Row, Stage, describe, fail
@@ -20,12 +29,16 @@ class DecodeStage(Stage):
     name = "decode"
     resources = "decode"
     requires = ("image_uri", "product", "image_version", "image_size_bytes")
-    produces = ("content_sha256", "width", "height", "status", "error", "error_stage", "decode_ms", "image")
+    produces = ("content_sha256", "width", "height", "status", "error", "error_stage", "decode_ms", "expert_input")
+
+    def __init__(self, cfg: JobConfig, input_sizes: dict[str, tuple[int, int]] | None = None) -> None:
+        super().__init__(cfg)
+        self.input_sizes = input_sizes or {}  # product -> (resize, crop) of its pinned expert
 
     def process(self, rows: list[Row]) -> None:
         for row in rows:
             start = time.perf_counter()
-            row.update(status="ok", error=None, error_stage=None, image=_EMPTY, content_sha256=None,
+            row.update(status="ok", error=None, error_stage=None, expert_input=_EMPTY, content_sha256=None,
                        width=None, height=None)
             self._read_and_decode(row)
             row["decode_ms"] = (time.perf_counter() - start) * 1000.0
@@ -45,4 +58,24 @@ class DecodeStage(Stage):
             image = decode_image(data, self.cfg.inputs.max_image_pixels)
         except DecodeError as exc:
             return fail(row, "decode", str(exc))
-        row.update(image=image, height=int(image.shape[0]), width=int(image.shape[1]))
+        row.update(height=int(image.shape[0]), width=int(image.shape[1]))
+        if row["product"] in self.input_sizes:  # else the expert stage reports the missing expert
+            row["expert_input"] = _preprocessor(*self.input_sizes[row["product"]]).model_input(image)
+
+
+@lru_cache(maxsize=8)
+def _preprocessor(resize: int, crop: int) -> Any:
+    from eagle.expert.preprocess import PreProcessor
+
+    return PreProcessor(resize, crop)
+
+
+def model_input_sizes(cfg: JobConfig, versions: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """(resize, crop) of each product's pinned expert, from its artifact's metadata (the driver, before the run)."""
+    from eagle.expert.artifact import read_meta
+
+    sizes = {}
+    for product, version in versions.items():
+        expert = read_meta(cfg.model_store, product, version, cfg.storage)["expert"]
+        sizes[product] = (int(expert["resize"]), int(expert["crop"]))
+    return sizes

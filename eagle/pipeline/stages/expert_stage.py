@@ -1,5 +1,8 @@
 """Expert stage (actor pool): PatchCore score, anomaly map, threshold verdict, confidence band, regions.
 
+It receives the model-ready copies the decode tasks made (`expert_input`) and the original sizes; masks and
+maps come out at the original resolution.
+
 Each actor keeps a bounded LRU cache of per-product experts, loaded on first use from the model store at the
 artifact version the driver pinned for this run (so a run never mixes versions, even if LATEST moves).
 """
@@ -19,9 +22,10 @@ class ExpertStage(Stage):
     name = "expert"
     resources = "expert"
     actor = True
-    requires = ("product", "status", "image", "width", "height")
+    requires = ("product", "status", "expert_input", "width", "height")
     produces = ("expert_score", "threshold", "score_max", "threshold_method", "expert_verdict", "confidence",
                 "boxes_json", "mask_png", "anomaly_map_png", "map_max", "expert_model_version", "expert_ms")
+    drops = ("expert_input",)
 
     def __init__(self, cfg: JobConfig, versions: dict[str, str]) -> None:
         import torch
@@ -66,7 +70,8 @@ class ExpertStage(Stage):
                 continue
             self.in_chunks(
                 group, self.cfg.resources.expert.batch_size,
-                run=lambda chunk, expert=expert: expert.score([r["image"] for r in chunk]),
+                run=lambda chunk, expert=expert: expert.score_inputs(
+                    [r["expert_input"] for r in chunk], [(int(r["height"]), int(r["width"])) for r in chunk]),
                 apply=lambda row, result, ms, art=art: self._fill(row, art, result, ms),
                 failed=lambda row, exc: fail(row, "expert", f"scoring failed: {describe(exc)}"))
 

@@ -14,7 +14,6 @@ class FinishStage(Stage):
     resources = "decode"
     requires = DECISION_INPUTS
     produces = MLLM_COLUMNS
-    drops = ("image",)
     defaults = NOT_ASKED
 
     def process(self, rows: list[Row]) -> None:

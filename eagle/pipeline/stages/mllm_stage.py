@@ -1,15 +1,21 @@
 """MLLM stage (actor pool): route, prompt, guided generation, final verdict and explanation.
 
-Rows the routing policy does not send to the MLLM keep the expert's verdict (`finish_with_expert`). The decoded
-image leaves the pipeline here: later stages and output rows never carry pixels.
+Rows the routing policy does not send to the MLLM keep the expert's verdict (`finish_with_expert`). No pixels
+reach this stage: it re-reads the routed images from storage (checked against the content hash the decode task
+recorded) and caps them at the processor's pixel budget (``mllm.max_pixels``) before the model sees them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
+
+import numpy as np
 
 from eagle.config import JobConfig
 from eagle.findings import final_verdict
+from eagle.io import storage
+from eagle.io.images import capped, decode_image
 from eagle.pipeline.routing import expert_explanation, finish_with_expert, needs_mllm
 from eagle.pipeline.stages.base import Row, Stage, boxes_of, describe
 
@@ -27,9 +33,8 @@ class MLLMStage(Stage):
     name = "mllm"
     resources = "mllm"
     actor = True
-    requires = (*DECISION_INPUTS, "image")
+    requires = (*DECISION_INPUTS, "image_uri", "content_sha256")
     produces = MLLM_COLUMNS
-    drops = ("image",)
     defaults = NOT_ASKED
 
     def __init__(self, cfg: JobConfig) -> None:
@@ -55,9 +60,16 @@ class MLLMStage(Stage):
     def _generate(self, chunk: list[Row]) -> list[Any]:
         from eagle.mllm.runner import MLLMRequest
 
-        return self.runner.run([MLLMRequest(image=r["image"], product=r["product"],
+        return self.runner.run([MLLMRequest(image=self._pixels(r), product=r["product"],
                                             expert_verdict=r["expert_verdict"], confidence=r["confidence"],
                                             boxes=boxes_of(r)) for r in chunk])
+
+    def _pixels(self, row: Row) -> np.ndarray:
+        """The row's image as the MLLM sees it: read again, the same bytes as decoded, within the pixel budget."""
+        data = storage.read_bytes(row["image_uri"], self.cfg.storage)
+        if hashlib.sha256(data).hexdigest() != row["content_sha256"]:
+            raise ValueError(f"{row['image_uri']} changed since it was decoded for the expert")
+        return capped(decode_image(data, self.cfg.inputs.max_image_pixels), self.cfg.mllm.max_pixels)
 
     def _answer(self, row: Row, res: Any, ms: float) -> None:
         row.update(mllm_ran=True, guided=res.guided, answer=res.answer, mllm_ms=ms,
