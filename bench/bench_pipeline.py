@@ -250,6 +250,8 @@ def main() -> None:
           f"{args.mllm_batch}; local Ray num_cpus=8 on {os.cpu_count()} cores, torch 1 thread per process; "
           f"setup (synth + fit + tiny MLLM) {prep_s:.0f} s")
     print(f"MLLM calls in the job: {summary.mllm_calls}/{summary.audited}; status {summary.status}")
+    print("object-store KB per image entering each stage (Ray Data's operator metrics): "
+          + ", ".join(f"{stage} {kb:.1f}" for stage, kb in summary.stage_input_kb.items()))
     print(f"\n{'stage':44s} {'alone s':>8s} {'alone img/s':>11s} {'in job, busy img/s':>19s}")
     busy = {"DecodeStage": float("nan"), "ExpertStage": inside["expert"], "MLLMStage": inside["mllm"]}
     for name, sec in stage_rows:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from eagle import logs
 from eagle.logs import PlainText
-from eagle.pipeline.progress import progress_line, stage_rows
+from eagle.pipeline.progress import progress_line, stage_inputs, stage_rows
 
 
 def _op(name: str, rows: int) -> SimpleNamespace:
@@ -27,6 +27,18 @@ def test_progress_line_counts_rows_per_stage_and_estimates_the_rest():
     assert progress_line(rows, 400, 100.0) == ("progress: expert 120, mllm 60, stamp 50 of 400 images; "
                                                "0.50 images/s, ETA 11m 40s")
     assert progress_line({"expert": 0}, 10, 30.0).endswith("0.00 images/s, ETA unknown")
+
+
+def test_stage_inputs_are_the_object_store_rows_and_bytes_entering_each_stage():
+    def op(name, rows, size):
+        return SimpleNamespace(name=name, metrics=SimpleNamespace(num_row_inputs_received=rows,
+                                                                  bytes_inputs_received=size))
+
+    topology = [op("Input", 0, 0), op("MapBatches(_read_todo)", 4, 100), op("MapBatches(DecodeStage)", 400, 9000),
+                op("MapBatches(ExpertStage)", 400, 400 * 150_000),
+                op("MapBatches(FinishStage)->MapBatches(StampStage)", 400, 400 * 3000), op("Write", 2, 10)]
+    assert stage_inputs(topology) == {"decode": (400, 9000), "expert": (400, 60_000_000),
+                                      "finish": (400, 1_200_000)}  # a fused pair counts for its first stage
 
 
 def test_plain_text_drops_colour_codes():

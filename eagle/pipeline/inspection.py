@@ -59,6 +59,7 @@ class Summary:
     audited_fresh: int = 0  # rows of this run for images not already known to fail
     new_errors: int = 0  # error rows among those
     storage_retries: dict[str, int] = field(default_factory=dict)  # failed object-store requests, per kind
+    stage_input_kb: dict[str, float] = field(default_factory=dict)  # object-store KB per row entering a stage
 
     @property
     def images_per_second(self) -> float:
@@ -75,6 +76,9 @@ class Summary:
                f"  confidence: {dict(sorted(self.confidence.items()))}   MLLM calls: {self.mllm_calls} "
                f"({self.guided} guided)"]
         out += [f"  {p}: {dict(sorted(c.items()))}" for p, c in sorted(self.by_product.items())]
+        if self.stage_input_kb:
+            out.append("  object-store KB per image entering: "
+                       + ", ".join(f"{k} {kb:.1f}" for k, kb in self.stage_input_kb.items()))
         if self.storage_retries:
             out.append("  storage retries (failed requests, retried): "
                        + ", ".join(f"{k} {n}" for k, n in self.storage_retries.items()))
@@ -184,12 +188,13 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
     run = plan.run
     log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",
              run_id, run.attempt, cfg.mode, plan.listed, plan.done, plan.todo)
+    traffic: dict[str, list[int]] = {}  # stage -> [rows, bytes] that entered it through the object store
     if plan.todo_dir:
         say_unreachable_band(cfg, plan.versions)
         _abort_leftover_uploads(cfg, run_id)
         stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
                  "eagle_version": __version__, "mllm_model": cfg.mllm.model}
-        configure_data_context(progress_callback(plan.todo), verbose)
+        configure_data_context(progress_callback(plan.todo, traffic=traffic), verbose)
         input_sizes = model_input_sizes(cfg, plan.versions)
         # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
         # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
@@ -207,6 +212,7 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
     results = _results(cfg, listed=False)
     summary = summarize_run(con, cfg, results, plan, time.time() - start)
     summary.storage_retries = _tally_since(tally, retries_before)
+    summary.stage_input_kb = {stage: size / rows / 1024 for stage, (rows, size) in traffic.items() if rows}
     try:
         merge_runs(con, cfg, results, {run_id: run.attempt})
         storage.remove(plan.plan_dir, cfg.storage, recursive=True)
