@@ -1,6 +1,7 @@
-"""Expert stage: our coreset vs anomalib's KCenterGreedy, our batched scoring vs anomalib's per-image path.
+"""Expert stage: our coreset vs anomalib's KCenterGreedy, our batched scoring vs anomalib's per-image path, and
+the full expert against its ceiling, the backbone's forward pass alone.
 
-One run, same features and images for both sides; prints two tables.
+One run, same features and images for both sides; prints three tables.
 
 Coreset: patch features of `--train` synthetic 'marble' images (784 patches each with the 224 crop; WRN50
 layer2+layer3 = 1536 dims), 10% kept. Coverage = the largest distance from any patch to its nearest coreset
@@ -9,7 +10,13 @@ per-image path is its PatchCore pre-processor + ``PatchcoreModel.forward`` one i
 ``Engine.predict``/``TorchInferencer`` run per image, minus file I/O); ours is ``Expert.score`` in batches,
 which also maps the anomaly map back to the original image size.
 
+The third table is the expert stage as the pipeline runs it: `Expert.score_inputs` on the uint8 model inputs
+the decode tasks send (normalise, backbone, patch embedding, nearest-neighbour search, anomaly maps at the
+original size) next to the backbone forward alone on the same inputs, in images/s; the same command measures a
+GPU with ``--device cuda``.
+
     OMP_NUM_THREADS=1 python bench/bench_expert.py
+    python bench/bench_expert.py --skip-coreset --test 32 --batch 16 --threads 2
     python bench/bench_expert.py --device cuda --dtypes float32,bfloat16 --test 256 --batch 64
 """
 
@@ -100,6 +107,32 @@ def ours_batched(expert: Expert, test: list[np.ndarray], batch: int, device: str
     return time.perf_counter() - start, scores
 
 
+def full_vs_backbone(expert: Expert, test: list[np.ndarray], batch: int, device: str) -> tuple[float, float]:
+    """(seconds of the full expert, seconds of the backbone forward alone) over `test` from model inputs."""
+    inputs = [expert.model_input(im) for im in test]
+    sizes = [im.shape[:2] for im in test]
+    model = expert.model
+
+    def backbone(i: int) -> None:
+        with torch.inference_mode():
+            x = model.preprocessor.normalise(inputs[i:i + batch], model.device, model.dtype)
+            model.extractor(x.contiguous(memory_format=torch.channels_last))
+
+    def full(i: int) -> None:
+        expert.score_inputs(inputs[i:i + batch], sizes[i:i + batch])
+
+    out = []
+    for step in (full, backbone):
+        step(0)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(inputs), batch):
+            step(i)
+        sync(device)
+        out.append(time.perf_counter() - start)
+    return out[0], out[1]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="wide_resnet50_2")
@@ -139,12 +172,14 @@ def main() -> None:
     test = images(args.test, args.size, args.seed + 1, defects=True)
     stock_s, stock_scores = stock_per_image(stock, test, cfg.resize, cfg.crop, args.device)
     rows = [("anomalib per image (float32)", 1, stock_s, 0.0)]
+    ceiling = []
     for dtype in args.dtypes.split(","):
         model.extractor.to(getattr(torch, dtype))
         for batch in (1, args.batch):
             sec, scores = ours_batched(Expert(model), test, batch, args.device)
             rel = float(np.max(np.abs(np.array(scores) - stock_scores) / np.abs(stock_scores)))
             rows.append((f"eagle Expert.score ({dtype})", batch, sec, rel))
+        ceiling.append((dtype, *full_vs_backbone(Expert(model), test, args.batch, args.device)))
 
     threads = f"cpu, {torch.get_num_threads()} thread(s)"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else threads
@@ -160,6 +195,10 @@ def main() -> None:
     for name, batch, sec, rel in rows:
         print(f"{name:34s} {batch:5d} {sec:8.2f} {args.test / sec:9.2f} {stock_s / sec:8.2f}x {rel:14.1e}")
     print("max rel. diff: largest relative difference of an image score from anomalib's")
+    print(f"\nthe expert stage from model inputs, batch {args.batch}: full expert vs the backbone forward alone")
+    print(f"{'dtype':10s} {'full images/s':>14s} {'backbone images/s':>18s} {'full / backbone':>16s}")
+    for dtype, full_s, backbone_s in ceiling:
+        print(f"{dtype:10s} {args.test / full_s:14.2f} {args.test / backbone_s:18.2f} {backbone_s / full_s:15.2f}x")
 
 
 if __name__ == "__main__":

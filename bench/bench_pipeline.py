@@ -223,6 +223,10 @@ def main() -> None:
     p.add_argument("--root", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--skip-actors", action="store_true")
+    p.add_argument("--decode-cpus", type=float, default=None,
+                   help="CPUs per decode task; one that differs from the expert's keeps decode a stage of its own "
+                        "(as on a GPU cluster) instead of fused into the expert actors, so its output crosses "
+                        "the object store")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -234,7 +238,8 @@ def main() -> None:
     prep_s = time.perf_counter() - t0
     knobs = dict(route=args.route, expert_batch=args.expert_batch, mllm_batch=args.mllm_batch,
                  new_tokens=args.new_tokens)
-    cfg = job_config(root, "e2e", **knobs)
+    decode = {"resources": {"decode": {"num_cpus": args.decode_cpus}}} if args.decode_cpus else None
+    cfg = job_config(root, "e2e", extra=decode, **knobs)
     summary, inside = ray_job(cfg)
     n, stage_rows = stages_alone(cfg, versions)
     loop = None if args.skip_loop else reference_loop(cfg, versions)

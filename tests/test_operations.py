@@ -173,10 +173,12 @@ def test_flaky_object_store_is_survived(audit_setup, s3_server, ray_local):
     failed = {r["image_uri"].rsplit("/", 1)[1] for r in rows if r["status"] == "error" and r["product"] != "widget"}
     assert failed == {f"zz_{name}" for name in audit_setup["bad"]}  # no image failed because of the faults
     assert summary.audited == len(rows)
-    # the 5xx answers are all counted, from whichever process met them (dropped connections may be resent by
-    # the HTTP client unseen); the summary prints them
+    # failed requests are counted from whichever process met them (the driver, decode tasks, expert actors,
+    # write tasks) and the summary prints them; the count is exact for 5xx (tests/test_storage_faults.py), but
+    # here the lease release and the final manifest come after the summary, and dropped connections may be
+    # resent by the HTTP client unseen
     counted = summary.storage_retries
-    assert proxy.injected["slowdown"] + proxy.injected["internal"] <= sum(counted.values()) <= proxy.faults
+    assert 0 < sum(counted.values()) <= proxy.faults, (counted, proxy.injected)
     assert counted["read"] and counted["write"], counted
     assert any(line.startswith("  storage retries") for line in summary.lines())
 

@@ -211,7 +211,6 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
                 raise _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)) from exc
     results = _results(cfg, listed=False)
     summary = summarize_run(con, cfg, results, plan, time.time() - start)
-    summary.storage_retries = _tally_since(tally, retries_before)
     summary.stage_input_kb = {stage: size / rows / 1024 for stage, (rows, size) in traffic.items() if rows}
     try:
         merge_runs(con, cfg, results, {run_id: run.attempt})
@@ -219,6 +218,7 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
     except OSError as exc:  # the results are written; the next run's planning merges them (pending runs)
         log.warning("run %s is complete, but its ledger update failed (%s); the next run brings the ledger up to "
                     "date", run_id, exc)
+    summary.storage_retries = _tally_since(tally, retries_before)
     errors, total = summary.new_errors, summary.audited_fresh
     if total and errors / total > cfg.output.max_error_rate:
         raise JobFailed(f"error rate {errors}/{total} = {errors / total:.0%} exceeds output.max_error_rate "

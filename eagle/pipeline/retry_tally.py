@@ -34,17 +34,27 @@ class _Tally:
 
 
 def start_tally() -> Any:
-    """The job's tally actor (made on first use; the driver calls this before any work is sent out)."""
+    """The job's tally actor (made on first use; the driver calls this before any work is sent out), or None
+    when it cannot be had: counting never stops a job."""
     import ray
 
-    return ray.remote(_Tally).options(name=_NAME, get_if_exists=True, num_cpus=0, max_restarts=-1).remote()
+    try:
+        return ray.remote(_Tally).options(name=_NAME, get_if_exists=True, num_cpus=0, max_restarts=-1).remote()
+    except Exception as exc:  # noqa: BLE001 - e.g. a tally of an earlier Ray session that is going away
+        log.warning("storage retries will not be counted for this job: %s", exc)
+        return None
 
 
 def read_tally(tally: Any) -> dict[str, int]:
-    """Failed requests per kind (read, list, write) the tally has heard of so far."""
+    """Failed requests per kind (read, list, write) the tally has heard of so far (zeros without one)."""
     import ray
 
-    counts = ray.get(tally.get.remote())
+    counts: dict[str, int] = {}
+    if tally is not None:
+        try:
+            counts = ray.get(tally.get.remote(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - the tally died or hangs: report what is known, not fail
+            log.warning("could not read the storage retry count: %s", exc)
     return {kind: counts.get(kind, 0) for kind in ("read", "list", "write")}
 
 
@@ -58,7 +68,10 @@ def _forward(kind: str) -> None:
                 _handle.append(ray.get_actor(_NAME))
             except ValueError:  # no tally (yet): counted locally only
                 return
-    _handle[0].add.remote(kind)
+    try:
+        _handle[0].add.remote(kind)
+    except Exception:  # noqa: BLE001 - a tally of an earlier Ray session: look it up again next time
+        _handle.clear()
 
 
 def forward_storage_retries() -> None:
