@@ -3,7 +3,8 @@
 `build_tiny_mllm(family, out_dir)` writes a checkpoint that loads through `AutoProcessor` and
 `AutoModelForImageTextToText` with HF_HUB_OFFLINE=1: random weights, a byte-level BPE tokenizer trained
 here with the `tokenizers` library (the family's special tokens and chat template), and the family's image
-processor with a small pixel budget. It exercises prompts, batching, guidance and parsing, not answers.
+processor with a small pixel budget (InternVL3: 112 px tiles, LLaVA-OneVision: 56 px crops). It exercises
+prompts, batching, guidance and parsing, not answers. Importing it is cheap (the CLI lists FAMILIES).
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 # The Qwen byte-level pre-tokenizer (transformers' Qwen2Tokenizer uses the same split).
 _QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -108,7 +106,9 @@ _CORPUS = [
 ]
 
 
-def _train_tokenizer(specials: list[str], vocab_size: int = 640) -> Tokenizer:
+def _train_tokenizer(specials: list[str], vocab_size: int = 640) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -301,6 +301,7 @@ FAMILIES = tuple(_TINY)
 
 def build_tiny_mllm(family: str, out_dir: str, seed: int = 0) -> str:
     """Write a tiny random checkpoint of `family` (one of FAMILIES) to `out_dir`; return `out_dir`."""
+    import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     if family not in _TINY:
