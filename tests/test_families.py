@@ -27,6 +27,7 @@ def test_internvl_tiles_show_the_parts_of_the_image_the_layout_says(tiny_mllm) -
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_mllm("internvl"))
+    assert not processor.image_processor.crop_to_patches  # off here, on by the processor's default kwargs
     image = np.zeros((200, 90, 3), np.uint8)
     image[:50] = 255  # the top quarter is white
     batch = processor(text=["<IMG_CONTEXT>"], images=[image], return_tensors="pt")

@@ -72,12 +72,17 @@ def _internvl_layouts(processor: Any, batch: Mapping[str, Any], sizes: Sequence[
     from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
     ip = processor.image_processor
+    # the options as the processor merges them: InternVLProcessor turns crop_to_patches on by default
+    options = {name: getattr(ip, name) for name in ("crop_to_patches", "min_patches", "max_patches", "size")}
+    options.update(processor._merge_kwargs()["images_kwargs"])
+    size = options["size"]
+    tile = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
     side = math.isqrt(processor.image_seq_length)
-    tile = (ip.size["height"], ip.size["width"]) if isinstance(ip.size, dict) else (ip.size.height, ip.size.width)
     layouts = []
     for h, w in sizes:
-        cols, rows = (get_optimal_tiled_canvas((h, w), tile, ip.min_patches, ip.max_patches)
-                      if ip.crop_to_patches and ip.max_patches > 1 else (1, 1))
+        crop = options["crop_to_patches"] and options["max_patches"] > 1
+        cols, rows = (get_optimal_tiled_canvas((h, w), tile, options["min_patches"], options["max_patches"])
+                      if crop else (1, 1))
         tiles = [Piece(side, side, (r / rows, c / cols, (r + 1) / rows, (c + 1) / cols))
                  for r in range(rows) for c in range(cols)]
         layouts.append(tiles + [Piece(side, side)] if len(tiles) > 1 else [Piece(side, side)])

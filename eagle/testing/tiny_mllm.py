@@ -233,7 +233,7 @@ def _internvl_processor(tokenizer: Any) -> Any:
 
     tile = {"height": _INTERNVL_TILE, "width": _INTERNVL_TILE}
     return InternVLProcessor(
-        image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1, max_patches=4),
+        image_processor=GotOcr2ImageProcessor(size=tile, min_patches=1, max_patches=4),  # the processor tiles
         tokenizer=tokenizer, video_processor=InternVLVideoProcessor(size=tile),
         image_seq_length=_INTERNVL_TOKENS, chat_template=tokenizer.chat_template)
 
