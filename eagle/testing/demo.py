@@ -20,10 +20,14 @@ BANNER = ("DEMO MODE: synthetic images, expert with RANDOM backbone weights, TIN
           "(its answers are noise). Use jobs/fit.py and jobs/inspect.py with real data and models for audits.")
 
 
-def demo_config(root: str, family: str = "qwen2_5_vl") -> JobConfig:
-    """Small, CPU-only settings that finish in a few minutes on 2 cores."""
+DEFAULT_FAMILY = "qwen2_5_vl"
+
+
+def demo_config(root: str, family: str = DEFAULT_FAMILY) -> JobConfig:
+    """Small, CPU-only settings that finish in a few minutes on 2 cores. Run id `demo`, or `demo-FAMILY` for
+    another tiny family, so that trying one in the same folder audits the images again."""
     return load_config(overrides={
-        "run_id": "demo",
+        "run_id": "demo" if family == DEFAULT_FAMILY else f"demo-{family}",
         "inputs": {"uris": [os.path.join(root, "data")], "exclude": ["*/ground_truth/*", "*/train/*"]},
         "model_store": os.path.join(root, "models"),
         "output": {"uri": os.path.join(root, "audit")},
@@ -37,7 +41,7 @@ def demo_config(root: str, family: str = "qwen2_5_vl") -> JobConfig:
     }, env={})
 
 
-def run_demo(root: str = "demo", family: str = "qwen2_5_vl") -> int:
+def run_demo(root: str = "demo", family: str = DEFAULT_FAMILY) -> int:
     """The demo with the tiny random MLLM of `family` (eagle.testing.tiny_mllm.FAMILIES)."""
     from eagle.pipeline.fitting import fit_products
     from eagle.pipeline.inspection import run_inspect
@@ -64,7 +68,7 @@ def run_demo(root: str = "demo", family: str = "qwen2_5_vl") -> int:
     summary = run_inspect(cfg)
     print("\n".join(summary.lines()))
     query = (f"SELECT product, expert_verdict, verdict, count(*) AS n FROM read_parquet("
-             f"'{cfg.output.uri}/**/*.parquet', hive_partitioning = true) WHERE run_id = 'demo' "
+             f"'{cfg.output.uri}/**/*.parquet', hive_partitioning = true) WHERE run_id = '{cfg.run_id}' "
              f"GROUP BY ALL ORDER BY ALL")
     import duckdb
 
