@@ -3,12 +3,13 @@
 Every generation is forced to the same length (min_new_tokens = max_new_tokens) so that the variants do the
 same work; one run, best of two passes after a warm-up. Prints a table.
 
---shape tiny (default): the tiny random checkpoint, CPU-sized images; ratios only, as a tiny model is all
-per-call overhead. --shape 7b: the same processor with a random model shaped like Qwen2.5-VL-7B (28 layers,
-hidden 3584, the 32-block vision tower) and ~500 visual tokens per image, for a GPU:
+--family picks the tiny family (eagle.testing.tiny_mllm.FAMILIES, default qwen2_5_vl). --shape tiny (default):
+the tiny random checkpoint, CPU-sized images; ratios only, as a tiny model is all per-call overhead.
+--shape 7b: a random model with the family's 7-8B shapes (SEVEN_B: Qwen2.5-VL-7B, Qwen3-VL-8B, InternVL3-8B,
+LLaVA-OneVision-7B) and its processor set to the same vision geometry, for a GPU:
 
-    OMP_NUM_THREADS=1 python bench/bench_mllm.py
-    python bench/bench_mllm.py --shape 7b --device cuda --dtype bfloat16 --images 8 --new-tokens 32
+    OMP_NUM_THREADS=1 python bench/bench_mllm.py [--family internvl]
+    python bench/bench_mllm.py --family internvl --shape 7b --device cuda --dtype bfloat16 --images 8 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,18 +27,45 @@ from eagle.config import load_config
 from eagle.findings import Box
 from eagle.mllm import guidance as g
 from eagle.mllm.runner import MLLMRequest, MLLMRunner
-from eagle.testing.tiny_mllm import build_tiny_mllm
+from eagle.testing.tiny_mllm import FAMILIES, build_tiny_mllm
 
-# Qwen2.5-VL-7B-Instruct's published shapes (weights random here).
-QWEN25_7B_TEXT = dict(
+# Published shapes of a 7-8B checkpoint per family (weights random here): language model, vision tower, and
+# what the processor must match. QWEN2_7B is the LLM of Qwen2.5-VL-7B, InternVL3-8B and LLaVA-OneVision-7B.
+QWEN2_7B = dict(
     hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-    vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6, use_sliding_window=False,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
 )
-QWEN25_7B_VISION = dict(
-    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
-    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-)
+PINPOINTS_384 = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]  # LLaVA-OneVision's anyres grids
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     patch_size=14, image_size=384)
+SEVEN_B: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl": dict(  # Qwen2.5-VL-7B-Instruct
+        text=dict(QWEN2_7B, max_position_embeddings=128000, rope_parameters={
+            "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31])),
+    "qwen3_vl": dict(  # Qwen3-VL-8B-Instruct
+        text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True}),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24])),
+    "internvl": dict(  # InternVL3-8B-hf: InternViT-300M, 448 px tiles of 256 tokens, up to 12 tiles + thumbnail
+        text=QWEN2_7B, extra=dict(image_seq_length=256),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=448, patch_size=14),
+        processor=dict(image_seq_length=256), image_processor=dict(size={"height": 448, "width": 448},
+                                                                   max_patches=12)),
+    "llava_onevision": dict(  # llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m, 384 px crops of 729 tokens, anyres_max_9
+        text=QWEN2_7B, vision=SIGLIP_SO400M,
+        extra=dict(image_grid_pinpoints=PINPOINTS_384),
+        processor=dict(num_image_tokens=729),
+        image_processor=dict(size={"height": 384, "width": 384}, image_grid_pinpoints=PINPOINTS_384)),
+}
 
 
 def requests(n: int, side: int) -> list[MLLMRequest]:
@@ -52,18 +81,24 @@ def requests(n: int, side: int) -> list[MLLMRequest]:
     return out
 
 
-def seven_b_model(tiny: MLLMRunner, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A random Qwen2.5-VL-7B-shaped model using the tiny checkpoint's token ids."""
-    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+def seven_b_model(tiny: MLLMRunner, family: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A random model with `family`'s 7-8B shapes, keeping the tiny checkpoint's token ids; the tiny runner's
+    processor is set to the same vision geometry (tile/crop size, tokens per tile)."""
+    from transformers import AutoModelForImageTextToText
 
+    shape = SEVEN_B[family]
     small = tiny.model.config
-    text = dict(QWEN25_7B_TEXT, bos_token_id=small.text_config.bos_token_id,
-                eos_token_id=small.text_config.eos_token_id, pad_token_id=small.text_config.pad_token_id)
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=QWEN25_7B_VISION, image_token_id=small.image_token_id,
-                           video_token_id=small.video_token_id, vision_start_token_id=small.vision_start_token_id,
-                           vision_end_token_id=small.vision_end_token_id)
+    cfg = small.to_dict()
+    cfg["text_config"].pop("layer_types", None)  # per layer of the tiny depth; derived again from the new one
+    cfg["text_config"].update(shape["text"])
+    cfg["vision_config"].update(shape["vision"])
+    cfg.update(shape.get("extra", {}))
+    for name, value in shape.get("processor", {}).items():
+        setattr(tiny.processor, name, value)
+    for name, value in shape.get("image_processor", {}).items():
+        setattr(tiny.processor.image_processor, name, value)
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype,
+        model = AutoModelForImageTextToText.from_config(type(small).from_dict(cfg), dtype=dtype,
                                                         attn_implementation={"text_config": g.register()})
     model.generation_config = tiny.model.generation_config
     return model.eval()
@@ -110,6 +145,7 @@ def bias_zero_gaps(r: MLLMRunner, enc) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl")
     parser.add_argument("--shape", choices=["tiny", "7b"], default="tiny")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -127,16 +163,19 @@ def main() -> None:
         "guided all rows + record": ["guidance.rows=all"],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_mllm("qwen2_5_vl", tmp)
+        path = build_tiny_mllm(args.family, tmp)
         runners = {}
         for name, extra in variants.items():
             cfg = load_config(overrides=[f"mllm.model={path}", f"mllm.dtype={args.dtype}",
                                          f"mllm.max_new_tokens={args.new_tokens}", *pixels, *extra])
             runners[name] = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=args.device)
         if big:
-            model = seven_b_model(runners["guided + record attention"], args.device, getattr(torch, args.dtype))
+            model = seven_b_model(runners["guided + record attention"], args.family, args.device,
+                                  getattr(torch, args.dtype))
+            depth = model.config.get_text_config().num_hidden_layers
             for r in runners.values():
-                r.model, r.layers = model, g.resolve_layers(28, r.guidance_cfg.layers)
+                r.model, r.layers = model, g.resolve_layers(depth, r.guidance_cfg.layers)
+                r.processor = runners["guided + record attention"].processor
         for r in runners.values():
             r.model.generation_config.min_new_tokens = args.new_tokens  # equal work in every variant
         enc = runners["stock sdpa, no guidance"].encode([runners["stock sdpa, no guidance"].prompt(q) for q in reqs])
@@ -155,7 +194,7 @@ def main() -> None:
 
     one, batched = rows[0][2], rows[2][2]  # stock one-by-one, stock batch 8
     prompt_len = enc.inputs["attention_mask"].sum(dim=1).float()
-    print(f"\n{args.shape} Qwen2.5-VL (random weights) on {args.device} {args.dtype}, {args.images} images, "
+    print(f"\n{args.shape} {args.family} (random weights) on {args.device} {args.dtype}, {args.images} images, "
           f"{args.new_tokens} new tokens each, prompts {prompt_len.min():.0f}-{prompt_len.max():.0f} tokens, "
           f"guided layers {runners['guided + record attention'].layers}, {torch.get_num_threads()} CPU thread(s)")
     print(f"{'variant':28s} {'batch':>5s} {'seconds':>8s} {'images/s':>9s} {'vs one-by-one':>14s} "

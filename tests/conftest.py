@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -120,19 +120,30 @@ def repo_root() -> Path:
 # Built once per session into a temp dir (a few seconds each); load them through AutoProcessor /
 # AutoModelForImageTextToText. Random weights: their words are noise, the machinery is what gets tested.
 @pytest.fixture(scope="session")
-def tiny_qwen25vl(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random Qwen2.5-VL (8 decoder layers, locally trained tokenizer); returns the saved dir."""
+def tiny_mllm(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+    """Builds the tiny random checkpoint of a family (eagle.testing.tiny_mllm.FAMILIES) once; returns its dir."""
     from eagle.testing.tiny_mllm import build_tiny_mllm
 
-    return build_tiny_mllm("qwen2_5_vl", str(tmp_path_factory.mktemp("tiny_qwen25vl")))
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = build_tiny_mllm(family, str(tmp_path_factory.mktemp(f"tiny_{family}")))
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3vl(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random Qwen3-VL (6 decoder layers, deepstack, locally trained tokenizer); returns the saved dir."""
-    from eagle.testing.tiny_mllm import build_tiny_mllm
+def tiny_qwen25vl(tiny_mllm: Callable[[str], str]) -> str:
+    """A tiny random Qwen2.5-VL (8 decoder layers, locally trained tokenizer); returns the saved dir."""
+    return tiny_mllm("qwen2_5_vl")
 
-    return build_tiny_mllm("qwen3_vl", str(tmp_path_factory.mktemp("tiny_qwen3vl")))
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl(tiny_mllm: Callable[[str], str]) -> str:
+    """A tiny random Qwen3-VL (6 decoder layers, deepstack, locally trained tokenizer); returns the saved dir."""
+    return tiny_mllm("qwen3_vl")
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,8 @@ def site(tmp_path: Path) -> Path:
     (big / "config.json").write_text("{}")
     with open(big / "model.safetensors", "wb") as fh:  # sparse: 5 GiB on paper, nothing on disk
         fh.truncate(5 * 2**30)
+    (tmp_path / "llama-mllm").mkdir()
+    (tmp_path / "llama-mllm" / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "hf").mkdir()
     return tmp_path
 
@@ -67,6 +69,8 @@ MISTAKES = {
         "the experts of grid were fitted with ImageNet weights (wide_resnet50_2)"),
     "missing MLLM folder": ("inspect", [*INSPECT, "--mllm", "{t}/no-such-mllm"],
                             "MLLM folder {t}/no-such-mllm does not exist"),
+    "MLLM of an unsupported family": ("inspect", [*INSPECT, "--mllm", "{t}/llama-mllm"],
+                                      "a 'llama' model, a family the guided MLLM stage does not support"),
     "large MLLM without a GPU": ("inspect", [*INSPECT, "--mllm", "{t}/big-mllm"], "--force-cpu-mllm"),
     "unknown config key": ("inspect", [*INSPECT, "--mllm", "none", "expert.batchsize=3"],
                            "expert.batchsize: unknown key"),

@@ -1,4 +1,4 @@
-"""Attention guidance on tiny random Qwen2.5-VL / Qwen3-VL: equal to stock sdpa at bias 0, the softmax algebra
+"""Attention guidance on every tiny random family (Qwen2.5-VL, Qwen3-VL, InternVL3, LLaVA-OneVision): equal to stock sdpa at bias 0, the softmax algebra
 of the bias in prefill and decode, per-sample spans under left padding, no state left behind; diagnostics."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import torch
 from eagle.config import load_config
 from eagle.findings import Box
 from eagle.mllm import guidance as g
+from eagle.mllm.families import Piece
 from eagle.mllm.runner import Encoded, MLLMRequest, MLLMRunner
+from eagle.testing.tiny_mllm import FAMILIES
 
 TINY_OVERRIDES = ["mllm.dtype=float32", "mllm.min_pixels=3136", "mllm.max_pixels=50176", "mllm.max_new_tokens=4"]
 DEVICE = os.environ.get("EAGLE_TEST_DEVICE", "cpu")  # "cuda" runs the same checks on a GPU machine
@@ -40,14 +42,15 @@ def test_token_runs_and_char_spans() -> None:
 
 def test_image_attention_share_on_a_constructed_case() -> None:
     # 100x100 image, 4x4 token grid (25 px cells); the region is the top-left 2x2 cells.
-    cover = g.region_coverage((100, 100), (4, 4), boxes=[Box(0, 0, 50, 50, 1.0)])
-    assert cover is not None and cover[:2, :2].min() == 1.0 and cover.sum() == 4.0
+    grid = [Piece(4, 4)]
+    cover = g.region_coverage((100, 100), grid, boxes=[Box(0, 0, 50, 50, 1.0)])
+    assert cover is not None and cover.reshape(4, 4)[:2, :2].min() == 1.0 and cover.sum() == 4.0
     mask = np.zeros((20, 20), bool)
     mask[:10, :10] = True  # the same region as a low-resolution mask
-    np.testing.assert_allclose(g.region_coverage((100, 100), (4, 4), mask=mask), cover)
-    half = g.region_coverage((100, 100), (4, 4), boxes=[Box(0, 0, 25, 12, 1.0)])
-    assert half[0, 0] == pytest.approx(12 / 25) and half.sum() == pytest.approx(12 / 25)
-    assert g.region_coverage((100, 100), (4, 4)) is None
+    np.testing.assert_allclose(g.region_coverage((100, 100), grid, mask=mask), cover)
+    half = g.region_coverage((100, 100), grid, boxes=[Box(0, 0, 25, 12, 1.0)])
+    assert half[0] == pytest.approx(12 / 25) and half.sum() == pytest.approx(12 / 25)
+    assert g.region_coverage((100, 100), grid) is None
 
     # kv = 3 text tokens + 16 image tokens + 1 text token; 2 heads
     attention = torch.zeros(2, 20)
@@ -58,8 +61,30 @@ def test_image_attention_share_on_a_constructed_case() -> None:
     share = g.region_share(attention, (3, 19), cover)
     assert share == pytest.approx((0.3 + 0.1) / (0.3 + 0.1 + 0.2))
     assert g.region_share(attention, (3, 19), half) == pytest.approx(0.3 * 12 / 25 / 0.6)
-    with pytest.raises(ValueError, match="grid"):
+    with pytest.raises(ValueError, match="layout"):
         g.region_share(attention, (3, 18), cover)
+
+
+def test_coverage_follows_tiles_thumbnails_and_newline_tokens() -> None:
+    # InternVL3-style: the image cut into 1 row x 2 column tiles of 2x2 tokens, then a 2x2 thumbnail.
+    tiles = [Piece(2, 2, (0, 0, 1, 0.5)), Piece(2, 2, (0, 0.5, 1, 1)), Piece(2, 2)]
+    cover = g.region_coverage((40, 80), tiles, boxes=[Box(40, 0, 80, 20, 1.0)])  # top half of the right tile
+    np.testing.assert_allclose(cover, [0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0])
+    attention = torch.zeros(12)
+    attention[[4, 5]] = 0.3  # the mass sits in the region in the right tile...
+    attention[[0, 11]] = 0.1  # ...and a little outside it (left tile, thumbnail)
+    assert g.region_share(attention, (0, 12), cover) == pytest.approx(0.6 / 0.8)
+
+    # LLaVA-OneVision-style: a 2x2 base grid, then a 2x3 grid with a newline token after each row.
+    layout = [Piece(2, 2), Piece(2, 3, newline=True)]
+    cover = g.region_coverage((60, 90), layout, boxes=[Box(0, 0, 30, 30, 1.0)])  # top-left 30x30
+    assert sum(p.tokens for p in layout) == cover.size == 12
+    np.testing.assert_allclose(cover[:4], [30 * 30 / (30 * 45), 0, 0, 0])
+    np.testing.assert_allclose(cover[4:], [1, 0, 0, np.nan, 0, 0, 0, np.nan])
+    attention = torch.zeros(12)
+    attention[[7, 11]] = 5.0  # newline tokens: neither inside nor in the total
+    attention[4], attention[5] = 0.2, 0.2
+    assert g.region_share(attention, (0, 12), cover) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -79,11 +104,11 @@ def _requests() -> list[MLLMRequest]:
                         [Box(5, 5, 40, 40, 1.0)]) for s in shapes]
 
 
-@pytest.fixture(scope="module", params=["tiny_qwen25vl", "tiny_qwen3vl"])
-def bundle(request: pytest.FixtureRequest) -> Bundle:
+@pytest.fixture(scope="module", params=FAMILIES)
+def bundle(request: pytest.FixtureRequest, tiny_mllm) -> Bundle:
     from transformers import AutoModelForImageTextToText
 
-    path = request.getfixturevalue(request.param)
+    path = tiny_mllm(request.param)
     cfg = load_config(overrides=[*TINY_OVERRIDES, f"mllm.model={path}"])
     runner = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=DEVICE)
     stock, eager = (AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)

@@ -26,6 +26,16 @@ def test_flags_and_intermixed_overrides(cli):
                      "mode": "incremental"}
 
 
+def test_only_demo_options_run_the_demo(cli):
+    demo = ([], ["--demo-dir", "d"], ["--demo-mllm", "internvl"], ["--demo-mllm", "llava_onevision", "--demo-dir", "d"])
+    for argv in demo:
+        assert cli._demo_only(argv, cli.parse_args(argv)), argv
+    for argv in (["--demo-dir", "d", "--input", "/x"], ["run_id=x"], ["--demo-mllm", "internvl", "--mllm", "none"]):
+        assert not cli._demo_only(argv, cli.parse_args(argv)), argv
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--demo-mllm", "gpt"])
+
+
 def test_bad_config_exits_2_with_the_key(repo_root, tmp_path):
     proc = subprocess.run([sys.executable, str(repo_root / "jobs" / "inspect.py"), "--input", str(tmp_path),
                            "--model-store", str(tmp_path), "--output", str(tmp_path), "expert.batchsize=3"],

@@ -84,3 +84,20 @@ def test_incremental_audits_new_images_and_refit_product_only(audit_setup, fmt):
     rows = output_rows(cfg, "run_id = 'inc2'")
     grid_listed = [u for u in list_inputs(refit.inputs).column("image_uri").to_pylist() if "/grid/" in u]
     assert sorted(r["image_uri"] for r in rows) == sorted(grid_listed)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "internvl", "llava_onevision"])
+def test_each_tiny_mllm_family_audits_every_image_once(audit_setup, tiny_mllm, family):
+    run_id = f"family-{family}"
+    model = tiny_mllm(family)
+    cfg = job_config(audit_setup, run_id=run_id, mllm={**audit_setup["overrides"]["mllm"], "model": model})
+    summary = run_inspect(cfg)
+    listed = list_inputs(cfg.inputs, cfg.storage).column("image_uri").to_pylist()
+    rows = output_rows(cfg, f"run_id = '{run_id}'")
+    assert sorted(r["image_uri"] for r in rows) == sorted(listed) and summary.audited == len(listed)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["mllm_ran"] and r["mllm_model"] == model for r in ok)
+    assert all(r["answer"] in ("yes", "no", "unparsed") and r["verdict"] in ("normal", "anomalous") for r in ok)
+    for r in ok:  # a share exactly where the expert gave the MLLM a region (an anomalous verdict with boxes)
+        boxed = r["expert_verdict"] == "anomalous" and bool(r["boxes"])
+        assert (r["image_attention_share"] is not None) == boxed and (not boxed or 0 <= r["image_attention_share"] <= 1)

@@ -17,6 +17,7 @@ from eagle.mllm import guidance as g
 from eagle.mllm.__main__ import main
 from eagle.mllm.download import resolve_model_source
 from eagle.mllm.runner import MLLMRequest, MLLMResult, MLLMRunner
+from eagle.testing.tiny_mllm import FAMILIES
 
 TINY = ["mllm.dtype=float32", "mllm.min_pixels=3136", "mllm.max_pixels=50176", "mllm.max_new_tokens=6"]
 DEVICE = os.environ.get("EAGLE_TEST_DEVICE", "cpu")  # "cuda" runs the same checks on a GPU machine
@@ -43,9 +44,9 @@ def _requests() -> list[MLLMRequest]:
     ]
 
 
-@pytest.fixture(scope="module", params=["tiny_qwen25vl", "tiny_qwen3vl"])
-def runner(request: pytest.FixtureRequest) -> MLLMRunner:
-    return _runner(request.getfixturevalue(request.param))
+@pytest.fixture(scope="module", params=FAMILIES)
+def runner(request: pytest.FixtureRequest, tiny_mllm) -> MLLMRunner:
+    return _runner(tiny_mllm(request.param))
 
 
 def _same(a: MLLMResult, b: MLLMResult) -> None:
@@ -112,7 +113,7 @@ def test_encoded_spans_point_at_the_query_image_and_the_prior(runner: MLLMRunner
     tok = runner.processor.tokenizer
     for b, req in enumerate(requests):
         s, e = enc.image_spans[b]
-        assert (ids[b, s:e] == runner.image_token_id).all() and e - s == enc.grids[b][0] * enc.grids[b][1]
+        assert (ids[b, s:e] == runner.image_token_id).all() and e - s == sum(p.tokens for p in enc.layouts[b])
         assert ids[b, s - 1] != runner.image_token_id and ids[b, e] != runner.image_token_id
         cfg = runner.prompt_cfg
         prior = cfg.prior_anomalous if req.expert_verdict == "anomalous" else cfg.prior_normal

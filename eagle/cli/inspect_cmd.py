@@ -26,6 +26,7 @@ from eagle.config import ConfigError, JobConfig, deep_merge, load_config, parse_
 from eagle.io import storage
 from eagle.io.runs import new_run_id
 from eagle.logs import quiet_job, setup_logging
+from eagle.testing.tiny_mllm import FAMILIES as TINY_FAMILIES
 
 if TYPE_CHECKING:
     from eagle.pipeline.inspection import Summary
@@ -59,6 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true",
                    help="Ray's own detail: progress bars, library warnings, colours.")
     p.add_argument("--demo-dir", default="demo", help="Where the no-argument demo writes (default ./demo).")
+    p.add_argument("--demo-mllm", default="qwen2_5_vl", choices=TINY_FAMILIES,
+                   help="Which tiny random MLLM family the demo builds and uses (default qwen2_5_vl).")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Config overrides.")
     return p.parse_intermixed_args(argv)  # overrides may stand before, between or after flags
 
@@ -110,16 +113,22 @@ def _report(summary: Summary, args: argparse.Namespace, cfg: JobConfig) -> None:
         storage.write_bytes(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode(), cfg.storage)
 
 
+def _demo_only(argv: list[str], args: argparse.Namespace) -> bool:
+    """No arguments but the demo's own options (--demo-dir, --demo-mllm, each followed by its value)."""
+    given = {"--demo-dir": args.demo_dir, "--demo-mllm": args.demo_mllm}
+    return sorted(argv) == sorted(x for flag, value in given.items() if flag in argv for x in (flag, value))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     quiet_job(args.verbose)
     setup_logging()
-    if not argv or argv == ["--demo-dir", args.demo_dir]:
+    if _demo_only(argv, args):
         from eagle.testing.demo import run_demo
 
-        return run_demo(args.demo_dir)
+        return run_demo(args.demo_dir, args.demo_mllm)
     try:
         overrides = deep_merge(_flag_overrides(args), parse_overrides(args.overrides))
         cfg = load_config(args.config, overrides=overrides)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -155,6 +156,17 @@ def _hub_bytes_online(model: str, revision: str | None) -> int:
     return 2 * params  # bf16
 
 
+def _check_family(folder: Path, model: str) -> None:
+    """The checkpoint's config.json names a model family the guided path knows (eagle.mllm.families)."""
+    from eagle.mllm.families import FAMILIES
+
+    config = folder / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
+    if model_type is not None and model_type not in FAMILIES:
+        raise ConfigError(f"MLLM {model} is a {model_type!r} model, a family the guided MLLM stage does not support "
+                          f"(supported: {', '.join(FAMILIES)}); docs/MLLM.md 'Families' says what another needs")
+
+
 def check_mllm(cfg: JobConfig, force_cpu: bool) -> None:
     """The MLLM can be loaded without surprises: a local folder exists, an s3:// prefix has files, a hub id is
     cached (or, online, known to the hub); a large model without a GPU is refused unless `force_cpu`."""
@@ -171,8 +183,10 @@ def check_mllm(cfg: JobConfig, force_cpu: bool) -> None:
             raise ConfigError(f"MLLM folder {model} {'has no config.json' if local.exists() else 'does not exist'}: "
                               f"give a saved transformers checkpoint folder, a hub id, or --mllm none (expert "
                               f"only); README 'Try it with a tiny MLLM' shows how to make a small one")
+        _check_family(local, model)
         size = _folder_bytes(local)
     elif (snapshot := _hub_snapshot(model, cfg.mllm.revision)) is not None:
+        _check_family(snapshot, model)
         size = _folder_bytes(snapshot)
     elif _offline():
         raise ConfigError(f"MLLM {model!r} is not in the local hub cache and HF_HUB_OFFLINE is set, so it cannot "

@@ -221,8 +221,10 @@ class MLLMConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("bfloat16")
     trust_remote_code: bool = Field(False, description="Only turn on for checkpoints you trust.")
     max_new_tokens: int = Field(64, gt=0)
-    min_pixels: int = Field(128 * 28 * 28, gt=0, description="Vision-encoder resize floor (pixels).")
-    max_pixels: int = Field(512 * 28 * 28, gt=0, description="Vision-encoder resize cap (~512 visual tokens).")
+    min_pixels: int = Field(128 * 28 * 28, gt=0, description="Vision-encoder resize floor (pixels; Qwen-VL "
+                            "families; InternVL3 and LLaVA-OneVision use their checkpoint's tiling).")
+    max_pixels: int = Field(512 * 28 * 28, gt=0, description="Vision-encoder resize cap (~512 visual tokens; Qwen-VL "
+                            "families only, like min_pixels).")
 
     @model_validator(mode="after")
     def _none_means_disabled(self) -> MLLMConfig:

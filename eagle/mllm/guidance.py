@@ -27,6 +27,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from eagle.findings import Box
+from eagle.mllm.families import Piece, layout_coverage
 
 ATTENTION_NAME = "eagle_guided_sdpa"
 Span = tuple[int, int]  # [start, end) token positions in the padded prompt
@@ -190,12 +191,13 @@ def column_bias(
 
 # ------------------------------------------------------------------------------------------- diagnostics
 def region_coverage(
-    image_hw: tuple[int, int], grid_hw: tuple[int, int], boxes: Sequence[Box] = (), mask: np.ndarray | None = None,
+    image_hw: tuple[int, int], layout: Sequence[Piece], boxes: Sequence[Box] = (), mask: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """Share of each image-token cell (grid rows x cols over the image) covered by the boxes or mask.
+    """Per image token (in the family's layout), the share of the pixels it shows that the boxes or mask cover.
 
-    The boxes (original pixels) and mask (any resolution, resized to the image) are unioned; the result is the
-    area average over each cell, (rows, cols) in [0, 1]. None when there is no region.
+    The boxes (original pixels) and mask (any resolution, resized to the image) are unioned, then averaged by
+    area over each token's cell: values in [0, 1], NaN for tokens with no place in the image (newlines). None
+    when there is no region.
     """
     h, w = image_hw
     region = np.zeros((h, w), np.float32)
@@ -205,18 +207,18 @@ def region_coverage(
         region[max(box.y1, 0):min(box.y2, h), max(box.x1, 0):min(box.x2, w)] = 1.0
     if not region.any():
         return None
-    rows, cols = grid_hw
-    return cv2.resize(region, (cols, rows), interpolation=cv2.INTER_AREA)
+    return layout_coverage(region, layout)
 
 
 def region_share(attention: torch.Tensor, span: Span, coverage: np.ndarray) -> float:
     """Share of the attention on the image tokens `span` that falls inside the region (area-weighted).
 
-    attention: (heads, kv) or (kv,) last-row attention; averaged over heads. The span's tokens are the image's
-    grid cells in row-major order, so coverage.size must equal the span length.
+    attention: (heads, kv) or (kv,) last-row attention; averaged over heads. coverage: one value per token of
+    the span (`region_coverage`); tokens with NaN coverage count in neither the region nor the total.
     """
     attn = attention.float().reshape(-1, attention.shape[-1]).mean(dim=0)[span[0]:span[1]].numpy()
     if attn.size != coverage.size:
-        raise ValueError(f"image span has {attn.size} tokens but the grid has {coverage.size} cells")
-    total = float(attn.sum())
-    return float((attn * coverage.reshape(-1)).sum() / total) if total > 0 else 0.0
+        raise ValueError(f"image span has {attn.size} tokens but the image's token layout has {coverage.size}")
+    placed = ~np.isnan(coverage)
+    total = float(attn[placed].sum())
+    return float((attn[placed] * coverage[placed]).sum() / total) if total > 0 else 0.0

@@ -1,7 +1,8 @@
 """The guided MLLM stage: prompts from the expert's result, batched greedy generation, parsed answers.
 
 `MLLMRunner` loads a processor and an image-text-to-text model once (hub id, local path or s3:// prefix),
-with the guided attention function from `eagle.mllm.guidance` when guidance or attention recording is on. `run`
+with the guided attention function from `eagle.mllm.guidance` when guidance or attention recording is on; what
+differs between families (Qwen-VL, InternVL3, LLaVA-OneVision) is in `eagle.mllm.families`. `run`
 builds one prompt per request, encodes the batch with left padding, finds each sample's query-image and
 text-prior token spans from the processor's own ids, activates guidance for the samples that get it
 (GuidanceConfig.apply_to) and generates. The final verdict rule is `eagle.findings.final_verdict`.
@@ -21,6 +22,7 @@ from eagle.findings import Answer, Box, Confidence, Verdict
 from eagle.mllm import guidance as g
 from eagle.mllm.answers import parse_answer
 from eagle.mllm.download import resolve_model_source
+from eagle.mllm.families import Layout, family_for
 from eagle.mllm.prompts import Prompt, build_prompt
 
 
@@ -53,7 +55,7 @@ class Encoded:
     inputs: dict[str, torch.Tensor]
     image_spans: list[g.Span]  # the query image's tokens
     prior_spans: list[g.Span | None]  # the text prior's tokens (None in baseline mode)
-    grids: list[tuple[int, int]]  # the query image's token grid (rows, cols)
+    layouts: list[Layout]  # which part of the query image each of its tokens shows
 
 
 class MLLMRunner:
@@ -79,6 +81,7 @@ class MLLMRunner:
         trust = {"trust_remote_code": mllm.trust_remote_code}
         self.processor = AutoProcessor.from_pretrained(source, **hub, **trust)
         config = AutoConfig.from_pretrained(source, **hub, **trust)
+        self.family = family_for(config.model_type)
         attn: str | dict[str, str] = "sdpa"
         if guidance.enabled or guidance.record_attention:
             name = g.register()
@@ -89,8 +92,7 @@ class MLLMRunner:
         ).to(self.device).eval()
         self.layers = g.resolve_layers(config.get_text_config().num_hidden_layers, guidance.layers)
         self.image_token_id = self.processor.image_token_id
-        self.merge_size = self.processor.image_processor.merge_size
-        self.size = {"shortest_edge": mllm.min_pixels, "longest_edge": mllm.max_pixels}
+        self.processor_kwargs = self.family.processor_kwargs(mllm)
 
     # ------------------------------------------------------------------ steps
     def wants_guidance(self, req: MLLMRequest) -> bool:
@@ -108,28 +110,28 @@ class MLLMRunner:
         """Tokenize with left padding; locate each sample's query image and text prior in the padded ids."""
         texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
                  for p in prompts]
+        images = [img for p in prompts for img in p.images]
         batch = self.processor(
-            text=texts, images=[img for p in prompts for img in p.images], padding=True, padding_side="left",
-            return_tensors="pt", return_offsets_mapping=True, return_text_replacement_offsets=True, size=self.size,
+            text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
+            return_offsets_mapping=True, return_text_replacement_offsets=True, **self.processor_kwargs,
         )
         offsets = batch.pop("offset_mapping").tolist()
         replacements = batch.pop("text_replacement_offsets")
-        grid_thw = batch["image_grid_thw"].tolist()
-        image_spans, prior_spans, grids = [], [], []
+        layouts = self.family.layouts(self.processor, batch, [img.shape[:2] for img in images])
+        image_spans, prior_spans, query_layouts = [], [], []
         first_image = 0
         for b, p in enumerate(prompts):
             runs = g.token_runs(batch["input_ids"][b].tolist(), self.image_token_id)
             if len(runs) != len(p.images):
                 raise RuntimeError(f"sample {b}: {len(runs)} image token runs for {len(p.images)} images")
             image_spans.append(runs[p.query_index])
-            _, rows, cols = grid_thw[first_image + p.query_index]
-            grids.append((rows // self.merge_size, cols // self.merge_size))
+            query_layouts.append(layouts[first_image + p.query_index])
             first_image += len(p.images)
             prior_spans.append(self._prior_span(texts[b], p.prior, offsets[b], replacements[b]))
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return Encoded(inputs, image_spans, prior_spans, grids)
+        return Encoded(inputs, image_spans, prior_spans, query_layouts)
 
     @staticmethod
     def _prior_span(text: str, prior: str | None, offsets: list, replacements: list[dict]) -> g.Span | None:
@@ -173,7 +175,7 @@ class MLLMRunner:
         attention = torch.stack(list(recorded.values())).mean(dim=0)  # (B, heads, kv), mean over layers
         shares: list[float | None] = []
         for b, req in enumerate(requests):
-            coverage = g.region_coverage(req.image.shape[:2], enc.grids[b], req.boxes, req.mask)
+            coverage = g.region_coverage(req.image.shape[:2], enc.layouts[b], req.boxes, req.mask)
             shares.append(None if coverage is None else g.region_share(attention[b], enc.image_spans[b], coverage))
         return shares
 

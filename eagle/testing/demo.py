@@ -20,24 +20,29 @@ BANNER = ("DEMO MODE: synthetic images, expert with RANDOM backbone weights, TIN
           "(its answers are noise). Use jobs/fit.py and jobs/inspect.py with real data and models for audits.")
 
 
-def demo_config(root: str) -> JobConfig:
-    """Small, CPU-only settings that finish in a few minutes on 2 cores."""
+DEFAULT_FAMILY = "qwen2_5_vl"
+
+
+def demo_config(root: str, family: str = DEFAULT_FAMILY) -> JobConfig:
+    """Small, CPU-only settings that finish in a few minutes on 2 cores. Run id `demo`, or `demo-FAMILY` for
+    another tiny family, so that trying one in the same folder audits the images again."""
     return load_config(overrides={
-        "run_id": "demo",
+        "run_id": "demo" if family == DEFAULT_FAMILY else f"demo-{family}",
         "inputs": {"uris": [os.path.join(root, "data")], "exclude": ["*/ground_truth/*", "*/train/*"]},
         "model_store": os.path.join(root, "models"),
         "output": {"uri": os.path.join(root, "audit")},
         # with random weights, shallow layers and no center crop find the small synthetic defects best
         # (docs/EXPERT.md, calibration)
         "expert": {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": "random", "crop": 256},
-        "mllm": {"model": os.path.join(root, "tiny-mllm"), "dtype": "float32", "max_new_tokens": 12,
+        "mllm": {"model": os.path.join(root, f"tiny-mllm-{family}"), "dtype": "float32", "max_new_tokens": 12,
                  "min_pixels": 56 * 56, "max_pixels": 112 * 112},
         "routing": {"policy": "not-confident-normal"},
         "resources": {"expert": {"batch_size": 8}, "mllm": {"batch_size": 4}},
     }, env={})
 
 
-def run_demo(root: str = "demo") -> int:
+def run_demo(root: str = "demo", family: str = DEFAULT_FAMILY) -> int:
+    """The demo with the tiny random MLLM of `family` (eagle.testing.tiny_mllm.FAMILIES)."""
     from eagle.pipeline.fitting import fit_products
     from eagle.pipeline.inspection import run_inspect
     from eagle.pipeline.ray_setup import init_ray
@@ -46,15 +51,15 @@ def run_demo(root: str = "demo") -> int:
 
     root = os.path.abspath(root)
     log.warning("%s", BANNER)
-    cfg = demo_config(root)
+    cfg = demo_config(root, family)
     data = os.path.join(root, "data")
     if not storage.exists(os.path.join(data, "labels.csv")):
         summary = generate(data, products=DEMO_PRODUCTS, n_train=16, n_test_good=4, n_test_defect=2, size=192,
                            seed=0)
         log.info("wrote synthetic dataset to %s (%s)", data, summary.counts)
     if not os.path.exists(os.path.join(cfg.mllm.model, "config.json")):
-        build_tiny_mllm("qwen2_5_vl", cfg.mllm.model)
-        log.info("built tiny random Qwen2.5-VL at %s", cfg.mllm.model)
+        build_tiny_mllm(family, cfg.mllm.model)
+        log.info("built tiny random %s at %s", family, cfg.mllm.model)
     init_ray(cfg)
     for product, fitted in fit_products(data, DEMO_PRODUCTS, cfg).items():
         if isinstance(fitted, Exception):
@@ -63,7 +68,7 @@ def run_demo(root: str = "demo") -> int:
     summary = run_inspect(cfg)
     print("\n".join(summary.lines()))
     query = (f"SELECT product, expert_verdict, verdict, count(*) AS n FROM read_parquet("
-             f"'{cfg.output.uri}/**/*.parquet', hive_partitioning = true) WHERE run_id = 'demo' "
+             f"'{cfg.output.uri}/**/*.parquet', hive_partitioning = true) WHERE run_id = '{cfg.run_id}' "
              f"GROUP BY ALL ORDER BY ALL")
     import duckdb
 
