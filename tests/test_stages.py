@@ -168,6 +168,8 @@ def _scored(confidences: list[str], **extra) -> dict[str, np.ndarray]:
 
 
 class _FakeRunner:
+    family = SimpleNamespace(uses_pixel_budget=True)  # as Qwen-VL's
+
     def __init__(self, fail_on_product=None):
         self.fail_on_product, self.calls, self.shapes = fail_on_product, [], []
 
@@ -197,6 +199,10 @@ def test_mllm_stage_routes_answers_and_keeps_the_expert_on_failure(cfg, image_fi
     assert "image" not in out[0]  # no pixels travel on
     # the routed images, read again and capped at the processor's pixel budget (aspect kept)
     assert set(runner.shapes) == {(150, 200, 3)}
+    tiling = _FakeRunner()
+    tiling.family = SimpleNamespace(uses_pixel_budget=False)  # InternVL3, LLaVA-OneVision: they tile themselves
+    _mllm_stage(cfg, tiling)(batch)
+    assert set(tiling.shapes) == {(300, 400, 3)}
     normal, unsure, anomalous, cursed = out
     assert (normal["mllm_ran"], normal["verdict"], normal["explanation_source"]) == (False, "normal", "expert")
     assert (unsure["mllm_ran"], unsure["guided"], unsure["verdict"]) == (True, True, "normal")  # the MLLM decides
@@ -215,7 +221,7 @@ def test_a_routed_image_changed_since_decoding_keeps_the_expert_verdict(cfg, ima
 
 
 def test_an_unparsed_answer_keeps_the_expert_explanation_and_stores_the_reply(cfg, image_file):
-    runner = SimpleNamespace(run=lambda requests: [
+    runner = SimpleNamespace(family=_FakeRunner.family, run=lambda requests: [
         SimpleNamespace(answer="unparsed", explanation="bolt bolt zq", raw_text="bolt bolt zq", guided=True,
                         image_attention_share=None) for _ in requests])
     (row,) = rows_of(_mllm_stage(cfg, runner)(_scored(["uncertain"], **image_file)))

@@ -114,14 +114,16 @@ def _checkpoint_defaults(mllm: MLLMConfig) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Family:
     """processor_kwargs: extra processor call options from the config; layouts: per image of a processed batch
-    (images in order, their original (h, w)), its token layout."""
+    (images in order, their original (h, w)), its token layout; uses_pixel_budget: whether the processor
+    resizes to ``mllm.min_pixels``..``mllm.max_pixels`` (so a larger image can be capped before it travels)."""
 
     name: str
     processor_kwargs: Callable[[MLLMConfig], dict[str, Any]]
     layouts: Callable[[Any, Mapping[str, Any], Sequence[tuple[int, int]]], list[Layout]]
+    uses_pixel_budget: bool = False
 
 
-_QWEN = Family("Qwen-VL", _pixel_budget, _qwen_layouts)
+_QWEN = Family("Qwen-VL", _pixel_budget, _qwen_layouts, uses_pixel_budget=True)
 FAMILIES: dict[str, Family] = {  # by the checkpoint's config.model_type
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,

@@ -2,7 +2,8 @@
 
 Rows the routing policy does not send to the MLLM keep the expert's verdict (`finish_with_expert`). No pixels
 reach this stage: it re-reads the routed images from storage (checked against the content hash the decode task
-recorded) and caps them at the processor's pixel budget (``mllm.max_pixels``) before the model sees them.
+recorded) and caps them at the processor's pixel budget (``mllm.max_pixels``, for the families that have one)
+before the model sees them.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class MLLMStage(Stage):
         data = storage.read_bytes(row["image_uri"], self.cfg.storage)
         if hashlib.sha256(data).hexdigest() != row["content_sha256"]:
             raise ValueError(f"{row['image_uri']} changed since it was decoded for the expert")
-        return capped(decode_image(data, self.cfg.inputs.max_image_pixels), self.cfg.mllm.max_pixels)
+        image = decode_image(data, self.cfg.inputs.max_image_pixels)
+        # within the processor's pixel budget where the family has one; others tile the image themselves
+        return capped(image, self.cfg.mllm.max_pixels) if self.runner.family.uses_pixel_budget else image
 
     def _answer(self, row: Row, res: Any, ms: float) -> None:
         row.update(mllm_ran=True, guided=res.guided, answer=res.answer, mllm_ms=ms,
