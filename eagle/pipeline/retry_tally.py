@@ -33,16 +33,23 @@ class _Tally:
         return dict(self.counts)
 
 
+_owned: dict[str, Any] = {}  # the tally this driver made, per Ray job: Ray ends an actor nobody refers to
+
+
 def start_tally() -> Any:
-    """The job's tally actor (made on first use; the driver calls this before any work is sent out), or None
-    when it cannot be had: counting never stops a job."""
+    """The job's tally actor (made on first use and kept for the driver's life; the driver calls this before
+    any work is sent out), or None when it cannot be had: counting never stops a job."""
     import ray
 
-    try:
-        return ray.remote(_Tally).options(name=_NAME, get_if_exists=True, num_cpus=0, max_restarts=-1).remote()
-    except Exception as exc:  # noqa: BLE001 - e.g. a tally of an earlier Ray session that is going away
-        log.warning("storage retries will not be counted for this job: %s", exc)
-        return None
+    job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
+    if job not in _owned:
+        try:
+            _owned[job] = ray.remote(_Tally).options(name=_NAME, get_if_exists=True, num_cpus=0,
+                                                     max_restarts=-1).remote()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("storage retries will not be counted for this job: %s", exc)
+            return None
+    return _owned[job]
 
 
 def read_tally(tally: Any) -> dict[str, int]:
