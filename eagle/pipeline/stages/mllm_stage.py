@@ -72,7 +72,9 @@ class MLLMStage(Stage):
             raise ValueError(f"{row['image_uri']} changed since it was decoded for the expert")
         image = decode_image(data, self.cfg.inputs.max_image_pixels)
         # within the processor's pixel budget where the family has one; others tile the image themselves
-        return capped(image, self.cfg.mllm.max_pixels) if self.runner.family.uses_pixel_budget else image
+        if self.runner.family.uses_pixel_budget:
+            image = capped(image, self.cfg.mllm.max_pixels)
+        return np.require(image, requirements="W")  # processors hand it to torch.from_numpy, which wants it writable
 
     def _answer(self, row: Row, res: Any, ms: float) -> None:
         row.update(mllm_ran=True, guided=res.guided, answer=res.answer, mllm_ms=ms,
