@@ -5,7 +5,7 @@ random Qwen2.5-VL (eagle.testing.tiny_mllm): the numbers are about the machinery
 about what real models cost. Prints three tables:
 
 1. each stage's UDF run alone, in this process, on pre-built batches of the same images (DecodeStage on the
-   listing; ExpertStage on decoded batches; MLLMStage on expert-scored batches), after a warm-up batch, vs the
+   listing; ExpertStage on decoded batches; FinishStage with the MLLM on expert-scored batches), after a warm-up batch, vs the
    whole Ray job (`run_inspect`: listing, actor start-up and model loads, write, read-back summary included);
 2. the Ray job vs a plain loop in the style of the reference EAGLE code: open, decode, Expert.score one image,
    classify, find_regions, prompt + generate one request at a time (models loaded before the clock starts);
@@ -145,11 +145,13 @@ def stages_alone(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, list[tu
     sec, scored = _timed(expert, _rechunk(decoded, cfg.resources.expert.batch_size))
     rows.append(("ExpertStage (actor)", sec))
     if cfg.mllm.model:
+        from eagle.pipeline.mllm_pool import InProcessPool
+        from eagle.pipeline.stages.finish_stage import FinishStage
         from eagle.pipeline.stages.mllm_stage import MLLMStage
 
-        mllm = MLLMStage(cfg)
-        sec, _ = _timed(mllm, _rechunk(scored, cfg.resources.mllm.batch_size))
-        rows.append((f"MLLMStage (actor, route {cfg.routing.policy})", sec))
+        finish = FinishStage(cfg, pool=InProcessPool(MLLMStage(cfg)))
+        sec, _ = _timed(finish, _rechunk(scored, cfg.resources.finish.batch_size))
+        rows.append((f"FinishStage + MLLMStage (route {cfg.routing.policy})", sec))
     return listing.num_rows, rows
 
 
@@ -257,8 +259,10 @@ def main() -> None:
     print(f"MLLM calls in the job: {summary.mllm_calls}/{summary.audited}; status {summary.status}")
     print("object-store KB per image entering each stage (Ray Data's operator metrics): "
           + ", ".join(f"{stage} {kb:.1f}" for stage, kb in summary.stage_input_kb.items()))
+    print("rows entering each stage (mllm: the routed rows the MLLM actors were sent): "
+          + ", ".join(f"{stage} {rows}" for stage, rows in summary.stage_input_rows.items()))
     print(f"\n{'stage':44s} {'alone s':>8s} {'alone img/s':>11s} {'in job, busy img/s':>19s}")
-    busy = {"DecodeStage": float("nan"), "ExpertStage": inside["expert"], "MLLMStage": inside["mllm"]}
+    busy = {"DecodeStage": float("nan"), "ExpertStage": inside["expert"], "FinishStage + MLLMStage": inside["mllm"]}
     for name, sec in stage_rows:
         print(f"{name:44s} {sec:8.2f} {n / sec:11.2f} {busy[name.split(' (')[0]]:19.2f}")
     slow_name, slow_s = max(stage_rows, key=lambda r: r[1])

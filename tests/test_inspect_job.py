@@ -101,3 +101,24 @@ def test_each_tiny_mllm_family_audits_every_image_once(audit_setup, tiny_mllm, f
     for r in ok:  # a share exactly where the expert gave the MLLM a region (an anomalous verdict with boxes)
         boxed = r["expert_verdict"] == "anomalous" and bool(r["boxes"])
         assert (r["image_attention_share"] is not None) == boxed and (not boxed or 0 <= r["image_attention_share"] <= 1)
+
+
+def test_only_routed_rows_enter_the_mllm_pool(audit_setup):
+    # the stream splits after the expert: confident-normal rows and error rows finish on the CPU, the routed rows
+    # go to the MLLM actors; both join again before the write. (Random backbone weights score every test image
+    # below its threshold: a band from 0.7x the threshold routes about half of them.)
+    cfg = job_config(audit_setup, run_id="split", routing={"policy": "not-confident-normal"},
+                     confidence={"low_factor": 0.7},
+                     output={**audit_setup["overrides"]["output"], "uri": f"{audit_setup['root']}/split"})
+    summary = run_inspect(cfg)
+    listed = list_inputs(cfg.inputs, cfg.storage).column("image_uri").to_pylist()
+    rows = output_rows(cfg, "run_id = 'split'")
+    assert sorted(r["image_uri"] for r in rows) == sorted(listed)  # exactly once each
+    ok = [r for r in rows if r["status"] == "ok"]
+    routed = [r for r in ok if r["confidence"] != "confident_normal"]
+    assert routed and len(routed) < len(ok)  # both branches carry rows
+    assert any(r["status"] == "error" for r in rows)  # error rows pass the CPU branch
+    assert summary.stage_input_rows["mllm"] == len(routed) == summary.mllm_calls
+    assert all(r["mllm_ran"] for r in routed) and not any(r["mllm_ran"] for r in ok if r not in routed)
+    assert summary.stage_input_kb["mllm"] < 4  # decision columns only: no pixels
+    assert summary.stage_input_rows["finish"] == len(listed)

@@ -158,6 +158,46 @@ def test_killed_actor_is_replaced_exactly_once(audit_setup, ray_local):
     _assert_exactly_once(audit_setup, output, "actorkill")
 
 
+def test_a_dead_mllm_actor_leaves_the_expert_verdict_and_every_image_once(audit_setup, ray_local):
+    # the MLLM actor is killed while the run streams and may not restart: the routed rows it did not answer keep
+    # the expert's verdict with the error, the rest are untouched, and every image is written once
+    import threading
+
+    from ray.util.state import list_actors
+
+    killed: list[int] = []
+
+    def kill_the_mllm_actor() -> None:
+        deadline = time.time() + 600
+        while not killed and time.time() < deadline:
+            for actor in list_actors(filters=[("state", "=", "ALIVE")], address=_gcs_address(), detail=True):
+                if "MLLMStage" in (actor.get("class_name") or "") and actor.get("pid"):
+                    time.sleep(0.5)  # loaded and ready; the first routed rows are seconds away (expert start-up)
+                    os.kill(actor["pid"], signal.SIGKILL)
+                    killed.append(actor["pid"])
+                    return
+            time.sleep(0.2)
+
+    output = f"{audit_setup['root']}/mllm-kill"
+    cfg = job_config(audit_setup, output={**audit_setup["overrides"]["output"], "uri": output}, run_id="mllmkill",
+                     routing={"policy": "not-confident-normal"},
+                     confidence={"low_factor": 0.7}, resources={"mllm": {"max_restarts": 0}})
+    killer = threading.Thread(target=kill_the_mllm_actor, daemon=True)
+    killer.start()
+    summary = run_inspect(cfg)
+    killer.join(timeout=5)
+    assert killed, "never saw an MLLM actor to kill"
+    rows = _assert_exactly_once(audit_setup, output, "mllmkill")
+    ok = [r for r in rows if r["status"] == "ok"]
+    routed = [r for r in ok if r["confidence"] != "confident_normal"]
+    lost = [r for r in routed if r["error_stage"] == "mllm"]
+    assert lost and all("MLLM generation failed, expert verdict kept" in r["error"] for r in lost)
+    assert all(r["verdict"] == r["expert_verdict"] and not r["mllm_ran"] for r in lost)
+    assert all(r["mllm_ran"] for r in routed if r not in lost)  # answered before the kill
+    assert not any(r["error"] for r in ok if r not in routed)  # the CPU branch never saw the MLLM
+    assert summary.mllm_calls == len(routed) - len(lost)
+
+
 def test_flaky_object_store_is_survived(audit_setup, s3_server, ray_local):
     # every request of the job goes through the proxy: listings, image and artifact reads, the lease, the
     # plan, the Parquet writes and the ledger; one in ten of each method fails (503 SlowDown, 500, dropped

@@ -14,6 +14,7 @@ from PIL import Image
 
 from eagle.config import load_config
 from eagle.io.schema import OUTPUT_SCHEMA
+from eagle.pipeline.mllm_pool import InProcessPool
 from eagle.pipeline.stages.base import Stage, StageContractError, batch_of, rows_of, set_boxes
 from eagle.pipeline.stages.decode_stage import DecodeStage
 from eagle.pipeline.stages.expert_stage import ExpertStage
@@ -186,23 +187,44 @@ class _FakeRunner:
 def _mllm_stage(cfg, runner):
     stage = MLLMStage.__new__(MLLMStage)  # without loading a model
     Stage.__init__(stage, cfg)
-    stage.runner = runner
+    stage.runner, stage.received = runner, [0, 0]
     return stage
 
 
-def test_mllm_stage_routes_answers_and_keeps_the_expert_on_failure(cfg, image_file):
+class _Pool(InProcessPool):
+    """The MLLM pool in this process, noting the columns it was sent."""
+
+    def __init__(self, stage):
+        super().__init__(stage)
+        self.sent = []
+
+    def ask(self, batch):
+        self.sent.append(sorted(batch))
+        return super().ask(batch)
+
+
+def _finish(cfg, runner):
+    return FinishStage(cfg, pool=_Pool(_mllm_stage(cfg, runner)))
+
+
+def test_only_routed_rows_reach_the_mllm_and_a_failure_keeps_the_expert(cfg, image_file):
     batch = _scored(["confident_normal", "uncertain", "confident_anomalous", "uncertain"], **image_file)
     batch["product"][3] = "cursed"
     batch["status"][0] = "ok"
     runner = _FakeRunner(fail_on_product="cursed")
     cfg.mllm.max_pixels = 30_000
-    out = rows_of(_mllm_stage(cfg, runner)(batch))
+    finish = _finish(cfg, runner)
+    out = rows_of(finish(batch))
+    assert [r["image_uri"] for r in out] == list(batch["image_uri"])  # the batch leaves whole, in order
+    assert finish.pool.stage.traffic()[0] == 3  # the confident-normal row never reached the MLLM
+    (sent,) = finish.pool.sent  # one call with the routed rows' decision columns: no pixels
+    assert "image" not in sent and "expert_input" not in sent and "image_uri" in sent
     assert "image" not in out[0]  # no pixels travel on
     # the routed images, read again and capped at the processor's pixel budget (aspect kept)
     assert set(runner.shapes) == {(150, 200, 3)}
     tiling = _FakeRunner()
     tiling.family = SimpleNamespace(uses_pixel_budget=False)  # InternVL3, LLaVA-OneVision: they tile themselves
-    _mllm_stage(cfg, tiling)(batch)
+    _finish(cfg, tiling)(batch)
     assert set(tiling.shapes) == {(300, 400, 3)}
     normal, unsure, anomalous, cursed = out
     assert (normal["mllm_ran"], normal["verdict"], normal["explanation_source"]) == (False, "normal", "expert")
@@ -211,7 +233,22 @@ def test_mllm_stage_routes_answers_and_keeps_the_expert_on_failure(cfg, image_fi
     assert (cursed["mllm_ran"], cursed["verdict"], cursed["status"], cursed["error_stage"]) == (
         False, "anomalous", "ok", "mllm")
     assert "MLLM generation failed, expert verdict kept: RuntimeError: CUDA out of memory" in cursed["error"]
-    assert runner.calls == [3, 1, 1, 1]  # the batch of 3 failed, then one by one; the 4th row alone
+    assert runner.calls == [3, 1, 1, 1]  # the batch of 3 failed, then one by one
+    assert all(r["error"] is None for r in (normal, unsure, anomalous))
+
+
+def test_a_pool_that_fails_for_good_keeps_the_expert_verdict_of_the_routed_rows(cfg, image_file):
+    class Dead:
+        def ask(self, batch):
+            raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+    batch = _scored(["confident_normal", "uncertain", "confident_anomalous"], **image_file)
+    out = rows_of(FinishStage(cfg, pool=Dead())(batch))
+    assert [r["status"] for r in out] == ["ok"] * 3
+    assert [r["verdict"] for r in out] == ["normal", "anomalous", "anomalous"]
+    assert out[0]["error"] is None and not any(r["mllm_ran"] for r in out)
+    assert all("MLLM generation failed, expert verdict kept: RuntimeError: The actor died" in r["error"]
+               for r in out[1:])
 
 
 def test_a_routed_image_changed_since_decoding_keeps_the_expert_verdict(cfg, image_file):
@@ -234,11 +271,11 @@ def test_an_unparsed_answer_keeps_the_expert_explanation_and_stores_the_reply(cf
 def test_failed_rows_get_the_not_asked_columns_in_both_stages(cfg, image_file):
     batch = _scored(["uncertain", "uncertain"], **image_file)
     batch["status"][1] = "error"
-    for stage, verdict in ((_mllm_stage(cfg, _FakeRunner()), "normal"), (FinishStage(cfg), "anomalous")):
+    for stage, verdict in ((_finish(cfg, _FakeRunner()), "normal"), (FinishStage(cfg), "anomalous")):
         out = rows_of(stage(batch))
         assert (out[1]["mllm_ran"], out[1]["guided"], out[1]["verdict"]) == (False, False, None)
         assert out[0]["verdict"] == verdict  # the MLLM's 'no', or the expert's verdict
-    assert set(rows_of(FinishStage(cfg)(batch))[0]) == set(rows_of(_mllm_stage(cfg, _FakeRunner())(batch))[0])
+    assert set(rows_of(FinishStage(cfg)(batch))[0]) == set(rows_of(_finish(cfg, _FakeRunner())(batch))[0])
 
 
 # ---------------------------------------------------------------------------------------------- stamp

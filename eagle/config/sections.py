@@ -91,7 +91,13 @@ class Resources(Section):
     )
     mllm: StageResources = Field(
         default_factory=lambda: StageResources(batch_size=4, num_cpus=0.5),
-        description="MLLM actor pool; one GPU per actor for a 7B model in bf16.",
+        description="MLLM actors (a fixed pool of max_actors, started before images flow; min_actors is not "
+        "used); one GPU per actor for a 7B model in bf16.",
+    )
+    finish: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=64, num_cpus=0.25),
+        description="CPU tasks after the expert that keep the expert's verdict or send the routed rows of their "
+        "batch to the MLLM actors and wait for the answers: a larger batch fills MLLM batches better.",
     )
 
 

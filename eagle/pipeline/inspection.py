@@ -15,6 +15,8 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import duckdb
@@ -24,6 +26,7 @@ from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
 from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id
+from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.progress import progress_callback
 from eagle.pipeline.ray_setup import configure_data_context
@@ -31,7 +34,6 @@ from eagle.pipeline.retry_tally import read_tally, start_tally
 from eagle.pipeline.stages.decode_stage import DecodeStage, model_input_sizes
 from eagle.pipeline.stages.expert_stage import ExpertStage
 from eagle.pipeline.stages.finish_stage import FinishStage
-from eagle.pipeline.stages.mllm_stage import MLLMStage
 from eagle.pipeline.stages.stamp_stage import StampStage
 from eagle.pipeline.writing import update_latest, write_output
 
@@ -60,6 +62,7 @@ class Summary:
     new_errors: int = 0  # error rows among those
     storage_retries: dict[str, int] = field(default_factory=dict)  # failed object-store requests, per kind
     stage_input_kb: dict[str, float] = field(default_factory=dict)  # object-store KB per row entering a stage
+    stage_input_rows: dict[str, int] = field(default_factory=dict)  # rows entering a stage (mllm: routed only)
 
     @property
     def images_per_second(self) -> float:
@@ -78,7 +81,8 @@ class Summary:
         out += [f"  {p}: {dict(sorted(c.items()))}" for p, c in sorted(self.by_product.items())]
         if self.stage_input_kb:
             out.append("  object-store KB per image entering: "
-                       + ", ".join(f"{k} {kb:.1f}" for k, kb in self.stage_input_kb.items()))
+                       + ", ".join(f"{k} {kb:.1f}" for k, kb in self.stage_input_kb.items())
+                       + "   rows entering: " + ", ".join(f"{k} {n}" for k, n in self.stage_input_rows.items()))
         if self.storage_retries:
             out.append("  storage retries (failed requests, retried): "
                        + ", ".join(f"{k} {n}" for k, n in self.storage_retries.items()))
@@ -192,26 +196,19 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
     if plan.todo_dir:
         say_unreachable_band(cfg, plan.versions)
         _abort_leftover_uploads(cfg, run_id)
-        stamp = {"run_id": run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
-                 "eagle_version": __version__, "mllm_model": cfg.mllm.model}
         configure_data_context(progress_callback(plan.todo, traffic=traffic), verbose)
-        input_sizes = model_input_sizes(cfg, plan.versions)
-        # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
-        # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
-        for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):
-            ds = DecodeStage.apply(todo_dataset(files, cfg), cfg, input_sizes=input_sizes)
-            ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
-            ds = MLLMStage.apply(ds, cfg) if cfg.mllm.model else FinishStage.apply(ds, cfg)
-            ds = StampStage.apply(ds, cfg, stamp=stamp)
-            try:
-                write_output(ds, cfg, run)
-            except Exception as exc:
-                if not isinstance(_root_cause(exc), OSError):
-                    raise
-                raise _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)) from exc
+        try:
+            with mllm_pool(cfg) if cfg.mllm.model else nullcontext() as pool:
+                _stream(cfg, plan, pool,
+                        lambda exc: _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)))
+                if pool is not None:
+                    traffic["mllm"] = list(pool.traffic())
+        except PoolFailed as exc:
+            raise JobFailed(str(exc)) from exc
     results = _results(cfg, listed=False)
     summary = summarize_run(con, cfg, results, plan, time.time() - start)
     summary.stage_input_kb = {stage: size / rows / 1024 for stage, (rows, size) in traffic.items() if rows}
+    summary.stage_input_rows = {stage: rows for stage, (rows, _) in traffic.items()}
     try:
         merge_runs(con, cfg, results, {run_id: run.attempt})
         storage.remove(plan.plan_dir, cfg.storage, recursive=True)
@@ -224,6 +221,27 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
         raise JobFailed(f"error rate {errors}/{total} = {errors / total:.0%} exceeds output.max_error_rate "
                         f"{cfg.output.max_error_rate:.0%}; see the error column of run {run_id}")
     return summary
+
+
+def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, write_failed: Callable[[Exception], JobFailed]) -> None:
+    """Decode → expert → finish (→ MLLM pool for the routed rows) → stamp → write, for the plan's images."""
+    run = plan.run
+    stamp = {"run_id": run.run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
+             "eagle_version": __version__, "mllm_model": cfg.mllm.model}
+    input_sizes = model_input_sizes(cfg, plan.versions)
+    # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
+    # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
+    for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):
+        ds = DecodeStage.apply(todo_dataset(files, cfg), cfg, input_sizes=input_sizes)
+        ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
+        ds = FinishStage.apply(ds, cfg, pool=pool)
+        ds = StampStage.apply(ds, cfg, stamp=stamp)
+        try:
+            write_output(ds, cfg, run)
+        except Exception as exc:
+            if not isinstance(_root_cause(exc), OSError):
+                raise
+            raise write_failed(exc) from exc
 
 
 def _abort_leftover_uploads(cfg: JobConfig, run_id: str) -> None:

@@ -35,9 +35,16 @@ class StageContractError(KeyError):
 
 
 def rows_of(batch: Batch) -> list[Row]:
-    """Column batch → list of row dicts."""
+    """Column batch → list of row dicts. A column Ray Data hands over as all-NaN floats was all None (Ray turns
+    an all-null Arrow column into NaNs): its values are None again, so a block where it is null and one where it
+    holds strings still combine into one batch."""
     n = len(next(iter(batch.values()))) if batch else 0
-    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    columns = {k: [None] * n if _all_nan(v) else v for k, v in batch.items()}
+    return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+
+def _all_nan(values: np.ndarray) -> bool:
+    return values.dtype.kind == "f" and len(values) > 0 and bool(np.isnan(values).all())
 
 
 def batch_of(rows: Sequence[Row], columns: Sequence[str]) -> Batch:

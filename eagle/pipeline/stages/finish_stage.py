@@ -1,21 +1,49 @@
-"""Finish stage (CPU tasks), when no MLLM is configured: the expert's verdict and explanation are final."""
+"""Finish stage (CPU tasks): where the stream splits and joins again around the MLLM.
+
+Rows the routing policy does not send to the MLLM keep the expert's verdict (`finish_with_expert`); the routed
+rows of the batch go to the run's MLLM actors (`eagle.pipeline.mllm_pool`) and come back answered, and the
+batch leaves whole. With no MLLM configured every row keeps the expert's verdict.
+"""
 
 from __future__ import annotations
 
-from eagle.pipeline.routing import finish_with_expert
-from eagle.pipeline.stages.base import Row, Stage, boxes_of
-from eagle.pipeline.stages.mllm_stage import DECISION_INPUTS, MLLM_COLUMNS, NOT_ASKED
+from typing import Any
+
+from eagle.pipeline.routing import finish_with_expert, needs_mllm
+from eagle.pipeline.stages.base import Row, Stage, batch_of, boxes_of, rows_of
+from eagle.pipeline.stages.mllm_stage import DECISION_INPUTS, MLLM_COLUMNS, NOT_ASKED, MLLMStage, failed_mllm
+
+_OUTCOME = ("error", "error_stage")  # set on a routed row whose MLLM call failed
 
 
 class FinishStage(Stage):
-    """Gives every row the MLLM stage's columns as 'not asked', with the expert's verdict."""
+    """Routes each row: the MLLM pool answers the routed ones, the expert's verdict is final for the rest."""
 
     name = "finish"
-    resources = "decode"
+    resources = "finish"
     requires = DECISION_INPUTS
     produces = MLLM_COLUMNS
     defaults = NOT_ASKED
 
+    def __init__(self, cfg: Any, pool: Any = None) -> None:
+        super().__init__(cfg)
+        self.pool = pool  # an MLLMPool (or anything with `ask(batch) -> batch`), None without an MLLM
+
     def process(self, rows: list[Row]) -> None:
+        routed = []
         for row in rows:
-            finish_with_expert(row, boxes_of(row))
+            if self.pool is not None and needs_mllm(row["confidence"], self.cfg.routing.policy):
+                routed.append(row)
+            else:
+                finish_with_expert(row, boxes_of(row))
+        if not routed:
+            return
+        sent = batch_of(routed, (*MLLMStage.requires, *_OUTCOME))
+        try:
+            answered = rows_of(self.pool.ask(sent))
+        except Exception as exc:  # noqa: BLE001 - the actor died for good: the expert's verdict stands
+            for row in routed:
+                failed_mllm(row, exc)
+            return
+        for row, answer in zip(routed, answered, strict=True):
+            row.update({k: answer[k] for k in (*MLLM_COLUMNS, *_OUTCOME)})

@@ -1,14 +1,15 @@
-"""MLLM stage (actor pool): route, prompt, guided generation, final verdict and explanation.
+"""MLLM stage (the run's MLLM actors, `eagle.pipeline.mllm_pool`): prompt, guided generation, final verdict and
+explanation for the rows the finish stage routed to it, and only those.
 
-Rows the routing policy does not send to the MLLM keep the expert's verdict (`finish_with_expert`). No pixels
-reach this stage: it re-reads the routed images from storage (checked against the content hash the decode task
-recorded) and caps them at the processor's pixel budget (``mllm.max_pixels``, for the families that have one)
-before the model sees them.
+No pixels reach this stage: it re-reads the routed images from storage (checked against the content hash the
+decode task recorded) and caps them at the processor's pixel budget (``mllm.max_pixels``, for the families that
+have one) before the model sees them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
 from typing import Any
 
 import numpy as np
@@ -17,8 +18,8 @@ from eagle.config import JobConfig
 from eagle.findings import final_verdict
 from eagle.io import storage
 from eagle.io.images import capped, decode_image
-from eagle.pipeline.routing import expert_explanation, finish_with_expert, needs_mllm
-from eagle.pipeline.stages.base import Row, Stage, boxes_of, describe
+from eagle.pipeline.routing import expert_explanation, finish_with_expert
+from eagle.pipeline.stages.base import Batch, Row, Stage, boxes_of, describe
 
 # What a row says about the MLLM; shared with FinishStage so both paths give rows the same columns.
 MLLM_COLUMNS = ("mllm_ran", "guided", "answer", "verdict", "explanation", "explanation_source", "mllm_reply",
@@ -29,7 +30,8 @@ DECISION_INPUTS = ("product", "status", "expert_verdict", "expert_score", "thres
 
 
 class MLLMStage(Stage):
-    """Asks the MLLM about the routed rows in batches of ``resources.mllm.batch_size``; loads the model once."""
+    """Asks the MLLM about every row it is given, in batches of ``resources.mllm.batch_size``; loads the model
+    once. Runs as a Ray actor that finish tasks call (`answer`)."""
 
     name = "mllm"
     resources = "mllm"
@@ -47,16 +49,25 @@ class MLLMStage(Stage):
         super().__init__(cfg)
         configure_threads(torch)
         self.runner = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=cfg.resources.mllm.resolved_device())
+        self.received = [0, 0]  # rows and bytes this actor was sent
+
+    def ready(self) -> bool:
+        """Answers once the model is loaded (the driver waits for it before images flow)."""
+        return True
+
+    def answer(self, batch: Batch) -> Batch:
+        """The routed rows of one finish task, answered (the actor method finish tasks call)."""
+        self.received[0] += len(batch["image_uri"])
+        self.received[1] += len(pickle.dumps(batch, protocol=5))  # its size in transit (nothing is unpickled)
+        return self(batch)
+
+    def traffic(self) -> tuple[int, int]:
+        """(rows, bytes) sent to this actor so far."""
+        return self.received[0], self.received[1]
 
     def process(self, rows: list[Row]) -> None:
-        routed = []
-        for row in rows:
-            if needs_mllm(row["confidence"], self.cfg.routing.policy):
-                routed.append(row)
-            else:
-                finish_with_expert(row, boxes_of(row))
-        self.in_chunks(routed, self.cfg.resources.mllm.batch_size, run=self._generate, apply=self._answer,
-                       failed=self._failed)
+        self.in_chunks(rows, self.cfg.resources.mllm.batch_size, run=self._generate, apply=self._answer,
+                       failed=failed_mllm)
 
     def _generate(self, chunk: list[Row]) -> list[Any]:
         from eagle.mllm.runner import MLLMRequest
@@ -88,8 +99,9 @@ class MLLMStage(Stage):
         else:
             row.update(explanation=expert_explanation(row, boxes_of(row)), explanation_source="expert")
 
-    @staticmethod
-    def _failed(row: Row, exc: BaseException) -> None:
-        """The expert's result stands; the failure is recorded (the row stays 'ok')."""
-        finish_with_expert(row, boxes_of(row))
-        row.update(error=f"MLLM generation failed, expert verdict kept: {describe(exc)}", error_stage="mllm")
+
+
+def failed_mllm(row: Row, exc: BaseException) -> None:
+    """The expert's result stands; the MLLM's failure is recorded (the row stays 'ok')."""
+    finish_with_expert(row, boxes_of(row))
+    row.update(error=f"MLLM generation failed, expert verdict kept: {describe(exc)}", error_stage="mllm")

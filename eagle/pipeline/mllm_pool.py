@@ -1,0 +1,101 @@
+"""The run's MLLM actors, outside Ray Data's stream: only the rows routed to the MLLM ever reach them.
+
+Ray Data has no streaming fork, so the stream is not split into two datasets. The finish stage (CPU tasks)
+sees every row after the expert, keeps the expert's verdict for the rows the routing policy does not send on,
+and hands the routed ones (a few hundred bytes each: no pixels) to one of these actors, waiting for the answers
+before it emits the whole batch. Each image therefore still leaves the pipeline as exactly one row, while the
+GPU actors receive only their work.
+
+The pool is fixed at ``resources.mllm.max_actors`` actors for the run, started (and their models loaded)
+before images flow, and killed when the run ends. An actor that dies is restarted (``resources.mllm.
+max_restarts``, default unlimited) and the call retried twice; a call that still fails leaves its rows with
+the expert's verdict and the error (`failed_mllm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from eagle.config import JobConfig
+from eagle.pipeline.ray_setup import ray_options
+from eagle.pipeline.stages.base import Batch
+
+log = logging.getLogger("eagle.inspect")
+
+CALL_RETRIES = 2  # a call is retried this often on a restarted actor, so one row cannot crash-loop an actor
+
+
+class PoolFailed(RuntimeError):
+    """The MLLM actors could not start (the model cannot load, or does not fit)."""
+
+
+class MLLMPool:
+    """Handles to the MLLM actors; picklable, so the finish tasks carry it."""
+
+    def __init__(self, actors: list[Any]) -> None:
+        self.actors = actors
+
+    def ask(self, batch: Batch) -> Batch:
+        """The answered batch, from a randomly chosen actor (calls queue on the actor)."""
+        import ray
+
+        return ray.get(random.choice(self.actors).answer.remote(batch))
+
+    def traffic(self) -> tuple[int, int]:
+        """(rows, bytes) the actors were sent, summed; an actor that restarted counts from its restart, a dead
+        one not at all."""
+        import ray
+
+        rows = size = 0
+        for actor in self.actors:
+            try:
+                r, b = ray.get(actor.traffic.remote())
+            except ray.exceptions.RayActorError:
+                continue
+            rows, size = rows + r, size + b
+        return rows, size
+
+
+class InProcessPool:
+    """One MLLM stage in this process behind the pool's interface: what the actors do, without Ray (benches,
+    tests)."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+
+    def ask(self, batch: Batch) -> Batch:
+        return self.stage.answer(batch)
+
+    def traffic(self) -> tuple[int, int]:
+        return self.stage.traffic()
+
+
+@contextmanager
+def mllm_pool(cfg: JobConfig, actor_class: type | None = None) -> Iterator[MLLMPool]:
+    """Start the pool (waiting until every model is loaded; a model that cannot load fails here, before any
+    image is read), yield it, kill it. `actor_class` replaces MLLMStage in tests."""
+    import ray
+
+    from eagle.pipeline.stages.mllm_stage import MLLMStage
+
+    res = cfg.resources.mllm
+    restarts = -1 if res.max_restarts is None else res.max_restarts
+    options = {**ray_options(res, actor=False), "max_restarts": restarts,
+               "max_task_retries": CALL_RETRIES if restarts else 0}
+    remote = ray.remote(actor_class or MLLMStage).options(**options)
+    actors = [remote.remote(cfg) for _ in range(res.max_actors)]
+    try:
+        log.info("starting %d MLLM actor(s) (%s)", len(actors), ", ".join(f"{k}={v}" for k, v in options.items()
+                                                                          if k.startswith("num_")))
+        try:
+            ray.get([a.ready.remote() for a in actors])
+        except ray.exceptions.RayActorError as exc:
+            raise PoolFailed(f"the MLLM actors could not load {cfg.mllm.model!r}: {exc}") from exc
+        yield MLLMPool(actors)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
