@@ -221,6 +221,7 @@ def main() -> None:
     p.add_argument("--route", default="all", choices=["all", "not-confident-normal", "uncertain"])
     p.add_argument("--expert-batch", type=int, default=8)
     p.add_argument("--mllm-batch", type=int, default=4)
+    p.add_argument("--finish-batch", type=int, default=None, help="rows per finish batch (resources.finish)")
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--root", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--skip-loop", action="store_true")
@@ -240,8 +241,12 @@ def main() -> None:
     prep_s = time.perf_counter() - t0
     knobs = dict(route=args.route, expert_batch=args.expert_batch, mllm_batch=args.mllm_batch,
                  new_tokens=args.new_tokens)
-    decode = {"resources": {"decode": {"num_cpus": args.decode_cpus}}} if args.decode_cpus else None
-    cfg = job_config(root, "e2e", extra=decode, **knobs)
+    resources: dict[str, Any] = {}
+    if args.decode_cpus:
+        resources["decode"] = {"num_cpus": args.decode_cpus}
+    if args.finish_batch:
+        resources["finish"] = {"batch_size": args.finish_batch}
+    cfg = job_config(root, "e2e", extra={"resources": resources}, **knobs)
     summary, inside = ray_job(cfg)
     n, stage_rows = stages_alone(cfg, versions)
     loop = None if args.skip_loop else reference_loop(cfg, versions)
@@ -253,8 +258,8 @@ def main() -> None:
     e2e = summary.audited / summary.seconds
     print(f"\n{n} test images {args.size}x{args.size} ({args.copies} files per synthetic image; {', '.join(PRODUCTS)}), "
           f"expert resnet18 random weights (resize 256, crop 224), tiny random Qwen2.5-VL ({args.new_tokens} new "
-          f"tokens, 56^2-112^2 px), route {args.route}, batches decode 16 / expert {args.expert_batch} / mllm "
-          f"{args.mllm_batch}; local Ray num_cpus=8 on {os.cpu_count()} cores, torch 1 thread per process; "
+          f"tokens, 56^2-112^2 px), route {args.route}, batches decode 16 / expert {args.expert_batch} / finish "
+          f"{cfg.resources.finish.batch_size} / mllm {args.mllm_batch}; local Ray num_cpus=8 on {os.cpu_count()} cores, torch 1 thread per process; "
           f"setup (synth + fit + tiny MLLM) {prep_s:.0f} s")
     print(f"MLLM calls in the job: {summary.mllm_calls}/{summary.audited}; status {summary.status}")
     print("object-store KB per image entering each stage (Ray Data's operator metrics): "
