@@ -152,7 +152,7 @@ def score_images(model: Any, images: Sequence[np.ndarray], batch_size: int) -> l
 
 def fit_cross_fitted(model_class: Any, images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu",
                      batch_size: int = 8, names: Sequence[str] | None = None) -> FitResult:
-    """Fit an expert model without unselected patches (``model_class.train(images, cfg, device, batch_size)``)
+    """Fit an expert model without unselected patches (``model_class.fit_on(images, cfg, device, batch_size)``)
     and its label-free threshold from k-fold out-of-fold scores: for each of ``threshold.folds`` folds, a model
     fitted on the other folds scores the fold's images; the threshold rule takes those scores; the final model
     is fitted on all images. Folds follow the image names (sorted, shuffled under ``expert.seed``); the meta
@@ -163,14 +163,14 @@ def fit_cross_fitted(model_class: Any, images: Sequence[np.ndarray], cfg: JobCon
     folds = fold_assignment(names, cfg.threshold.folds, ecfg.seed)
 
     def fit_without(train: list[int]) -> Any:
-        return model_class.train([images[i] for i in train], cfg, device, batch_size)
+        return model_class.fit_on([images[i] for i in train], cfg, device, batch_size)
 
     def score(model: Any, held_out: list[int]) -> list[float]:
         return score_images(model, [images[i] for i in held_out], batch_size)
 
     scores = out_of_fold_scores(folds, fit_without, score)
     t_cross = time.perf_counter()
-    model = model_class.train(images, cfg, device, batch_size)
+    model = model_class.fit_on(images, cfg, device, batch_size)
     t_fit = time.perf_counter()
     threshold = fit_threshold(scores, 0, cfg.threshold)
     k = cfg.threshold.folds
