@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{model:>9}  {res.version}")
         else:
             failed += 1
-            print(f"{product:<16} FAILED ({model}): {type(res).__name__}: {res}")
+            which = f"{model}: " if len(models) > 1 else ""
+            print(f"{product:<16} FAILED: {which}{type(res).__name__}: {res}")
     for (_, model), res in results.items():
         if isinstance(res, FitSummary) and (advice := empty_band_advice(res.product, res.threshold, res.score_max,
                                                                         cfg.confidence)):
