@@ -1,4 +1,4 @@
-"""Fit per-product PatchCore experts (memory bank + label-free threshold) from normal training images.
+"""Fit per-product experts (PatchCore, PaDiM, STFPM; each with a label-free threshold) from normal images.
 
 Usage and options: `python jobs/fit.py --help` (eagle/cli/fit_cmd.py).
 """

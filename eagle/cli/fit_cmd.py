@@ -1,11 +1,13 @@
-"""Fit per-product PatchCore experts (memory bank + label-free threshold) from normal training images.
+"""Fit per-product experts (PatchCore, PaDiM, STFPM; each with a label-free threshold) from normal images.
 
     python jobs/fit.py --data s3://bucket/mvtec --model-store s3://bucket/models [--products a,b]
-        [--backbone NAME] [--weights imagenet|random|PATH] [--threshold-method k-sigma|mad|quantile|evt]
-        [--coreset-ratio R] [--config FILE] [section.key=value ...]
+        [--expert patchcore|padim|stfpm[,...]] [--backbone NAME] [--weights imagenet|random|PATH]
+        [--threshold-method k-sigma|mad|quantile|evt] [--coreset-ratio R] [--config FILE] [section.key=value ...]
 
 --data is an MVTec-AD-layout root ({product}/train/good/*.png). Products run as parallel Ray tasks sized by
-resources.expert; each writes {model-store}/{product}/{version}/ and moves {product}/LATEST. --weights imagenet
+resources.expert; each writes {model-store}/{product}/{version}/ and moves {product}/LATEST.<model>;
+the first model of --expert (default: expert.model, 'auto' = patchcore) also moves {product}/LATEST, the
+product's default expert that inspect uses with expert.model auto. --weights imagenet
 (the default) needs timm's pretrained weights from the hub or its local cache; random is for trials.
 A product whose threshold lies at or above its largest training score (an empty uncertain band) is reported
 with the setting that widens the band.
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, metavar="ROOT", help="MVTec-layout root, local or s3://.")
     p.add_argument("--model-store", metavar="URI", help="Where artifacts go (config: model_store).")
     p.add_argument("--products", help="Comma-separated products (default: every product under ROOT).")
+    p.add_argument("--expert", metavar="NAMES", help="Comma-separated expert models to fit: patchcore, padim, "
+                                                     "stfpm (default: expert.model); the first becomes each "
+                                                     "product's default expert.")
     p.add_argument("--backbone", help="timm backbone (config: expert.backbone).")
     p.add_argument("--weights", help="imagenet, random or a safetensors path (config: expert.weights).")
     p.add_argument("--threshold-method", choices=["k-sigma", "mad", "quantile", "evt"])
@@ -54,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides + flags)
         check_fit(cfg, args.data)
-    except ConfigError as err:
+        from eagle.expert.experts import parse_models
+
+        models = parse_models(args.expert) if args.expert else [cfg.expert.fit_model()]
+    except (ConfigError, ValueError) as err:
         log.error("%s", err)
         return USAGE
     except StorageUnreachable as exc:
@@ -70,33 +78,39 @@ def main(argv: list[str] | None = None) -> int:
                   "PRODUCT/train/good/*.png)", args.data)
         return USAGE
     signals = catch_signals()
-    from eagle.pipeline.fitting import fit_products
+    from eagle.pipeline.fitting import fit_experts
     from eagle.pipeline.ray_setup import init_ray
 
     try:
         init_ray(cfg)
-        results = fit_products(args.data, products, cfg)
+        results = fit_experts(args.data, products, cfg, models)
     except KeyboardInterrupt:
         log.warning("interrupted: products whose LATEST moved are fitted; run the same command again to fit "
                     "the rest")
         return signals.exit_code()
     print(f"{'product':<16} {'images':>6} {'patches':>8} {'coreset':>7} {'method':>8} {'threshold':>10} "
-          f"{'score_max':>10} {'skipped':>7} {'seconds':>8}  version")
+          f"{'score_max':>10} {'skipped':>7} {'seconds':>8} {'model':>9}  version")
     failed = 0
-    for product, res in results.items():
+    for (product, model), res in results.items():
         if isinstance(res, FitSummary):
             print(f"{product:<16} {res.images:>6} {res.patches:>8} {res.coreset:>7} {res.threshold_method:>8} "
-                  f"{res.threshold:>10.4f} {res.score_max:>10.4f} {res.skipped:>7} {res.seconds:>8.1f}  {res.version}")
+                  f"{res.threshold:>10.4f} {res.score_max:>10.4f} {res.skipped:>7} {res.seconds:>8.1f} "
+                  f"{model:>9}  {res.version}")
         else:
             failed += 1
-            print(f"{product:<16} FAILED: {type(res).__name__}: {res}")
-    for res in results.values():
+            which = f"{model}: " if len(models) > 1 else ""
+            print(f"{product:<16} FAILED: {which}{type(res).__name__}: {res}")
+    for (_, model), res in results.items():
         if isinstance(res, FitSummary) and (advice := empty_band_advice(res.product, res.threshold, res.score_max,
                                                                         cfg.confidence)):
-            log.warning("%s", advice)
+            log.warning("%s", advice if len(models) == 1 else f"({model}) {advice}")
     if args.summary_json:
         doc = {p: r.as_dict() if isinstance(r, FitSummary) else {"error": f"{type(r).__name__}: {r}"}
-               for p, r in results.items()}
+               for (p, m), r in results.items() if m == models[0]}
+        if len(models) > 1:  # every model's results under "experts": {model: {product: ...}}
+            doc = {**doc, "experts": {m: {p: r.as_dict() if isinstance(r, FitSummary) else
+                                          {"error": f"{type(r).__name__}: {r}"}
+                                          for (p, m2), r in results.items() if m2 == m} for m in models}}
         storage.write_bytes(args.summary_json, json.dumps(doc, indent=2).encode(), cfg.storage)
     return SOME_FAILED if failed else OK
 

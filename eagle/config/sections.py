@@ -102,8 +102,37 @@ class Resources(Section):
 
 
 # ---------------------------------------------------------------------------------------------- expert
+class PadimConfig(Section):
+    """PaDiM (anomalib's ``PadimModel``): one Gaussian per patch position over the backbone's features."""
+
+    n_features: int | None = Field(
+        None, gt=0, description="Feature channels kept (a seeded random subset, as anomalib); None: anomalib's "
+        "default for the backbone (resnet18: 100, wide_resnet50_2: 550), else all channels.")
+
+
+class StfpmConfig(Section):
+    """STFPM (anomalib's ``STFPMModel``): a student trained to match the backbone (the teacher) on normal images."""
+
+    epochs: int = Field(20, ge=1, description="Passes over the training images (anomalib's default trainer runs "
+                        "up to 100).")
+    lr: float = Field(0.4, gt=0, description="SGD learning rate (anomalib: 0.4, momentum 0.9, weight decay 1e-3).")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.001, ge=0)
+    batch_size: int = Field(8, ge=1, description="Training batch size.")
+
+
+# The expert models (eagle.expert.experts registers them); 'auto' resolves per product, see ExpertConfig.model.
+EXPERT_MODELS = ("patchcore", "padim", "stfpm")
+
+
 class ExpertConfig(Section):
-    """PatchCore expert: backbone, embedding and scoring."""
+    """The expert: which model, its backbone and input size; PatchCore's embedding and scoring (its fields are
+    kept at the top level, as before there were several models); other models' options in their sub-sections."""
+
+    model: Literal["auto", "patchcore", "padim", "stfpm"] = Field(
+        "auto", description="Which expert. Inspect: 'auto' uses each product's default expert (the first model "
+        "of its latest fit, pointer {product}/LATEST), a name uses that model's latest fit of the product "
+        "({product}/LATEST.<name>). Fit: 'auto' fits patchcore (jobs/fit.py --expert a,b fits several).")
 
     backbone: str = Field("wide_resnet50_2", description="timm backbone name.")
     layers: list[str] = Field(default_factory=lambda: ["layer2", "layer3"], min_length=1)
@@ -132,16 +161,26 @@ class ExpertConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Backbone compute dtype.")
     seed: int = Field(0, description="Seed for coreset sampling and projections.")
     cache_size: int = Field(4, ge=1, description="Products whose artifacts one expert actor keeps loaded.")
+    padim: PadimConfig = Field(default_factory=PadimConfig)
+    stfpm: StfpmConfig = Field(default_factory=StfpmConfig)
+
+    def fit_model(self) -> str:
+        """The model a fit makes by default ('auto' → patchcore)."""
+        return "patchcore" if self.model == "auto" else self.model
 
 
 class ThresholdConfig(Section):
-    """Label-free threshold fitted on training scores from unselected patches (TGPS)."""
+    """Label-free threshold fitted on training scores: from unselected patches (PatchCore, TGPS) or out-of-fold
+    scores (other experts)."""
 
     method: Literal["k-sigma", "mad", "quantile", "evt"] = Field("k-sigma")
     k: float = Field(3.0, gt=0, description="k for 'k-sigma' and 'mad'.")
     quantile: float = Field(0.99, gt=0, lt=1, description="q for 'quantile'.")
     evt_quantile: float = Field(0.975, gt=0, lt=1, description="Quantile of the fitted GEV for 'evt'.")
     min_unselected_patches: int = Field(16, ge=1, description="Training images with fewer are skipped.")
+    folds: int = Field(
+        5, ge=2, description="Models without unselected patches (PaDiM, STFPM): k of the k-fold cross-fit that "
+        "scores every training image with a model fitted without it (k model fits more per product).")
 
 
 class ConfidenceConfig(Section):

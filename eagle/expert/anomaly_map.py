@@ -24,19 +24,9 @@ class AnomalyMapGenerator:
         blur, sigma 4), mapped back through the crop and resize; the border outside the crop repeats the
         crop's edge values."""
         maps = F.interpolate(patch_maps.unsqueeze(1).float(), size=(self.crop, self.crop))  # (B, 1, crop, crop)
-        maps = self._blur(maps)
-        top = crop_offset(self.resize, self.crop)
-        bottom = self.resize - self.crop - top
-        if top or bottom:
-            maps = F.pad(maps, (top, bottom, top, bottom), mode="replicate")  # (B, 1, resize, resize)
-        out = []
-        for m, (height, width) in zip(maps, sizes, strict=True):
-            if (height, width) != tuple(m.shape[-2:]):
-                m = F.interpolate(m.unsqueeze(0), size=(height, width), mode="bilinear").squeeze(0)
-            out.append(m[0])
-        return out
+        return uncropped(self.blur(maps), self.resize, self.crop, sizes)
 
-    def _blur(self, maps: torch.Tensor) -> torch.Tensor:
+    def blur(self, maps: torch.Tensor) -> torch.Tensor:
         """anomalib's Gaussian blur (its kernel and reflect padding) applied as two 1-D passes: the 33x33
         kernel is an outer product, and one 2-D pass costs ~25 ms per map on a CPU core."""
         if self._blur_rows is None or self._blur_rows[0].device != maps.device:
@@ -48,3 +38,18 @@ class AnomalyMapGenerator:
         pad = rows.shape[2] // 2
         maps = F.pad(maps, (pad, pad, pad, pad), mode="reflect")
         return F.conv2d(F.conv2d(maps, rows), cols)
+
+
+def uncropped(maps: torch.Tensor, resize: int, crop: int, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Maps over the crop (B, 1, crop, crop) → (H, W) maps at each original size, back through the crop (the
+    border outside it repeats the crop's edge values) and the resize."""
+    top = crop_offset(resize, crop)
+    bottom = resize - crop - top
+    if top or bottom:
+        maps = F.pad(maps, (top, bottom, top, bottom), mode="replicate")  # (B, 1, resize, resize)
+    out = []
+    for m, (height, width) in zip(maps, sizes, strict=True):
+        if (height, width) != tuple(m.shape[-2:]):
+            m = F.interpolate(m.unsqueeze(0), size=(height, width), mode="bilinear").squeeze(0)
+        out.append(m[0])
+    return out

@@ -4,7 +4,9 @@ Layout::
 
     {store}/{product}/{version}/tensors.safetensors   memory bank and other tensors
     {store}/{product}/{version}/meta.json             everything else (backbone, threshold, training scores, ...)
-    {store}/{product}/LATEST                          the version of the newest fit
+    {store}/{product}/LATEST.{model}                  the version of the newest fit of each expert model
+    {store}/{product}/LATEST                          the product's default expert: the newest fit of the
+                                                      first model a fit job was given
 
 The version is a content hash of both files, so loading can check that neither changed by a single byte;
 fitting the same data with the same config and libraries gives the same version.
@@ -17,6 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from eagle.expert.experts import DEFAULT_MODEL, model_name
 from eagle.io.storage import StorageConfig, exists, join, read_bytes, safe_segment, write_bytes
 
 if TYPE_CHECKING:  # reading metadata (evaluation, version pinning) never loads torch
@@ -25,7 +28,12 @@ if TYPE_CHECKING:  # reading metadata (evaluation, version pinning) never loads 
 FORMAT = "eagle-expert/1"
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
-LATEST_FILE = "LATEST"  # the product's current-version pointer
+LATEST_FILE = "LATEST"  # the product's current-version pointer (its default expert)
+
+
+def latest_file(model: str | None = None) -> str:
+    """The pointer to a product's newest fit of `model` (None or 'auto': its default expert)."""
+    return LATEST_FILE if model in (None, "auto") else f"{LATEST_FILE}.{_segment(model, 'model')}"
 
 
 class ArtifactError(ValueError):
@@ -72,7 +80,8 @@ def content_version(meta_bytes: bytes, tensor_bytes: bytes) -> str:
 
 def save_artifact(store: str, product: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                   storage: StorageConfig | None = None, set_latest: bool = True) -> str:
-    """Write the artifact, then move ``LATEST`` to it (last, so readers never see a half-written version)."""
+    """Write the artifact, then move ``LATEST.<model>`` and (`set_latest`) ``LATEST`` to it (last, so readers
+    never see a half-written version)."""
     from safetensors.torch import save as save_tensors
 
     _segment(product, "product")
@@ -84,29 +93,37 @@ def save_artifact(store: str, product: str, tensors: dict[str, torch.Tensor], me
     base = join(store, product, version)
     write_bytes(join(base, TENSORS_FILE), tensor_bytes, storage)
     write_bytes(join(base, META_FILE), meta_bytes, storage)
-    if set_latest:
-        write_bytes(join(store, product, LATEST_FILE), f"{version}\n".encode(), storage)
+    pointers = [latest_file(model_name(meta))] + ([LATEST_FILE] if set_latest else [])
+    for pointer in pointers:
+        write_bytes(join(store, product, pointer), f"{version}\n".encode(), storage)
     return version
 
 
 def resolve_version(store: str, product: str, version: str = "latest",
-                    storage: StorageConfig | None = None) -> str:
-    """The concrete version for 'latest' (from the product's LATEST pointer) or the version given."""
+                    storage: StorageConfig | None = None, model: str | None = None) -> str:
+    """The concrete version for 'latest' or the version given. 'latest' reads the product's pointer for
+    `model` (None or 'auto': ``LATEST``, its default expert; a name: ``LATEST.<name>``). A store written before
+    there were several models has only ``LATEST``: it stands for PatchCore when it names a PatchCore artifact."""
     _segment(product, "product")
     if version != "latest":
         return _segment(version, "version")
-    pointer = join(store, product, LATEST_FILE)
-    if not exists(pointer, storage):
-        raise ArtifactError(f"no fitted expert for product {product!r} in {store} ({pointer} missing)")
-    return _segment(read_bytes(pointer, storage).decode().strip(), "version in LATEST")
+    pointer = join(store, product, latest_file(model))
+    if exists(pointer, storage):
+        return _segment(read_bytes(pointer, storage).decode().strip(), "version in LATEST")
+    if model == DEFAULT_MODEL and exists(join(store, product, LATEST_FILE), storage):
+        found = resolve_version(store, product, storage=storage)
+        if model_name(read_meta(store, product, found, storage)) == model:
+            return found
+    what = "fitted expert" if model in (None, "auto") else f"fitted {model} expert"
+    raise ArtifactError(f"no {what} for product {product!r} in {store} ({pointer} missing)")
 
 
 def load_artifact(store: str, product: str, version: str = "latest",
-                  storage: StorageConfig | None = None) -> ExpertArtifact:
+                  storage: StorageConfig | None = None, model: str | None = None) -> ExpertArtifact:
     """Read and verify an artifact; raises ArtifactError if it is missing or its content hash does not match."""
     from safetensors.torch import load as load_tensors
 
-    version = resolve_version(store, product, version, storage)
+    version = resolve_version(store, product, version, storage, model)
     base = join(store, product, version)
     try:
         meta_bytes = read_bytes(join(base, META_FILE), storage)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from eagle.config import ExpertConfig, StorageConfig
 from eagle.expert.artifact import ArtifactError, ExpertArtifact
-from eagle.expert.backbone import build_extractor, fingerprint
+from eagle.expert.backbone import fingerprint
+from eagle.expert.experts import expert_kind, model_name
 from eagle.expert.model import PatchCore
+
+ExpertModel = Any  # an nn.Module with the interface `eagle.expert.experts` describes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,36 +32,34 @@ class ExpertResult:
 def build_model(cfg: ExpertConfig, storage: StorageConfig | None = None,
                 memory_bank: torch.Tensor | None = None) -> PatchCore:
     """A PatchCore (CPU, float32) as the expert config describes it."""
-    extractor = build_extractor(cfg.backbone, cfg.layers, cfg.weights, cfg.seed, storage)
-    return PatchCore(extractor, cfg.layers, resize=cfg.resize, crop=cfg.crop, patch_size=cfg.patch_size,
-                     projection_dim=cfg.projection_dim, scoring=cfg.scoring, num_neighbors=cfg.num_neighbors,
-                     k=cfg.k, memory_bank=memory_bank).eval()
+    return PatchCore.from_config(cfg, storage, None if memory_bank is None else {"memory_bank": memory_bank})
 
 
 class Expert:
-    """Scores batches of HxWx3 uint8 RGB images with a fitted PatchCore."""
+    """Scores batches of HxWx3 uint8 RGB images with a fitted expert model (any of `eagle.expert.experts`)."""
 
-    def __init__(self, model: PatchCore) -> None:
+    def __init__(self, model: ExpertModel) -> None:
         self.model = model
 
     @classmethod
     def from_artifact(cls, art: ExpertArtifact, device: str = "cpu", dtype: str = "float32",
                       storage: StorageConfig | None = None) -> Expert:
-        """Rebuild the backbone the artifact was fitted with (refusing different weights) and load its bank.
+        """Rebuild the model the artifact names (its meta's model, PatchCore when absent) on the backbone it was
+        fitted with (refusing different weights) and load its tensors.
 
-        ``dtype`` applies to the backbone; nearest-neighbour search always runs in float32.
+        ``dtype`` applies to the backbone; distances and statistics stay float32.
         """
         cfg = ExpertConfig.model_validate(art.meta["expert"])
-        model = build_model(cfg, storage, memory_bank=art.memory_bank)
+        model = expert_kind(model_name(art.meta)).model_class().from_config(cfg, storage, art.tensors)
         expected = art.meta["backbone"]["fingerprint"]
-        actual = fingerprint(model.extractor)
+        actual = fingerprint(model.backbone)
         if actual != expected:
             raise ArtifactError(
                 f"backbone {cfg.backbone!r} with weights {cfg.weights!r} differs from the one artifact {art.uri} "
                 f"was fitted with (fingerprint {actual[:12]} != {expected[:12]}): different timm/anomalib "
                 "version, cache or checkpoint; refit or restore the original weights")
         model = model.to(device)
-        model.extractor.to(DTYPES[dtype])
+        model.set_dtype(DTYPES[dtype])
         return cls(model)
 
     def score(self, images: Sequence[np.ndarray]) -> list[ExpertResult]:
@@ -78,8 +80,7 @@ class Expert:
         return self.model.preprocessor.model_input(image)
 
     def _scored(self, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[ExpertResult]:
-        scores, patch_maps = self.model(batch)
-        maps = self.model.anomaly_maps(patch_maps, sizes)
+        scores, patch_maps, maps = self.model.predict(batch, sizes)
         scores_np, patch_np = scores.float().cpu().numpy(), patch_maps.float().cpu().numpy()
         return [ExpertResult(score=float(s), anomaly_map=m.float().cpu().numpy(), patch_map=p)
                 for s, m, p in zip(scores_np, maps, patch_np, strict=True)]

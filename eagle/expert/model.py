@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from eagle.config import ExpertConfig, StorageConfig
 from eagle.expert.anomaly_map import AnomalyMapGenerator
+from eagle.expert.backbone import build_extractor
 from eagle.expert.preprocess import PreProcessor
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
@@ -46,6 +48,24 @@ class PatchCore(nn.Module):
         self.preprocessor = PreProcessor(resize, crop)
         self.map_generator = AnomalyMapGenerator(resize, crop)
         self._bank: tuple[tuple[int, tuple[int, ...], torch.device], MemoryBank] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: ExpertConfig, storage: StorageConfig | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None) -> PatchCore:
+        """A PatchCore (CPU, float32, eval) as the expert config describes it, with an artifact's memory bank."""
+        extractor = build_extractor(cfg.backbone, cfg.layers, cfg.weights, cfg.seed, storage)
+        return cls(extractor, cfg.layers, resize=cfg.resize, crop=cfg.crop, patch_size=cfg.patch_size,
+                   projection_dim=cfg.projection_dim, scoring=cfg.scoring, num_neighbors=cfg.num_neighbors,
+                   k=cfg.k, memory_bank=None if tensors is None else tensors["memory_bank"]).eval()
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen backbone whose weights the artifact's fingerprint names."""
+        return self.extractor
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Backbone compute dtype; nearest-neighbour search stays float32."""
+        self.extractor.to(dtype)
 
     @property
     def device(self) -> torch.device:
@@ -102,3 +122,10 @@ class PatchCore(nn.Module):
     def anomaly_maps(self, patch_maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """Anomaly maps (H, W) at each original size from patch-score maps (B, h, w)."""
         return self.map_generator(patch_maps, sizes)
+
+    def predict(self, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The expert interface (`eagle.expert.experts`): image scores (B,), patch maps (B, h, w) and anomaly
+        maps (H, W) at each original size."""
+        scores, patch_maps = self(batch)
+        return scores, patch_maps, self.anomaly_maps(patch_maps, sizes)

@@ -2,13 +2,15 @@
 
 Training scores: for each training image, score only the patches the coreset did *not* select, against the
 memory bank without the rows that came from that image (otherwise most of them find their nearest neighbour
-in their own image and the scores come out low), aggregated like a test image. Their distribution stands in
-for the scores of normal test images; a threshold rule turns it into one number. No step sees a label.
+in their own image and the scores come out low), aggregated like a test image. Models without unselected
+patches (PaDiM, STFPM) get out-of-fold scores instead: k-fold cross-fitting scores each training image with a
+model fitted on the other folds. Either distribution stands in for the scores of normal test images; a threshold
+rule turns it into one number. No step sees a label.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,34 @@ def leave_own_out_scores(embeddings: torch.Tensor, selected: torch.Tensor, score
             continue
         scores.append(float(score_image(embeddings[i][unselected], own)))
     return np.asarray(scores, dtype=np.float64), skipped
+
+
+def fold_assignment(names: Sequence[str], k: int, seed: int = 0) -> list[int]:
+    """The fold (0..k-1) of each training image, in the order of `names`: the sorted names shuffled under
+    `seed` and dealt round-robin, so folds differ in size by at most one and depend only on the names."""
+    if k < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {k}")
+    if len(names) < k:
+        raise ValueError(f"{len(names)} training images cannot make {k} folds: lower threshold.folds or add "
+                         "training images")
+    if len(set(names)) != len(names):
+        raise ValueError("training image names must be unique for fold assignment")
+    order = sorted(names)
+    shuffled = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
+    fold_of = {name: i % k for i, name in enumerate(shuffled)}
+    return [fold_of[name] for name in names]
+
+
+def out_of_fold_scores(folds: Sequence[int], fit_without: Callable[[list[int]], object],
+                       score: Callable[[object, list[int]], Sequence[float]]) -> np.ndarray:
+    """One score per training image from a model that never saw it: for each fold f, ``fit_without(train)`` on
+    the images of the other folds, then ``score(model, held_out)`` for fold f's images (indices into folds)."""
+    scores = np.full(len(folds), np.nan)
+    for fold in sorted(set(folds)):
+        held_out = [i for i, f in enumerate(folds) if f == fold]
+        model = fit_without([i for i, f in enumerate(folds) if f != fold])
+        scores[held_out] = np.asarray(score(model, held_out), dtype=np.float64)
+    return scores
 
 
 def threshold_value(scores: np.ndarray, cfg: ThresholdConfig) -> float:

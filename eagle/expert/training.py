@@ -12,13 +12,21 @@ import numpy as np
 import torch
 
 from eagle.config import IMAGE_EXTENSIONS, JobConfig, StorageConfig, config_hash
+from eagle.config.hashing import fit_view, without_unset_later_fields
 from eagle.expert.artifact import save_artifact
 from eagle.expert.backbone import fingerprint
 from eagle.expert.coreset import greedy_coreset
 from eagle.expert.detector import DTYPES, build_model
+from eagle.expert.experts import expert_kind
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
-from eagle.expert.threshold import ThresholdFit, fit_threshold, leave_own_out_scores
+from eagle.expert.threshold import (
+    ThresholdFit,
+    fit_threshold,
+    fold_assignment,
+    leave_own_out_scores,
+    out_of_fold_scores,
+)
 from eagle.io.images import decode_image
 from eagle.io.storage import join, list_files, read_bytes, strip_scheme
 
@@ -50,6 +58,7 @@ class FitSummary:
     score_max: float
     skipped: int
     seconds: float
+    model: str = "patchcore"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,8 +87,10 @@ def load_training_images(root: str, product: str, cfg: JobConfig) -> tuple[list[
 
 
 def fit_expert(images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu",
-               batch_size: int = 8) -> FitResult:
-    """Memory bank (coreset of all training patches) and label-free threshold for normal images only."""
+               batch_size: int = 8, names: Sequence[str] | None = None) -> FitResult:
+    """PatchCore: memory bank (coreset of all training patches) and label-free threshold (TGPS) for normal
+    images only. ``names`` (the expert fit interface) are not needed: the threshold uses no folds."""
+    cfg = fit_view(cfg, "patchcore")
     ecfg, start = cfg.expert, time.perf_counter()
     model = build_model(ecfg, cfg.storage)
     weights_fingerprint = fingerprint(model.extractor)
@@ -107,34 +118,96 @@ def fit_expert(images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu"
     t_threshold = time.perf_counter()
 
     meta = {
-        "expert": ecfg.model_dump(mode="json"),
-        "threshold": {**threshold.as_dict(), "config": cfg.threshold.model_dump(mode="json")},
+        "expert": without_unset_later_fields("expert", ecfg.model_dump(mode="json")),
+        "threshold": {**threshold.as_dict(),
+                      "config": without_unset_later_fields("threshold", cfg.threshold.model_dump(mode="json"))},
         "backbone": {"name": ecfg.backbone, "layers": list(ecfg.layers), "weights": ecfg.weights,
                      "fingerprint": weights_fingerprint},
         "embedding": {"dim": dim, "grid": [grid_h, grid_w], "resize": ecfg.resize, "crop": ecfg.crop},
         "coreset": {"method": "approximate greedy k-center", "ratio": ecfg.coreset_ratio, "size": size,
                     "total_patches": int(flat.shape[0]), "projection_dim": ecfg.coreset_projection_dim},
         "training": {"images": n_images},
-        "config_hash": config_hash(cfg, sections=("expert", "threshold")),
-        "versions": {name: metadata.version(name) for name in _LIBRARIES},
+        **_provenance(cfg),
     }
     tensors = {"memory_bank": bank.float().cpu(), "coreset_indices": selected.cpu()}
     timings = {"embed": t_embed - start, "coreset": t_coreset - t_embed, "threshold": t_threshold - t_coreset}
     return FitResult(tensors=tensors, meta=meta, threshold=threshold, timings=timings)
 
 
-def fit_product(root: str, product: str, cfg: JobConfig, device: str | None = None) -> FitSummary:
-    """Fit a product from ``{root}/{product}/train/good`` and save it to ``cfg.model_store`` (LATEST moves)."""
+def _provenance(cfg: JobConfig) -> dict[str, Any]:
+    return {"config_hash": config_hash(cfg, sections=("expert", "threshold")),
+            "versions": {name: metadata.version(name) for name in _LIBRARIES}}
+
+
+def score_images(model: Any, images: Sequence[np.ndarray], batch_size: int) -> list[float]:
+    """Image scores of an expert model (the `eagle.expert.experts` interface) for images of any size."""
+    scores: list[float] = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        crop = model.preprocessor.crop
+        image_scores, _, _ = model.predict(model.preprocess(chunk), [(crop, crop)] * len(chunk))
+        scores += [float(s) for s in image_scores.float().cpu()]
+    return scores
+
+
+def fit_cross_fitted(model_class: Any, images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu",
+                     batch_size: int = 8, names: Sequence[str] | None = None) -> FitResult:
+    """Fit an expert model without unselected patches (``model_class.fit_on(images, cfg, device, batch_size)``)
+    and its label-free threshold from k-fold out-of-fold scores: for each of ``threshold.folds`` folds, a model
+    fitted on the other folds scores the fold's images; the threshold rule takes those scores; the final model
+    is fitted on all images. Folds follow the image names (sorted, shuffled under ``expert.seed``); the meta
+    records them with the scores (in the order of ``names``)."""
+    cfg = fit_view(cfg, model_class.name)
+    ecfg, start = cfg.expert, time.perf_counter()
+    names = list(names) if names is not None else [f"{i:06d}" for i in range(len(images))]
+    folds = fold_assignment(names, cfg.threshold.folds, ecfg.seed)
+
+    def fit_without(train: list[int]) -> Any:
+        return model_class.fit_on([images[i] for i in train], cfg, device, batch_size)
+
+    def score(model: Any, held_out: list[int]) -> list[float]:
+        return score_images(model, [images[i] for i in held_out], batch_size)
+
+    scores = out_of_fold_scores(folds, fit_without, score)
+    t_cross = time.perf_counter()
+    model = model_class.fit_on(images, cfg, device, batch_size)
+    t_fit = time.perf_counter()
+    threshold = fit_threshold(scores, 0, cfg.threshold)
+    k = cfg.threshold.folds
+    meta = {
+        "model": model_class.name,
+        "expert": ecfg.model_dump(mode="json"),
+        "threshold": {**threshold.as_dict(), "config": cfg.threshold.model_dump(mode="json"),
+                      "cross_fit": {"k": k, "seed": ecfg.seed,
+                                    "folds": [[n for n, f in zip(names, folds, strict=True) if f == fold]
+                                              for fold in range(k)]}},
+        "backbone": {"name": ecfg.backbone, "layers": list(ecfg.layers), "weights": ecfg.weights,
+                     "fingerprint": fingerprint(model.backbone)},
+        "embedding": {**model.describe(), "resize": ecfg.resize, "crop": ecfg.crop},
+        "training": {"images": len(images)},
+        **_provenance(cfg),
+    }
+    timings = {"cross_fit": t_cross - start, "fit": t_fit - t_cross}
+    return FitResult(tensors=model.tensors(), meta=meta, threshold=threshold, timings=timings)
+
+
+def fit_product(root: str, product: str, cfg: JobConfig, device: str | None = None, model: str | None = None,
+                default: bool = True) -> FitSummary:
+    """Fit a product's expert `model` (default: ``expert.model``, 'auto' = patchcore) from
+    ``{root}/{product}/train/good`` and save it to ``cfg.model_store``: its ``LATEST.<model>`` pointer moves,
+    and ``LATEST`` (the product's default expert) too when `default`."""
     if not cfg.model_store:
         raise ValueError("model_store is not set")
+    model = model or cfg.expert.fit_model()
     start = time.perf_counter()
     names, images = load_training_images(root, product, cfg)
-    result = fit_expert(images, cfg, device or cfg.resources.expert.resolved_device(),
-                        cfg.resources.expert.batch_size)
+    result = expert_kind(model).fit_function()(images, cfg, device or cfg.resources.expert.resolved_device(),
+                                               cfg.resources.expert.batch_size, names=names)
     result.meta["training"]["names"] = names
-    version = save_artifact(cfg.model_store, product, result.tensors, result.meta, cfg.storage)
+    version = save_artifact(cfg.model_store, product, result.tensors, result.meta, cfg.storage, set_latest=default)
+    coreset = result.meta.get("coreset", {})
     return FitSummary(product=product, version=version, images=len(images),
-                      patches=result.meta["coreset"]["total_patches"], coreset=result.meta["coreset"]["size"],
+                      patches=coreset.get("total_patches", 0), coreset=coreset.get("size", 0),
                       threshold_method=result.threshold.method, threshold=result.threshold.value,
                       score_max=result.threshold.score_max, skipped=result.threshold.skipped,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, model=model)

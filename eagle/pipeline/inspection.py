@@ -91,13 +91,16 @@ class Summary:
 
 
 def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
-    """Pin each product's expert artifact version for the whole run (products without a model are left out)."""
+    """Pin each product's expert artifact version for the whole run (products without a model are left out):
+    with ``expert.model`` auto each product's default expert, else its latest fit of that model. The expert
+    stage builds whichever model the pinned artifact names."""
     from eagle.expert.artifact import ArtifactError, resolve_version
 
     versions = {}
     for product in products:
         try:
-            versions[product] = resolve_version(cfg.model_store, product, storage=cfg.storage)
+            versions[product] = resolve_version(cfg.model_store, product, storage=cfg.storage,
+                                                model=cfg.expert.model)
         except ArtifactError as exc:
             log.warning("%s: its images become error rows", exc)
     return versions
