@@ -1,5 +1,6 @@
 """Several expert models through the jobs: jobs/fit.py --expert padim,patchcore writes both and the pointers; an
-inspect job over products fitted with different experts writes every image once, each by its product's expert."""
+inspect job over products fitted with different experts writes every image once, each by its product's expert;
+an ensemble's verdict is the combination rule applied to its members' scores."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_fit_job_fits_several_experts(tmp_path: Path, repo_root: Path):
     assert summary["grid"]["model"] == "padim" and summary["experts"]["patchcore"]["nut"]["model"] == "patchcore"
 
 
-def test_inspect_mixes_products_fitted_with_different_experts(tmp_path: Path, ray_local: str):
+def test_inspect_mixes_products_fitted_with_different_experts_and_ensembles(tmp_path: Path, ray_local: str):
     from e2e import output_rows
 
     from eagle.expert.training import fit_product
@@ -81,3 +82,20 @@ def test_inspect_mixes_products_fitted_with_different_experts(tmp_path: Path, ra
             assert row["status"] == "error" and "no fitted expert" in row["error"], row
         else:
             assert row["status"] == "ok" and row["expert_model_version"] == versions["nut"], row
+
+    # an ensemble of each product's patchcore and stfpm: verdicts follow max(score / threshold) of the members
+    fit_product(data, "grid", cfg, model="patchcore", default=False)
+    fit_product(data, "nut", cfg, model="stfpm", default=False)
+    run_inspect(load_config(overrides={**overrides, "run_id": "ensemble",
+                                       "expert": {**TINY, "ensemble": ["patchcore", "stfpm"]}}))
+    rows = output_rows(cfg, "run_id = 'ensemble'")
+    assert sorted(r["image_uri"] for r in rows) == sorted(listed)  # exactly once each
+    for row in rows:
+        members = row["expert_members"]
+        assert row["status"] == "ok" and [m["model"] for m in members] == ["patchcore", "stfpm"], row
+        assert row["expert_model_version"] == "+".join(f"{m['model']}:{m['version']}" for m in members)
+        by_hand = max(m["score"] / m["threshold"] for m in members)
+        assert row["expert_score"] == pytest.approx(by_hand, rel=1e-5) and row["threshold"] == 1.0
+        assert row["expert_verdict"] == ("anomalous" if row["expert_score"] >= 1 else "normal")
+    single = output_rows(cfg, "run_id = 'mixed'")
+    assert all(len(r["expert_members"]) == 1 for r in single)  # one expert: one member, its own score

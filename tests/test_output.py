@@ -160,3 +160,24 @@ def test_iceberg_catalog_from_config(tmp_path, monkeypatch):
     monkeypatch.setenv("PYICEBERG_CATALOG__EAGLE__TYPE", "glue")  # a catalog from pyiceberg's own environment
     assert "type" not in iceberg.catalog_properties(cfg("s3://plant-a/audit").output)
     assert "type" not in iceberg.catalog_properties(local.output)  # no SQLite default over it
+
+
+def test_an_iceberg_table_from_before_a_new_column_gains_it(tmp_path, ray_local):
+    # tables created by an earlier version (here: without expert_members) gain the column with the next write; the
+    # rows they hold read the new column as null
+    from eagle.config import load_config
+    from eagle.io import iceberg
+
+    cfg = load_config(overrides={"output": {"uri": str(tmp_path / "audit"), "format": "iceberg"}}, env={})
+    old_schema = pa.schema([f for f in OUTPUT_SCHEMA if f.name != "expert_members"])
+    catalog = iceberg.load_catalog(cfg.output)
+    catalog.create_namespace_if_not_exists(cfg.output.namespace)
+    for name in (iceberg.AUDITS, iceberg.LATEST):
+        old = catalog.create_table(iceberg.identifier(cfg.output, name), schema=old_schema)
+        old.append(to_table([_row("a", "r0")]).drop_columns(["expert_members"]))
+    _iceberg_run(cfg, "r1", [_row("b", "r1") | {"expert_members": [
+        {"model": "patchcore", "version": "v", "score": 1.5, "threshold": 2.0}]}])
+    for name in (iceberg.AUDITS, iceberg.LATEST):
+        rows = {r["image_uri"]: r["expert_members"] for r in iceberg.table(cfg.output, name).scan().to_arrow()
+                .select(["image_uri", "expert_members"]).to_pylist()}
+        assert rows == {"a": None, "b": [{"model": "patchcore", "version": "v", "score": 1.5, "threshold": 2.0}]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from eagle.config import load_config
+from eagle.expert.ensemble import ProductExpert, ensemble_version, member_versions
 from eagle.io.schema import OUTPUT_SCHEMA
 from eagle.pipeline.mllm_pool import InProcessPool
 from eagle.pipeline.stages.base import Stage, StageContractError, batch_of, rows_of, set_boxes
@@ -119,14 +121,20 @@ class _FakeExpert:
         return out
 
 
+def _art(threshold, score_max, version="v1", model="patchcore", method="k-sigma"):
+    """What ProductExpert reads of an artifact."""
+    return SimpleNamespace(threshold=threshold, version=version, meta={
+        "model": model, "threshold": {"value": threshold, "score_max": score_max, "method": method}})
+
+
 def _expert_stage(cfg, broken=()):
     stage = ExpertStage(cfg, versions={"p": "v1", "broken": "v1"})
-    art = SimpleNamespace(threshold=50.0, score_max=80.0, meta={"threshold": {"method": "k-sigma"}}, version="v1")
+    expert = ProductExpert("v1", [(_art(50.0, 80.0), _FakeExpert())])
 
     def load(product):
         if product in broken:
             raise OSError("artifact unreadable")
-        return art, _FakeExpert()
+        return expert
 
     stage._expert = load
     return stage
@@ -147,6 +155,41 @@ def test_expert_stage_scores_classifies_and_isolates_failures(cfg):
     assert "could not load expert for 'broken': OSError: artifact unreadable" in out[6]["error"]
     assert out[7]["error"] == "x" and out[7]["expert_score"] is None  # failed upstream: untouched
     assert all(r["expert_model_version"] == "v1" for r in out[:5] if r["status"] == "ok")
+    assert json.loads(out[1]["expert_members_json"]) == [
+        {"model": "patchcore", "version": "v1", "score": 60.0, "threshold": 50.0}]
+
+
+class _Inverted(_FakeExpert):
+    """A member that disagrees: scores dark images high."""
+
+    def score_inputs(self, inputs, sizes):
+        out = super().score_inputs(inputs, sizes)
+        return [SimpleNamespace(score=255.0 - r.score, anomaly_map=r.anomaly_map[::-1].copy()) for r in out]
+
+
+@pytest.mark.parametrize("how", ["max", "mean"])
+def test_an_ensemble_verdict_is_the_rule_applied_to_its_members_scores(cfg, how):
+    cfg.expert.combine = how
+    members = [(_art(50.0, 80.0, "a1"), _FakeExpert()), (_art(300.0, 330.0, "b2", "padim", "mad"), _Inverted())]
+    version = ensemble_version({"patchcore": "a1", "padim": "b2"})
+    stage = ExpertStage(cfg, versions={"p": version})
+    stage._expert = lambda product: ProductExpert(version, members, how)
+    values = (10, 40, 60, 120, 250)
+    out = rows_of(stage(_decoded([{"expert_input": np.full((8, 8, 3), v, np.uint8)} for v in values])))
+    combine = max if how == "max" else (lambda a, b: (a + b) / 2)
+    for v, row in zip(values, out, strict=True):
+        by_hand = combine(v / 50.0, (255.0 - v) / 300.0)
+        band_max = combine(80.0 / 50.0, 330.0 / 300.0)
+        assert row["expert_score"] == pytest.approx(by_hand)
+        assert row["expert_verdict"] == ("anomalous" if by_hand >= 1 else "normal")
+        assert (row["threshold"], row["score_max"]) == (1.0, pytest.approx(band_max))
+        assert row["confidence"] == ("confident_normal" if by_hand < 1 else
+                                     "uncertain" if by_hand < band_max else "confident_anomalous")
+        assert row["threshold_method"] == f"{how}(patchcore k-sigma, padim mad)"
+        assert row["expert_model_version"] == "patchcore:a1+padim:b2" and member_versions(version) == ["a1", "b2"]
+        assert [(m["model"], m["score"], m["threshold"]) for m in json.loads(row["expert_members_json"])] == [
+            ("patchcore", pytest.approx(v), 50.0), ("padim", pytest.approx(255.0 - v), 300.0)]
+    assert {r["expert_verdict"] for r in out} == {"normal", "anomalous"}
 
 
 # ---------------------------------------------------------------------------------------------- mllm / finish

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         check_fit(cfg, args.data)
         from eagle.expert.experts import parse_models
 
-        models = parse_models(args.expert) if args.expert else [cfg.expert.fit_model()]
+        models = parse_models(args.expert) if args.expert else cfg.expert.ensemble or [cfg.expert.fit_model()]
     except (ConfigError, ValueError) as err:
         log.error("%s", err)
         return USAGE

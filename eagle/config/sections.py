@@ -163,6 +163,21 @@ class ExpertConfig(Section):
     cache_size: int = Field(4, ge=1, description="Products whose artifacts one expert actor keeps loaded.")
     padim: PadimConfig = Field(default_factory=PadimConfig)
     stfpm: StfpmConfig = Field(default_factory=StfpmConfig)
+    ensemble: list[Literal["patchcore", "padim", "stfpm"]] = Field(
+        default_factory=list, description="Inspect: score each image with several experts of its product (each "
+        "model's latest fit) and combine their scores, each divided by its own threshold (e.g. [patchcore, "
+        "padim]); empty: one expert (expert.model). Fit: the models jobs/fit.py fits when --expert is not given.")
+    combine: Literal["max", "mean"] = Field(
+        "max", description="How an ensemble combines its members' normalised scores and maps: 'max' (anomalous "
+        "when any member is) or 'mean'.")
+
+    @model_validator(mode="after")
+    def _ensemble_members(self) -> ExpertConfig:
+        if self.ensemble and len(set(self.ensemble)) != len(self.ensemble):
+            raise ValueError(f"expert.ensemble lists a model twice: {self.ensemble}")
+        if len(self.ensemble) == 1:
+            raise ValueError("expert.ensemble needs two or more models (one model: set expert.model)")
+        return self
 
     def fit_model(self) -> str:
         """The model a fit makes by default ('auto' → patchcore)."""

@@ -7,8 +7,9 @@
                          earlier success (as eagle/io/sql/latest.sql); upserted by image_uri after each run
                          (eagle.pipeline.writing.update_latest), partitioned by product
 
-Both are created on first use with OUTPUT_SCHEMA. Ray Data writes the files (eagle.pipeline.writing); this
-module only talks to the catalog and scans, so reading results loads no Ray.
+Both are created on first use with OUTPUT_SCHEMA; a column added to it later reaches tables created before
+through Ray's write, which evolves the table's schema (older rows read it as null). Ray Data writes the files
+(eagle.pipeline.writing); this module only talks to the catalog and scans, so reading results loads no Ray.
 """
 
 from __future__ import annotations

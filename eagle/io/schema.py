@@ -14,6 +14,8 @@ import pyarrow as pa
 
 BOX = pa.struct([("x1", pa.int32()), ("y1", pa.int32()), ("x2", pa.int32()), ("y2", pa.int32()),
                  ("score", pa.float32())])
+MEMBER = pa.struct([("model", pa.string()), ("version", pa.string()), ("score", pa.float32()),
+                    ("threshold", pa.float32())])
 
 # (name, type, description). The README's schema table is generated from this list (`python -m eagle.io.schema`).
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -29,10 +31,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("status", pa.string(), "'ok' or 'error'."),
     ("error", pa.string(), "Why the image could not be audited (null when ok)."),
     ("error_stage", pa.string(), "Stage that failed: read, decode, expert, mllm."),
-    ("expert_score", pa.float32(), "PatchCore image score."),
-    ("threshold", pa.float32(), "Label-free threshold of the product's expert."),
+    ("expert_score", pa.float32(), "Expert image score; an ensemble's: its members' scores, each divided by "
+     "the member's threshold, combined by expert.combine."),
+    ("threshold", pa.float32(), "Label-free threshold of the product's expert (an ensemble's: 1)."),
     ("score_max", pa.float32(), "Largest training score (upper edge of EAGLE's uncertain band)."),
-    ("threshold_method", pa.string(), "k-sigma, mad, quantile or evt."),
+    ("threshold_method", pa.string(), "k-sigma, mad, quantile or evt; an ensemble's: e.g. "
+     "'max(patchcore k-sigma, padim mad)'."),
     ("expert_verdict", pa.string(), "'normal' or 'anomalous' (score >= threshold)."),
     ("confidence", pa.string(), "'confident_normal', 'uncertain' or 'confident_anomalous'."),
     ("boxes", pa.list_(BOX), "Up to 3 anomalous regions, original-image pixels, ordered by peak score."),
@@ -48,7 +52,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("mllm_reply", pa.string(), "The MLLM's raw reply when it could not be parsed (answer 'unparsed'; the "
      "explanation is then the expert's); null otherwise."),
     ("image_attention_share", pa.float32(), "Share of image-token attention inside the expert's region."),
-    ("expert_model_version", pa.string(), "Content hash of the expert artifact used."),
+    ("expert_model_version", pa.string(), "Content hash of the expert artifact used; an ensemble's: "
+     "'model:version' of each member joined by '+'."),
+    ("expert_members", pa.list_(MEMBER), "Each expert that scored the image (one, or an ensemble's members): "
+     "model, artifact version, its own score and threshold."),
     ("mllm_model", pa.string(), "MLLM id/path used (null when none)."),
     ("config_hash", pa.string(), "Hash of the result-affecting config sections."),
     ("eagle_version", pa.string(), "eagle-audit package version."),

@@ -91,16 +91,17 @@ class Summary:
 
 
 def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
-    """Pin each product's expert artifact version for the whole run (products without a model are left out):
-    with ``expert.model`` auto each product's default expert, else its latest fit of that model. The expert
-    stage builds whichever model the pinned artifact names."""
-    from eagle.expert.artifact import ArtifactError, resolve_version
+    """Pin each product's expert version for the whole run (products without a model are left out): with
+    ``expert.model`` auto each product's default expert, else its latest fit of that model; with
+    ``expert.ensemble`` every member's (`eagle.expert.ensemble.pin`). The expert stage builds whichever model
+    each pinned artifact names."""
+    from eagle.expert.artifact import ArtifactError
+    from eagle.expert.ensemble import pin
 
     versions = {}
     for product in products:
         try:
-            versions[product] = resolve_version(cfg.model_store, product, storage=cfg.storage,
-                                                model=cfg.expert.model)
+            versions[product] = pin(cfg.model_store, product, cfg.expert, cfg.storage)
         except ArtifactError as exc:
             log.warning("%s: its images become error rows", exc)
     return versions
@@ -109,7 +110,7 @@ def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
 def say_unreachable_band(cfg: JobConfig, versions: dict[str, str]) -> None:
     """Say up front which products have an empty uncertain band: a warning when the routing policy then sends
     none of their images to the MLLM, a note when only guidance (apply_to=uncertain) never applies."""
-    from eagle.expert.artifact import read_meta
+    from eagle.expert.ensemble import band_of, pinned_metas
     from eagle.expert.threshold import empty_band_advice
 
     routes = cfg.routing.policy == "uncertain"
@@ -117,8 +118,8 @@ def say_unreachable_band(cfg: JobConfig, versions: dict[str, str]) -> None:
     if not cfg.mllm.model or not (routes or guides):
         return
     for product, version in sorted(versions.items()):
-        fitted = read_meta(cfg.model_store, product, version, cfg.storage)["threshold"]
-        if advice := empty_band_advice(product, fitted["value"], fitted["score_max"], cfg.confidence):
+        band = band_of(pinned_metas(cfg.model_store, product, version, cfg.storage), cfg.expert.combine)
+        if advice := empty_band_advice(product, band.threshold, band.score_max, cfg.confidence):
             log.log(logging.WARNING if routes else logging.INFO, "%s", advice)
 
 

@@ -72,10 +72,7 @@ def _preprocessor(resize: int, crop: int) -> Any:
 
 def model_input_sizes(cfg: JobConfig, versions: dict[str, str]) -> dict[str, tuple[int, int]]:
     """(resize, crop) of each product's pinned expert, from its artifact's metadata (the driver, before the run)."""
-    from eagle.expert.artifact import read_meta
+    from eagle.expert.ensemble import input_size
 
-    sizes = {}
-    for product, version in versions.items():
-        expert = read_meta(cfg.model_store, product, version, cfg.storage)["expert"]
-        sizes[product] = (int(expert["resize"]), int(expert["crop"]))
-    return sizes
+    return {product: input_size(cfg.model_store, product, version, cfg.storage)
+            for product, version in versions.items()}

@@ -1,4 +1,5 @@
-"""Expert stage (actor pool): PatchCore score, anomaly map, threshold verdict, confidence band, regions.
+"""Expert stage (actor pool): expert score, anomaly map, threshold verdict, confidence band, regions; each
+product's expert is one model or an ensemble (`eagle.expert.ensemble`).
 
 It receives the model-ready copies the decode tasks made (`expert_input`) and the original sizes; masks and
 maps come out at the original resolution.
@@ -9,6 +10,7 @@ artifact version the driver pinned for this run (so a run never mixes versions, 
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from typing import Any
 
@@ -24,7 +26,8 @@ class ExpertStage(Stage):
     actor = True
     requires = ("product", "status", "expert_input", "width", "height")
     produces = ("expert_score", "threshold", "score_max", "threshold_method", "expert_verdict", "confidence",
-                "boxes_json", "mask_png", "anomaly_map_png", "map_max", "expert_model_version", "expert_ms")
+                "boxes_json", "mask_png", "anomaly_map_png", "map_max", "expert_model_version", "expert_members_json",
+                "expert_ms")
     drops = ("expert_input",)
 
     def __init__(self, cfg: JobConfig, versions: dict[str, str]) -> None:
@@ -38,16 +41,20 @@ class ExpertStage(Stage):
         self.device = cfg.resources.expert.resolved_device()
         self._cache: OrderedDict[str, Any] = OrderedDict()
 
-    def _expert(self, product: str) -> tuple[Any, Any]:
-        """(artifact, Expert) for a product, via the LRU cache."""
+    def _expert(self, product: str) -> Any:
+        """The product's `ProductExpert` (one model or an ensemble), via the LRU cache."""
         from eagle.expert.artifact import load_artifact
         from eagle.expert.detector import Expert
+        from eagle.expert.ensemble import ProductExpert, member_versions
 
         if product in self._cache:
             self._cache.move_to_end(product)
             return self._cache[product]
-        art = load_artifact(self.cfg.model_store, product, self.versions[product], storage=self.cfg.storage)
-        entry = (art, Expert.from_artifact(art, device=self.device, dtype=self.cfg.expert.dtype))
+        pinned = self.versions[product]
+        arts = [load_artifact(self.cfg.model_store, product, version, storage=self.cfg.storage)
+                for version in member_versions(pinned)]
+        entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=self.cfg.expert.dtype))
+                                       for art in arts], self.cfg.expert.combine)
         self._cache[product] = entry
         while len(self._cache) > self.cfg.expert.cache_size:
             self._cache.popitem(last=False)
@@ -63,7 +70,7 @@ class ExpertStage(Stage):
                 by_product.setdefault(row["product"], []).append(row)
         for product, group in by_product.items():
             try:
-                art, expert = self._expert(product)
+                expert = self._expert(product)
             except Exception as exc:  # noqa: BLE001 - a broken artifact fails its product's rows, not the job
                 for row in group:
                     fail(row, "expert", f"could not load expert for {product!r}: {describe(exc)}")
@@ -72,27 +79,29 @@ class ExpertStage(Stage):
                 group, self.cfg.resources.expert.batch_size,
                 run=lambda chunk, expert=expert: expert.score_inputs(
                     [r["expert_input"] for r in chunk], [(int(r["height"]), int(r["width"])) for r in chunk]),
-                apply=lambda row, result, ms, art=art: self._fill(row, art, result, ms),
+                apply=lambda row, result, ms, expert=expert: self._fill(row, expert, result, ms),
                 failed=lambda row, exc: fail(row, "expert", f"scoring failed: {describe(exc)}"))
 
-    def _fill(self, row: Row, art: Any, result: Any, ms: float) -> None:
+    def _fill(self, row: Row, expert: Any, result: Any, ms: float) -> None:
         from eagle.expert.regions import find_regions
         from eagle.expert.threshold import classify
 
-        verdict, confidence = classify(result.score, art.threshold, art.score_max, self.cfg.confidence)
+        band = expert.band
+        verdict, confidence = classify(result.score, band.threshold, band.score_max, self.cfg.confidence)
         regions = find_regions(result.anomaly_map, self.cfg.regions)
         anomalous = verdict == "anomalous"
         row.update(
             expert_score=float(result.score),
-            threshold=float(art.threshold),
-            score_max=float(art.score_max),
-            threshold_method=art.meta["threshold"]["method"],
+            threshold=band.threshold,
+            score_max=band.score_max,
+            threshold_method=band.method,
             expert_verdict=verdict,
             confidence=confidence,
             mask_png=regions.mask_png if anomalous else None,
             anomaly_map_png=regions.map_png,
             map_max=regions.map_max,
-            expert_model_version=art.version,
+            expert_model_version=expert.version,
+            expert_members_json=json.dumps(result.members),
             expert_ms=ms,
         )
         set_boxes(row, regions.boxes if anomalous else [])

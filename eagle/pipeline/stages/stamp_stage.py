@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -15,15 +16,16 @@ RUN_COLUMNS = ("run_id", "audit_date", "config_hash", "eagle_version", "mllm_mod
 
 
 class StampStage(Stage):
-    """Adds the run's columns and `audited_at`, turns boxes JSON into the schema's list of structs."""
+    """Adds the run's columns and `audited_at`, turns the boxes and expert members JSON into the schema's lists
+    of structs."""
 
     name = "stamp"
     resources = "decode"
     whole_blocks = True
     skip_failed = False  # error rows are stamped too
     requires = ("image_uri", "status", "boxes_json")
-    produces = (*RUN_COLUMNS, "audited_at", "boxes")
-    drops = ("boxes_json", "image")
+    produces = (*RUN_COLUMNS, "audited_at", "boxes", "expert_members")
+    drops = ("boxes_json", "expert_members_json", "image")
 
     def __init__(self, cfg: JobConfig, stamp: dict[str, Any]) -> None:
         super().__init__(cfg)
@@ -37,6 +39,8 @@ class StampStage(Stage):
         for row in rows:
             row.update(self.stamp, audited_at=now)
             row["boxes"] = [b.as_dict() for b in boxes_of(row)]
+            members = row.get("expert_members_json")
+            row["expert_members"] = json.loads(members) if isinstance(members, str) else None
 
     def emit(self, rows: list[Row], columns: list[str]) -> pa.Table:
         return to_table(rows)  # exactly the output schema: columns not in it (e.g. bookkeeping) are left out

@@ -1,0 +1,127 @@
+"""A product's pinned expert as the expert stage uses it: one model, or an ensemble (``expert.ensemble``).
+
+An ensemble scores each image with every member (each a fitted expert of the product, at the version pinned for
+the run), divides each member's score by that member's own label-free threshold, and combines the normalised
+scores by ``expert.combine`` (max: anomalous as soon as one member says so; mean). Anomaly maps are normalised
+and combined the same way, pixel by pixel. The verdict, confidence band, regions and prompts then use the
+combination, judged against threshold 1 (scores are in threshold units) and a score_max that combines the
+members' score_max / threshold by the same rule.
+
+An ensemble's pinned version lists its members, ``patchcore:ab12…+padim:cd34…``: it is what the output's
+``expert_model_version`` records and what planning compares, so refitting any member re-audits the product.
+This module reads metadata without torch; `ProductExpert` (scoring) loads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from eagle.config import ExpertConfig, StorageConfig
+from eagle.expert.artifact import ArtifactError, read_meta, resolve_version
+from eagle.expert.experts import model_name
+
+_MEMBERS, _PAIR = "+", ":"
+COMBINE = {"max": np.max, "mean": np.mean}
+
+
+def ensemble_version(members: Mapping[str, str]) -> str:
+    """The pinned version of an ensemble: ``model:version`` of each member, in the configured order."""
+    return _MEMBERS.join(f"{model}{_PAIR}{version}" for model, version in members.items())
+
+
+def member_versions(pinned: str) -> list[str]:
+    """The artifact versions behind a pinned version (one for a single expert)."""
+    if _PAIR not in pinned:
+        return [pinned]
+    return [part.split(_PAIR, 1)[1] for part in pinned.split(_MEMBERS)]
+
+
+def pin(store: str, product: str, cfg: ExpertConfig, storage: StorageConfig | None = None) -> str:
+    """The version of `product`'s expert for a run: ``expert.model``'s latest fit, or with ``expert.ensemble``
+    each member's latest fit (all made for the same model input size). ArtifactError when one is missing."""
+    if not cfg.ensemble:
+        return resolve_version(store, product, storage=storage, model=cfg.model)
+    members = {model: resolve_version(store, product, storage=storage, model=model) for model in cfg.ensemble}
+    sizes = {model: _input_size(read_meta(store, product, version, storage)) for model, version in members.items()}
+    if len(set(sizes.values())) > 1:
+        raise ArtifactError(f"the ensemble's experts of product {product!r} were fitted for different input sizes "
+                            f"(resize, crop) {sizes}: refit them with the same expert.resize and expert.crop")
+    return ensemble_version(members)
+
+
+def pinned_metas(store: str, product: str, pinned: str, storage: StorageConfig | None = None) -> list[dict]:
+    """The artifact metadata of each expert behind a pinned version (no tensors)."""
+    return [read_meta(store, product, version, storage) for version in member_versions(pinned)]
+
+
+def input_size(store: str, product: str, pinned: str, storage: StorageConfig | None = None) -> tuple[int, int]:
+    """(resize, crop) of the model input a product's pinned expert takes (every member alike: `pin`)."""
+    return _input_size(read_meta(store, product, member_versions(pinned)[0], storage))
+
+
+def _input_size(meta: Mapping[str, Any]) -> tuple[int, int]:
+    return int(meta["expert"]["resize"]), int(meta["expert"]["crop"])
+
+
+def combine(values: Sequence[Any], how: str) -> Any:
+    """Normalised scores (floats) or maps (equal-shape arrays) combined element-wise by 'max' or 'mean'."""
+    return COMBINE[how](np.stack([np.asarray(v, dtype=np.float64) for v in values]), axis=0)
+
+
+@dataclass(frozen=True)
+class Band:
+    """What a product's scores are judged by: the verdict threshold, the top of the uncertain band, the rule."""
+
+    threshold: float
+    score_max: float
+    method: str
+
+
+def band_of(metas: Sequence[Mapping[str, Any]], how: str) -> Band:
+    """The band of one expert (its artifact's threshold) or of an ensemble (see the module docstring)."""
+    fits = [m["threshold"] for m in metas]
+    if len(fits) == 1:
+        return Band(float(fits[0]["value"]), float(fits[0]["score_max"]), fits[0]["method"])
+    score_max = float(combine([f["score_max"] / f["value"] for f in fits], how))
+    rules = ", ".join(f"{model_name(meta)} {fit['method']}" for meta, fit in zip(metas, fits, strict=True))
+    return Band(1.0, score_max, f"{how}({rules})")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image scored by a product's expert: the score and map the verdict and regions use, and each member's
+    own score (model, artifact version, raw score, its threshold)."""
+
+    score: float
+    anomaly_map: np.ndarray
+    members: list[dict[str, Any]]
+
+
+class ProductExpert:
+    """The expert (or the ensemble) of one product at its pinned version(s)."""
+
+    def __init__(self, version: str, members: Sequence[tuple[Any, Any]], how: str = "max") -> None:
+        """members: (ExpertArtifact, eagle.expert.detector.Expert) pairs, in the configured order."""
+        self.version, self.members, self.how = version, list(members), how
+        self.band = band_of([art.meta for art, _ in self.members], how)
+
+    def score_inputs(self, inputs: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[Scored]:
+        """Scores and maps at the original `sizes` for `model_input` copies (see Expert.score_inputs)."""
+        per_member = [expert.score_inputs(inputs, sizes) for _, expert in self.members]
+        out = []
+        for i in range(len(inputs)):
+            results = [member[i] for member in per_member]
+            members = [{"model": model_name(art.meta), "version": art.version, "score": float(r.score),
+                        "threshold": art.threshold} for (art, _), r in zip(self.members, results, strict=True)]
+            if len(results) == 1:
+                out.append(Scored(float(results[0].score), results[0].anomaly_map, members))
+                continue
+            thresholds = [art.threshold for art, _ in self.members]
+            score = combine([r.score / t for r, t in zip(results, thresholds, strict=True)], self.how)
+            amap = combine([r.anomaly_map / t for r, t in zip(results, thresholds, strict=True)], self.how)
+            out.append(Scored(float(score), amap.astype(np.float32), members))
+        return out
