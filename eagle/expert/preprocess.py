@@ -54,7 +54,10 @@ class PreProcessor:
         for x in inputs:
             if x.shape != (self.crop, self.crop, 3) or x.dtype != np.uint8:
                 raise ValueError(f"expected a {self.crop}x{self.crop}x3 uint8 model input, got {x.dtype} {x.shape}")
-        batch = torch.from_numpy(np.stack(inputs)).to(device).permute(0, 3, 1, 2).float() / 255
+        host = torch.from_numpy(np.stack(inputs))
+        if torch.device(device).type == "cuda":  # page-locked: the copy runs asynchronously, as uint8 (4x smaller)
+            host = host.pin_memory()
+        batch = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255
         return self._normalised(batch, device, dtype)
 
     def _normalised(self, batch: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:

@@ -95,7 +95,7 @@ def fit_expert(images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu"
     model = build_model(ecfg, cfg.storage)
     weights_fingerprint = fingerprint(model.extractor)
     model = model.to(device)
-    model.extractor.to(DTYPES[ecfg.dtype])
+    model.extractor.to(DTYPES[ecfg.resolved_dtype(device)])
     embeddings = torch.cat([model.embed(model.preprocess(images[i:i + batch_size]))
                             for i in range(0, len(images), batch_size)])  # (N, h, w, D)
     n_images, grid_h, grid_w, dim = embeddings.shape

@@ -39,6 +39,8 @@ class ExpertStage(Stage):
         configure_threads(torch)
         self.versions = versions  # product -> artifact version, pinned once by the driver
         self.device = cfg.resources.expert.resolved_device()
+        if self.device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # every input is crop x crop: cuDNN picks the fastest kernels
         self._cache: OrderedDict[str, Any] = OrderedDict()
 
     def _expert(self, product: str) -> Any:
@@ -53,7 +55,8 @@ class ExpertStage(Stage):
         pinned = self.versions[product]
         arts = [load_artifact(self.cfg.model_store, product, version, storage=self.cfg.storage)
                 for version in member_versions(pinned)]
-        entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=self.cfg.expert.dtype))
+        dtype = self.cfg.expert.resolved_dtype(self.device)
+        entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=dtype))
                                        for art in arts], self.cfg.expert.combine)
         self._cache[product] = entry
         while len(self._cache) > self.cfg.expert.cache_size:
