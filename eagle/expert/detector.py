@@ -82,5 +82,9 @@ class Expert:
     def _scored(self, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[ExpertResult]:
         scores, patch_maps, maps = self.model.predict(batch, sizes)
         scores_np, patch_np = scores.float().cpu().numpy(), patch_maps.float().cpu().numpy()
-        return [ExpertResult(score=float(s), anomaly_map=m.float().cpu().numpy(), patch_map=p)
-                for s, m, p in zip(scores_np, maps, patch_np, strict=True)]
+        # one copy back for the whole batch (per map, each copy would wait for the device)
+        flat = torch.cat([m.float().flatten() for m in maps]).cpu().numpy()
+        ends = np.cumsum([m.numel() for m in maps])
+        host = [part.reshape(m.shape) for part, m in zip(np.split(flat, ends[:-1]), maps, strict=True)]
+        return [ExpertResult(score=float(s), anomaly_map=m, patch_map=p)
+                for s, m, p in zip(scores_np, host, patch_np, strict=True)]

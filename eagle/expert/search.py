@@ -41,12 +41,22 @@ def brute_force(query: torch.Tensor, bank: torch.Tensor, k: int = 1, exclude: to
 
 
 class MemoryBank:
-    """Bank rows (M, D) with the PCA index; ``search`` returns exactly what brute force returns."""
+    """Bank rows (M, D) with the PCA index; ``search`` returns exactly what brute force returns.
+
+    On a GPU the index is not used: brute force there is a few large matrix products, which the GPU runs at
+    full speed, while the pruned search is many small gathers and launches (on an H200 it held the expert to
+    a sixth of its backbone's rate; BENCHMARKS.md)."""
 
     def __init__(self, vectors: torch.Tensor, dims: int = 64, candidates: int = 4) -> None:
         self.vectors = vectors
         self.sq = torch.linalg.vector_norm(vectors, dim=1).square_()
         self.candidates = candidates
+        self.pruned = not vectors.is_cuda
+        if self.pruned:
+            self._index(dims)
+
+    def _index(self, dims: int) -> None:
+        vectors = self.vectors
         self.mean = vectors.mean(0)
         with torch.random.fork_rng():  # seeds every device: restore them all
             torch.manual_seed(0)  # pca_lowrank is randomised; any orthonormal basis keeps results exact
@@ -70,7 +80,7 @@ class MemoryBank:
         if k < 1:
             raise ValueError("memory bank has no rows to search")
         shortlist = k + self.candidates
-        if shortlist >= available:
+        if not self.pruned or shortlist >= available:
             return brute_force(query, self.vectors, k, exclude, self.sq)
         bound_sq = self.bound_sq if exclude is None else self.bound_sq.masked_fill(exclude, float("inf"))
         query_sq = torch.linalg.vector_norm(query, dim=1).square_()
