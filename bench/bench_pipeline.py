@@ -130,6 +130,7 @@ def _timed(fn, batches: list[dict[str, np.ndarray]]) -> tuple[float, list[dict[s
 
 def stages_alone(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, list[tuple[str, float]]]:
     """(images, [(stage, seconds)]) for each stage UDF in this process, single-threaded torch."""
+    from eagle.expert.ensemble import pinned_metas
     from eagle.io.inputs import list_inputs
     from eagle.pipeline.stages.decode_stage import DecodeStage, model_input_sizes
     from eagle.pipeline.stages.expert_stage import ExpertStage
@@ -137,7 +138,8 @@ def stages_alone(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, list[tu
     listing = list_inputs(cfg.inputs, cfg.storage)
     batches = _rechunk([_numpy(listing)], cfg.resources.decode.batch_size)
     rows: list[tuple[str, float]] = []
-    sec, decoded = _timed(DecodeStage(cfg, model_input_sizes(cfg, versions)), batches)
+    sizes = model_input_sizes(pinned_metas(cfg.model_store, versions, cfg.storage))
+    sec, decoded = _timed(DecodeStage(cfg, sizes), batches)
     rows.append(("DecodeStage (task)", sec))
     expert = ExpertStage(cfg, versions)
     for product in versions:  # load every product's expert before the clock starts

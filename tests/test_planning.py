@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from eagle.config import ConfigError, InputConfig, RoutingConfig, load_config
+from eagle.expert.ensemble import pinned_metas
 from eagle.io import ledger, querying, storage
 from eagle.io.inputs import list_inputs
 from eagle.io.runs import begin_run, output_files
@@ -214,14 +215,15 @@ def test_an_empty_listing_is_refused_unless_allowed(tmp_path):
 def test_a_routing_policy_that_can_route_nothing_says_so_up_front(tmp_path, caplog):
     store = str(tmp_path / "models")
     for product, threshold in (("grid", 0.5), ("nut", 0.3)):  # grid: threshold above score_max 0.4
-        meta = {"format": "eagle-expert/1", "threshold": {"value": threshold, "score_max": 0.4}}
+        meta = {"format": "eagle-expert/1", "threshold": {"value": threshold, "score_max": 0.4, "method": "mad"}}
         storage.write_bytes(storage.join(store, product, "v1", "meta.json"), json.dumps(meta).encode())
     cfg = load_config(overrides={"model_store": store, "routing": {"policy": "uncertain"}}, env={})
     with caplog.at_level(logging.INFO, "eagle.pipeline.inspection"):
-        say_unreachable_band(cfg, {"grid": "v1", "nut": "v1"})
+        say_unreachable_band(cfg, pinned_metas(store, {"grid": "v1", "nut": "v1"}))
     assert [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records] == [("WARNING", "grid")]
     assert "routing.policy=uncertain sends none of its images" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, "eagle.pipeline.inspection"):  # guidance only: a note, not a warning
-        say_unreachable_band(cfg.model_copy(update={"routing": RoutingConfig(policy="all")}), {"grid": "v1"})
+        say_unreachable_band(cfg.model_copy(update={"routing": RoutingConfig(policy="all")}),
+                             pinned_metas(store, {"grid": "v1"}))
     assert [r.levelname for r in caplog.records] == ["INFO"]

@@ -53,14 +53,24 @@ def pin(store: str, product: str, cfg: ExpertConfig, storage: StorageConfig | No
     return ensemble_version(members)
 
 
-def pinned_metas(store: str, product: str, pinned: str, storage: StorageConfig | None = None) -> list[dict]:
-    """The artifact metadata of each expert behind a pinned version (no tensors)."""
-    return [read_meta(store, product, version, storage) for version in member_versions(pinned)]
+def pinned_metas(store: str, versions: Mapping[str, str], storage: StorageConfig | None = None,
+                 threads: int = 16) -> dict[str, list[dict]]:
+    """Each product's artifact metadata (one per expert behind its pinned version; no tensors), read once and
+    in parallel: the driver's only per-product reads before images flow."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = [(product, version) for product, pinned in versions.items() for version in member_versions(pinned)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(wanted)))) as pool:
+        read = list(pool.map(lambda pv: read_meta(store, pv[0], pv[1], storage), wanted))
+    out: dict[str, list[dict]] = {product: [] for product in versions}
+    for (product, _), meta in zip(wanted, read, strict=True):
+        out[product].append(meta)
+    return out
 
 
-def input_size(store: str, product: str, pinned: str, storage: StorageConfig | None = None) -> tuple[int, int]:
+def input_size(metas: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
     """(resize, crop) of the model input a product's pinned expert takes (every member alike: `pin`)."""
-    return _input_size(read_meta(store, product, member_versions(pinned)[0], storage))
+    return _input_size(metas[0])
 
 
 def _input_size(meta: Mapping[str, Any]) -> tuple[int, int]:

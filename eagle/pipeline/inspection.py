@@ -23,6 +23,7 @@ import duckdb
 
 from eagle import __version__
 from eagle.config import ConfigError, JobConfig, config_hash
+from eagle.expert.ensemble import pinned_metas
 from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
 from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id
@@ -107,18 +108,19 @@ def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
     return versions
 
 
-def say_unreachable_band(cfg: JobConfig, versions: dict[str, str]) -> None:
+def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
     """Say up front which products have an empty uncertain band: a warning when the routing policy then sends
-    none of their images to the MLLM, a note when only guidance (apply_to=uncertain) never applies."""
-    from eagle.expert.ensemble import band_of, pinned_metas
+    none of their images to the MLLM, a note when only guidance (apply_to=uncertain) never applies. `metas`:
+    each product's pinned artifact metadata (`eagle.expert.ensemble.pinned_metas`)."""
+    from eagle.expert.ensemble import band_of
     from eagle.expert.threshold import empty_band_advice
 
     routes = cfg.routing.policy == "uncertain"
     guides = cfg.guidance.enabled and cfg.guidance.apply_to == "uncertain"
     if not cfg.mllm.model or not (routes or guides):
         return
-    for product, version in sorted(versions.items()):
-        band = band_of(pinned_metas(cfg.model_store, product, version, cfg.storage), cfg.expert.combine)
+    for product, product_metas in sorted(metas.items()):
+        band = band_of(product_metas, cfg.expert.combine)
         if advice := empty_band_advice(product, band.threshold, band.score_max, cfg.confidence):
             log.log(logging.WARNING if routes else logging.INFO, "%s", advice)
 
@@ -198,12 +200,13 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
              run_id, run.attempt, cfg.mode, plan.listed, plan.done, plan.todo)
     traffic: dict[str, list[int]] = {}  # stage -> [rows, bytes] that entered it through the object store
     if plan.todo_dir:
-        say_unreachable_band(cfg, plan.versions)
+        metas = pinned_metas(cfg.model_store, plan.versions, cfg.storage)
+        say_unreachable_band(cfg, metas)
         _abort_leftover_uploads(cfg, run_id)
         configure_data_context(progress_callback(plan.todo, traffic=traffic), verbose)
         try:
             with mllm_pool(cfg) if cfg.mllm.model else nullcontext() as pool:
-                _stream(cfg, plan, pool,
+                _stream(cfg, plan, pool, model_input_sizes(metas),
                         lambda exc: _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)))
                 if pool is not None:
                     traffic["mllm"] = list(pool.traffic())
@@ -227,12 +230,12 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
     return summary
 
 
-def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, write_failed: Callable[[Exception], JobFailed]) -> None:
+def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict[str, tuple[int, int]],
+            write_failed: Callable[[Exception], JobFailed]) -> None:
     """Decode → expert → finish (→ MLLM pool for the routed rows) → stamp → write, for the plan's images."""
     run = plan.run
     stamp = {"run_id": run.run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
              "eagle_version": __version__, "mllm_model": cfg.mllm.model}
-    input_sizes = model_input_sizes(cfg, plan.versions)
     # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
     # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
     for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):

@@ -70,9 +70,9 @@ def _preprocessor(resize: int, crop: int) -> Any:
     return PreProcessor(resize, crop)
 
 
-def model_input_sizes(cfg: JobConfig, versions: dict[str, str]) -> dict[str, tuple[int, int]]:
-    """(resize, crop) of each product's pinned expert, from its artifact's metadata (the driver, before the run)."""
+def model_input_sizes(metas: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[int, int]]:
+    """(resize, crop) of each product's pinned expert, from its artifacts' metadata (`pinned_metas`, read once by
+    the driver before the run)."""
     from eagle.expert.ensemble import input_size
 
-    return {product: input_size(cfg.model_store, product, version, cfg.storage)
-            for product, version in versions.items()}
+    return {product: input_size(product_metas) for product, product_metas in metas.items()}
