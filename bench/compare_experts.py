@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--data", help="MVTec-layout root with labels.csv (default: generate a synthetic set)")
     p.add_argument("--products", default="grid,marble,nut")
     p.add_argument("--experts", default="patchcore,padim,stfpm", help="Comma-separated models, each on its own.")
-    p.add_argument("--ensemble", default="patchcore,padim", help="Models of one ensemble ('' for none).")
+
     p.add_argument("--combine", default="max,mean", help="expert.combine rules to evaluate the ensemble with.")
     p.add_argument("--bins", default="0.3,0.6", help="Edges of the defect-strength bins (labels.csv strength).")
     p.add_argument("--n-train", type=int, default=30)
@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--layers", default="layer1,layer2")
     p.add_argument("--weights", default="random")
-    p.add_argument("--epochs", type=int, default=10, help="expert.stfpm.epochs")
+    p.add_argument("--epochs", type=int, default=20, help="expert.stfpm.epochs")
     p.add_argument("--folds", type=int, default=5, help="threshold.folds (cross-fitted models)")
     p.add_argument("--device", default="cpu")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Further config overrides.")
@@ -188,6 +188,9 @@ def main() -> None:
                   f"| {' | '.join(pct(np.mean(c)) for c in zip(*[r.tpr for r in rs], strict=True))} "
                   f"| {' | '.join(num(np.mean(c)) for c in zip(*[r.auroc for r in rs], strict=True))} "
                   f"| {num(np.mean([r.pixel_auroc for r in rs]))} |")
+    print("\nfit s: fit_product with its label-free threshold (an ensemble: its members' sum); threshold: the "
+          "artifact's (an ensemble: 1 on the combined score); FPR, TPR: share of normal / defective test images at "
+          "or above it; AUROC: normal test images against each bin's defects; pixel AUROC: all test images.")
 
 
 if __name__ == "__main__":
