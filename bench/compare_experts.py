@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--data", help="MVTec-layout root with labels.csv (default: generate a synthetic set)")
     p.add_argument("--products", default="grid,marble,nut")
     p.add_argument("--experts", default="patchcore,padim,stfpm", help="Comma-separated models, each on its own.")
-
+    p.add_argument("--ensemble", default="patchcore,padim", help="Models of one ensemble ('' for none).")
     p.add_argument("--combine", default="max,mean", help="expert.combine rules to evaluate the ensemble with.")
     p.add_argument("--bins", default="0.3,0.6", help="Edges of the defect-strength bins (labels.csv strength).")
     p.add_argument("--n-train", type=int, default=30)
