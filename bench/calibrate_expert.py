@@ -2,7 +2,8 @@
 
 Per product: fit once on train/good (labels never seen), then put each threshold rule on the same training
 scores and score the held-out test images. Labels (labels.csv) are used only here, to evaluate. "clear" =
-defects with strength >= --clear (labels.csv), "all" = every defect. Prints a Markdown table.
+defects with strength >= --clear (labels.csv), "all" = every defect. Prints a Markdown table. The other expert
+models and ensembles, each at its own threshold: `compare_experts.py` (which reuses `read_labels` and `load`).
 
     # the table in docs/EXPERT.md (a synthetic set in a temp dir; random weights work best shallow):
     OMP_NUM_THREADS=1 python bench/calibrate_expert.py --backbone resnet18 expert.layers=[layer1,layer2] expert.crop=256

@@ -1,0 +1,197 @@
+"""Compare the expert models and their ensembles on the synthetic set: image AUROC per defect-strength bin, and
+FPR / TPR at each expert's own label-free threshold.
+
+Per product, every expert is fitted on train/good through the job's path (`fit_product` into a temporary model
+store: labels never seen), then loaded back as the expert stage loads it (`pin` → `load_artifact` →
+`Expert.from_artifact` → `ProductExpert`) and scores the held-out test images from their uint8 model inputs.
+A single expert's verdict is score >= its artifact's threshold; an ensemble's is combined score >= 1 (scores in
+threshold units, `expert.combine` max or mean). Labels (labels.csv: defect, strength) are used only here, to
+evaluate. Prints a Markdown table. Helpers shared with `calibrate_expert.py` (PatchCore's threshold rules).
+
+    # the table in docs/EXPERT.md (synthetic set in a temp dir; random weights: cost, not accuracy):
+    OMP_NUM_THREADS=1 python bench/compare_experts.py
+    python bench/compare_experts.py --device cuda --size 256 --backbone wide_resnet50_2 --layers layer2,layer3 \\
+        --weights imagenet --epochs 50
+    python bench/compare_experts.py --data ROOT        # an existing MVTec-layout root with labels.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from calibrate_expert import load, read_labels  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from eagle.config import load_config  # noqa: E402
+from eagle.expert.artifact import load_artifact  # noqa: E402
+from eagle.expert.detector import Expert  # noqa: E402
+from eagle.expert.ensemble import ProductExpert, member_versions, pin  # noqa: E402
+from eagle.expert.experts import parse_models  # noqa: E402
+from eagle.expert.training import fit_product  # noqa: E402
+
+
+@dataclass
+class Result:
+    """One expert (or ensemble) on one product's test images."""
+
+    threshold: float
+    fpr: float
+    tpr: list[float]  # per strength bin, then all defects
+    auroc: list[float]  # the same bins: normal test images against the bin's defects
+    pixel_auroc: float
+    fit_s: float
+
+
+def bin_labels(edges: list[float]) -> list[str]:
+    lows, highs = [None, *edges], [*edges, None]
+    return [f"<{hi:g}" if lo is None else f">={lo:g}" if hi is None else f"{lo:g}-{hi:g}"
+            for lo, hi in zip(lows, highs, strict=True)] + ["all"]
+
+
+def evaluate(expert: ProductExpert, root: str, tests: list[dict], edges: list[float], batch: int,
+             fit_s: float) -> Result:
+    """Score `tests` from their model inputs as the expert stage does and measure it against the labels."""
+    scores, pixel_scores, pixel_truth = [], [], []
+    model_input = expert.members[0][1].model_input  # every member takes the same input (`pin` checks it)
+    for i in range(0, len(tests), batch):
+        chunk = tests[i:i + batch]
+        images = [load(root, r["path"]) for r in chunk]
+        for row, res in zip(chunk, expert.score_inputs([model_input(img) for img in images],
+                                                       [img.shape[:2] for img in images]), strict=True):
+            scores.append(res.score)
+            if row["mask_path"]:
+                mask = load(root, row["mask_path"])[..., 0] > 127
+            else:
+                mask = np.zeros(res.anomaly_map.shape, bool)
+            pixel_scores.append(res.anomaly_map[::4, ::4].ravel())  # every 4th pixel: plenty for an AUROC
+            pixel_truth.append(mask[::4, ::4].ravel())
+    scores = np.array(scores)
+    good = np.array([r["defect"] == "good" for r in tests])
+    strength = np.array([float(r["strength"]) if r["strength"] else np.nan for r in tests])
+    bins = [~good & (strength >= lo) & (strength < hi)
+            for lo, hi in zip([-np.inf, *edges], [*edges, np.inf], strict=True)] + [~good]
+    thr = expert.band.threshold
+    return Result(threshold=thr, fpr=float((scores[good] >= thr).mean()),
+                  tpr=[float((scores[b] >= thr).mean()) if b.any() else np.nan for b in bins],
+                  auroc=[roc_auc_score(b[good | b], scores[good | b]) if b.any() else np.nan for b in bins],
+                  pixel_auroc=roc_auc_score(np.concatenate(pixel_truth), np.concatenate(pixel_scores)),
+                  fit_s=fit_s)
+
+
+def compare(root: str, product: str, cfg, experts: list[str], ensemble: list[str], combines: list[str],
+            edges: list[float], device: str) -> dict[str, Result]:
+    """Fit each model of `experts` and `ensemble` for `product`, then evaluate each expert and each ensemble."""
+    fit_s = {}
+    for i, model in enumerate(dict.fromkeys([*experts, *ensemble])):
+        fit_s[model] = fit_product(root, product, cfg, device=device, model=model, default=i == 0).seconds
+    tests = [r for r in read_labels(root) if r["product"] == product and r["split"] == "test"]
+    loaded: dict[str, tuple] = {}
+
+    def product_expert(models: list[str], how: str) -> ProductExpert:
+        expert_cfg = cfg.expert.model_copy(update={"model": models[0], "ensemble": models if len(models) > 1 else []})
+        pinned = pin(cfg.model_store, product, expert_cfg, cfg.storage)
+        members = []
+        for version in member_versions(pinned):
+            if version not in loaded:
+                art = load_artifact(cfg.model_store, product, version, storage=cfg.storage)
+                loaded[version] = (art, Expert.from_artifact(art, device=device, dtype=cfg.expert.dtype))
+            members.append(loaded[version])
+        return ProductExpert(pinned, members, how)
+
+    batch = cfg.resources.expert.batch_size
+    results = {model: evaluate(product_expert([model], "max"), root, tests, edges, batch, fit_s[model])
+               for model in experts}
+    for how in combines if ensemble else []:
+        results[f"{'+'.join(ensemble)} ({how})"] = evaluate(product_expert(ensemble, how), root, tests, edges,
+                                                            batch, sum(fit_s[m] for m in ensemble))
+    return results
+
+
+def pct(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:.0%}"
+
+
+def num(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="MVTec-layout root with labels.csv (default: generate a synthetic set)")
+    p.add_argument("--products", default="grid,marble,nut")
+    p.add_argument("--experts", default="patchcore,padim,stfpm", help="Comma-separated models, each on its own.")
+    p.add_argument("--ensemble", default="patchcore,padim", help="Models of one ensemble ('' for none).")
+    p.add_argument("--combine", default="max,mean", help="expert.combine rules to evaluate the ensemble with.")
+    p.add_argument("--bins", default="0.3,0.6", help="Edges of the defect-strength bins (labels.csv strength).")
+    p.add_argument("--n-train", type=int, default=30)
+    p.add_argument("--n-test-good", type=int, default=40)
+    p.add_argument("--n-test-defect", type=int, default=8, help="per defect kind (strengths spread over 0-1)")
+    p.add_argument("--size", type=int, default=128, help="Synthetic image side, expert.resize and expert.crop.")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--layers", default="layer1,layer2")
+    p.add_argument("--weights", default="random")
+    p.add_argument("--epochs", type=int, default=20, help="expert.stfpm.epochs")
+    p.add_argument("--folds", type=int, default=5, help="threshold.folds (cross-fitted models)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Further config overrides.")
+    args = p.parse_args()
+    experts = parse_models(args.experts)
+    ensemble = parse_models(args.ensemble) if args.ensemble.strip() else []
+    combines = [c for c in args.combine.split(",") if c]
+    edges = [float(e) for e in args.bins.split(",") if e]
+    products = args.products.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(overrides=[
+            f"expert.backbone={args.backbone}", f"expert.layers=[{args.layers}]", f"expert.weights={args.weights}",
+            f"expert.resize={args.size}", f"expert.crop={args.size}", f"expert.stfpm.epochs={args.epochs}",
+            f"threshold.folds={args.folds}", f"model_store={os.path.join(tmp, 'store')}", *args.overrides])
+        root = args.data
+        if root is None:
+            from eagle.testing.synth import generate
+
+            root = os.path.join(tmp, "data")
+            generate(root, products, n_train=args.n_train, n_test_good=args.n_test_good,
+                     n_test_defect=args.n_test_defect, size=args.size, seed=1)
+        start = time.perf_counter()
+        results = {product: compare(root, product, cfg, experts, ensemble, combines, edges, args.device)
+                   for product in products}
+        seconds = time.perf_counter() - start
+
+    e, t = cfg.expert, cfg.threshold
+    labels = bin_labels(edges)
+    print(f"\n{e.backbone} {'+'.join(e.layers)} (weights={e.weights}), {args.size}px, threshold {t.method} "
+          f"(padim/stfpm: {t.folds}-fold cross-fit), stfpm {e.stfpm.epochs} epochs, {args.device}, "
+          f"{torch.get_num_threads()} thread(s); {args.n_train} training images, {args.n_test_good} normal and "
+          f"{args.n_test_defect} per defect kind test images per product; strength bins {', '.join(labels[:-1])}; "
+          f"{seconds:.0f} s\n")
+    print(f"| product | expert | fit s | threshold | FPR | TPR {' | TPR '.join(labels)} "
+          f"| AUROC {' | AUROC '.join(labels)} | pixel AUROC |")
+    print("|---|---|---:|---:|---:|" + "---:|" * (2 * len(labels) + 1))
+    names = list(next(iter(results.values())))
+    for name in names:
+        for product in products:
+            r = results[product][name]
+            print(f"| {product} | {name} | {r.fit_s:.0f} | {r.threshold:.4g} | {pct(r.fpr)} "
+                  f"| {' | '.join(pct(x) for x in r.tpr)} | {' | '.join(num(x) for x in r.auroc)} "
+                  f"| {num(r.pixel_auroc)} |")
+        rs = [results[product][name] for product in products]
+        if len(rs) > 1:
+            print(f"| **mean** | **{name}** | {np.mean([r.fit_s for r in rs]):.0f} | | {pct(np.mean([r.fpr for r in rs]))} "
+                  f"| {' | '.join(pct(np.mean(c)) for c in zip(*[r.tpr for r in rs], strict=True))} "
+                  f"| {' | '.join(num(np.mean(c)) for c in zip(*[r.auroc for r in rs], strict=True))} "
+                  f"| {num(np.mean([r.pixel_auroc for r in rs]))} |")
+    print("\nfit s: fit_product with its label-free threshold (an ensemble: its members' sum); threshold: the "
+          "artifact's (an ensemble: 1 on the combined score); FPR, TPR: share of normal / defective test images at "
+          "or above it; AUROC: normal test images against each bin's defects; pixel AUROC: all test images.")
+
+
+if __name__ == "__main__":
+    main()
