@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--folds", type=int, default=5, help="threshold.folds (cross-fitted models).")
     p.add_argument("--epochs", type=int, default=20, help="expert.stfpm.epochs.")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtypes", default="float32", help="Comma-separated backbone dtypes to score with (one column "
+                   "of images/s each): float32, float16, bfloat16.")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
@@ -55,8 +57,10 @@ def main() -> None:
     print(f"{args.product} {args.size}px crop {crop}, {args.backbone} {args.layers} ({args.weights}), "
           f"{args.train} training / {args.test} scored images, batch {args.batch}, {args.device}, "
           f"{torch.get_num_threads()} threads\n")
-    print("| expert | fit s (incl. threshold) | threshold from | artifact MB | images/s |")
-    print("| --- | ---: | --- | ---: | ---: |")
+    dtypes = args.dtypes.split(",")
+    print("| expert | fit s (incl. threshold) | threshold from | artifact MB | "
+          + " | ".join(f"images/s {d}" for d in dtypes) + " |")
+    print("| --- | ---: | --- | ---: |" + " ---: |" * len(dtypes))
     for name in args.experts.split(","):
         kind = expert_kind(name)
         start = time.perf_counter()
@@ -66,16 +70,20 @@ def main() -> None:
         expert = Expert(kind.model_class().from_config(cfg.expert, None, fit.tensors).to(args.device))
         inputs = [expert.model_input(img) for img in test]
         sizes = [img.shape[:2] for img in test]
-        expert.score_inputs(inputs[:args.batch], sizes[:args.batch])  # warm-up
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for i in range(0, len(inputs), args.batch):
-            expert.score_inputs(inputs[i:i + args.batch], sizes[i:i + args.batch])
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        rate = len(inputs) / (time.perf_counter() - start)
-        print(f"| {name} | {fit_s:.1f} | {kind.threshold} | {mb:.1f} | {rate:.1f} |", flush=True)
+        rates = []
+        for dtype in dtypes:
+            expert.model.set_dtype(getattr(torch, dtype))
+            expert.score_inputs(inputs[:args.batch], sizes[:args.batch])  # warm-up
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for i in range(0, len(inputs), args.batch):
+                expert.score_inputs(inputs[i:i + args.batch], sizes[i:i + args.batch])
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            rates.append(len(inputs) / (time.perf_counter() - start))
+        print(f"| {name} | {fit_s:.1f} | {kind.threshold} | {mb:.1f} | " + " | ".join(f"{r:.1f}" for r in rates)
+              + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def compare(root: str, product: str, cfg, experts: list[str], ensemble: list[str
         for version in member_versions(pinned):
             if version not in loaded:
                 art = load_artifact(cfg.model_store, product, version, storage=cfg.storage)
-                loaded[version] = (art, Expert.from_artifact(art, device=device, dtype=cfg.expert.dtype))
+                loaded[version] = (art, Expert.from_artifact(art, device=device, dtype=cfg.expert.resolved_dtype(device)))
             members.append(loaded[version])
         return ProductExpert(pinned, members, how)
 

@@ -14,7 +14,8 @@ out=${1:-.}
 export HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 python bench/bench_expert.py --device cuda --dtypes float32,float16,bfloat16 --train 100 --test 512 --batch 64 \
     2>&1 | tee "$out/bench_expert_cuda.txt"
-python bench/bench_experts.py --device cuda --experts patchcore,stfpm --backbone wide_resnet50_2 \
-    --layers layer2,layer3 --size 256 --crop 224 --train 32 --test 512 --batch 64 2>&1 | tee "$out/bench_experts_wrn50_cuda.txt"
-python bench/bench_experts.py --device cuda --size 256 --crop 224 --train 32 --test 512 --batch 64 \
-    2>&1 | tee "$out/bench_experts_resnet18_cuda.txt"
+python bench/bench_experts.py --device cuda --dtypes float32,float16 --experts patchcore,stfpm \
+    --backbone wide_resnet50_2 --layers layer2,layer3 --size 256 --crop 224 --train 32 --test 512 --batch 64 \
+    2>&1 | tee "$out/bench_experts_wrn50_cuda.txt"
+python bench/bench_experts.py --device cuda --dtypes float32,float16 --size 256 --crop 224 --train 32 --test 512 \
+    --batch 64 2>&1 | tee "$out/bench_experts_resnet18_cuda.txt"
