@@ -91,8 +91,9 @@ class Resources(Section):
     )
     mllm: StageResources = Field(
         default_factory=lambda: StageResources(batch_size=4, num_cpus=0.5),
-        description="MLLM actors (a fixed pool of max_actors, started before images flow; min_actors is not "
-        "used); one GPU per actor for a 7B model in bf16.",
+        description="MLLM actors: a pool fixed for the run, started before images flow with at least min_actors "
+        "and up to max_actors (those placed within 2 minutes after min_actors are); one GPU per actor for a 7B "
+        "model in bf16.",
     )
     finish: StageResources = Field(
         default_factory=lambda: StageResources(batch_size=64, num_cpus=0.25),

@@ -6,16 +6,17 @@ and hands the routed ones (a few hundred bytes each: no pixels) to one of these 
 before it emits the whole batch. Each image therefore still leaves the pipeline as exactly one row, while the
 GPU actors receive only their work.
 
-The pool is fixed at ``resources.mllm.max_actors`` actors for the run, started (and their models loaded)
-before images flow, and killed when the run ends. An actor that dies is restarted (``resources.mllm.
-max_restarts``, default unlimited) and the call retried twice; a call that still fails leaves its rows with
-the expert's verdict and the error (`failed_mllm`).
+The pool is fixed for the run: up to ``resources.mllm.max_actors`` actors (at least ``min_actors``), started
+and their models loaded before images flow (`mllm_pool`), and killed when the run ends. An actor that dies is
+restarted (``resources.mllm.max_restarts``, default unlimited) and the call retried twice; a call that still
+fails leaves its rows with the expert's verdict and the error (`failed_mllm`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +28,7 @@ from eagle.pipeline.stages.base import Batch
 log = logging.getLogger("eagle.inspect")
 
 CALL_RETRIES = 2  # a call is retried this often on a restarted actor, so one row cannot crash-loop an actor
+START_GRACE_S = 120.0  # how long the pool waits for actors beyond min_actors before the run starts
 
 
 class PoolFailed(RuntimeError):
@@ -75,9 +77,12 @@ class InProcessPool:
 
 
 @contextmanager
-def mllm_pool(cfg: JobConfig, actor_class: type | None = None) -> Iterator[MLLMPool]:
-    """Start the pool (waiting until every model is loaded; a model that cannot load fails here, before any
-    image is read), yield it, kill it. `actor_class` replaces MLLMStage in tests."""
+def mllm_pool(cfg: JobConfig, actor_class: type | None = None, grace_s: float = START_GRACE_S) -> Iterator[MLLMPool]:
+    """Start the pool, yield it, kill it. It waits (without limit) until ``resources.mllm.min_actors`` actors
+    have loaded their model, then up to `grace_s` more for the rest of ``max_actors`` (an autoscaling cluster
+    adds GPU nodes meanwhile); actors still not placed then are dropped, so a cluster smaller than max_actors
+    never stalls the run. A model that cannot load fails here, before any image is read. `actor_class` replaces
+    MLLMStage in tests."""
     import ray
 
     from eagle.pipeline.stages.mllm_stage import MLLMStage
@@ -91,11 +96,38 @@ def mllm_pool(cfg: JobConfig, actor_class: type | None = None) -> Iterator[MLLMP
     try:
         log.info("starting %d MLLM actor(s) (%s)", len(actors), ", ".join(f"{k}={v}" for k, v in options.items()
                                                                           if k.startswith("num_")))
-        try:
-            ray.get([a.ready.remote() for a in actors])
-        except ray.exceptions.RayActorError as exc:
-            raise PoolFailed(f"the MLLM actors could not load {cfg.mllm.model!r}: {exc}") from exc
-        yield MLLMPool(actors)
+        ready = _started(actors, min(res.min_actors, res.max_actors), grace_s, cfg.mllm.model)
+        yield MLLMPool(ready)
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def _started(actors: list[Any], needed: int, grace_s: float, model: str | None) -> list[Any]:
+    """The actors whose model loaded: at least `needed`, and the others that are ready within `grace_s` after."""
+    import ray
+
+    pending = {actor.ready.remote(): actor for actor in actors}
+    ready: list[Any] = []
+    deadline = float("inf")
+    while pending:
+        wait = 60.0 if len(ready) < needed else max(0.0, deadline - time.monotonic())
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+        if not done:
+            if len(ready) >= needed:
+                break
+            log.info("waiting for MLLM actors: %d of %d ready, %d needed (resources.mllm.min_actors)",
+                     len(ready), len(actors), needed)
+            continue
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayActorError as exc:
+            cause = str(exc).strip().splitlines()[-1]  # the constructor's error, under Ray's traceback
+            raise PoolFailed(f"the MLLM actors could not load {model!r}: {cause}") from exc
+        ready.append(pending.pop(done[0]))
+        if len(ready) == needed:
+            deadline = time.monotonic() + grace_s
+    if pending:
+        log.warning("MLLM pool: %d of %d actors ready; %d could not be placed within %.0f s and are not used",
+                    len(ready), len(actors), len(pending), grace_s)
+    return ready
