@@ -124,6 +124,16 @@ def test_encoded_spans_point_at_the_query_image_and_the_prior(runner: MLLMRunner
     assert len(g.token_runs(ids[1].tolist(), runner.image_token_id)) == 1
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_read_only_images_as_decoded_encode_without_warnings(runner: MLLMRunner) -> None:
+    # decoded images are read-only arrays; processors hand them to torch.from_numpy, which warns on those
+    requests = _requests()
+    for r in requests:
+        r.image.setflags(write=False)
+    enc = runner.encode([runner.prompt(r) for r in requests])
+    assert len(enc.image_spans) == len(requests)
+
+
 def test_model_from_s3_prefix_is_downloaded_once(tiny_qwen25vl: str, s3_bucket: str, tmp_path: Path) -> None:
     prefix = f"{s3_bucket}/models/tiny"
     for f in Path(tiny_qwen25vl).iterdir():

@@ -86,7 +86,7 @@ def test_killed_driver_resumes_exactly_once(audit_setup, ray_local, tmp_path, fm
                                                ["mllm"]["model"], f"ray.address={_gcs_address()}",
                                                "mllm.dtype=float32", "mllm.max_new_tokens=24",
                                                "resources.decode.batch_size=2", "resources.expert.batch_size=2",
-                                               "resources.mllm.batch_size=2",
+                                               "resources.finish.batch_size=2", "resources.mllm.batch_size=2",
                                                *(f"output.{k}={json.dumps(v)}" for k, v in out.items()))]
     log = tmp_path / "driver.log"
     with open(log, "w") as fh:

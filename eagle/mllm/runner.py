@@ -110,7 +110,8 @@ class MLLMRunner:
         """Tokenize with left padding; locate each sample's query image and text prior in the padded ids."""
         texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
                  for p in prompts]
-        images = [img for p in prompts for img in p.images]
+        # processors hand the arrays to torch.from_numpy, which wants them writable (a decoded image is not)
+        images = [np.require(img, requirements="W") for p in prompts for img in p.images]
         batch = self.processor(
             text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
             return_offsets_mapping=True, return_text_replacement_offsets=True, **self.processor_kwargs,

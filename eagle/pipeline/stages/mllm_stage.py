@@ -85,7 +85,7 @@ class MLLMStage(Stage):
         # within the processor's pixel budget where the family has one; others tile the image themselves
         if self.runner.family.uses_pixel_budget:
             image = capped(image, self.cfg.mllm.max_pixels)
-        return np.require(image, requirements="W")  # processors hand it to torch.from_numpy, which wants it writable
+        return image
 
     def _answer(self, row: Row, res: Any, ms: float) -> None:
         row.update(mllm_ran=True, guided=res.guided, answer=res.answer, mllm_ms=ms,
