@@ -147,7 +147,7 @@ def test_pointers_per_model_and_the_default(fitted: dict, tmp_path: Path):
 def test_patchcore_fit_ignores_other_models_settings(data_root: Path, fitted: dict, tmp_path: Path):
     """PatchCore artifacts keep their versions: the model choice and other models' options are not recorded."""
     cfg = tiny_cfg(tmp_path, "expert.model=patchcore", "threshold.folds=4", "expert.stfpm.epochs=7",
-                   "expert.padim.n_features=50")
+                   "expert.padim.n_features=50", "expert.ensemble=[patchcore,padim]", "expert.combine=mean")
     again = fit_product(str(data_root), "nut", cfg)
     assert again.version == fitted["patchcore"].version and again.model == "patchcore"
     assert "model" not in load_artifact(str(tmp_path), "nut").meta

@@ -47,15 +47,24 @@ def fake(ray_local):
 
 
 def test_the_pool_starts_with_the_actors_ready_in_time_and_drops_the_rest(fake, caplog):
+    import ray
+
     quick, slow = fake.remote(), fake.remote(slow=True)
     with caplog.at_level(logging.WARNING, "eagle.inspect"):
-        assert _started([quick, slow], needed=1, grace_s=1.0, model="m") == [quick]
-    assert "1 of 2 actors ready; 1 could not be placed within 1 s" in caplog.text
+        assert _started([quick, slow], needed=1, grace_s=1.0, timeout_s=60.0, model="m") == [quick]
+    assert "1 of 2 actors ready; 1 could not be placed within 1 s and are stopped" in caplog.text
+    with pytest.raises(ray.exceptions.RayActorError):  # killed: it will not hold resources for nothing
+        ray.get(slow.traffic.remote(), timeout=30)
+
+
+def test_a_pool_whose_minimum_cannot_be_placed_fails_in_bounded_time(fake):
+    with pytest.raises(PoolFailed, match="only 0 of the 1 MLLM actors .* could be placed and loaded in 2 s"):
+        _started([fake.remote(slow=True)], needed=1, grace_s=1.0, timeout_s=2.0, model="m", wanted="num_gpus=1")
 
 
 def test_a_model_that_cannot_load_fails_the_pool_before_any_image(fake):
     with pytest.raises(PoolFailed, match="^the MLLM actors could not load 'tiny': OSError: no such checkpoint$"):
-        _started([fake.remote(broken=True)], needed=1, grace_s=1.0, model="tiny")
+        _started([fake.remote(broken=True)], needed=1, grace_s=1.0, timeout_s=60.0, model="tiny")
 
 
 def test_the_pool_answers_counts_and_is_gone_after_the_run(ray_local):

@@ -280,16 +280,24 @@ def test_only_routed_rows_reach_the_mllm_and_a_failure_keeps_the_expert(cfg, ima
 
 
 def test_a_pool_that_fails_for_good_keeps_the_expert_verdict_of_the_routed_rows(cfg, image_file):
+    from ray.exceptions import ActorDiedError
+
     class Dead:
         def ask(self, batch):
-            raise RuntimeError("The actor died unexpectedly before finishing this task.")
+            raise ActorDiedError()
+
+    class Broken:
+        def ask(self, batch):
+            raise KeyError("a bug in the MLLM stage")
 
     batch = _scored(["confident_normal", "uncertain", "confident_anomalous"], **image_file)
+    with pytest.raises(KeyError):  # a bug fails the task (Ray Data retries it, then the job stops)
+        FinishStage(cfg, pool=Broken())(batch)
     out = rows_of(FinishStage(cfg, pool=Dead())(batch))
     assert [r["status"] for r in out] == ["ok"] * 3
     assert [r["verdict"] for r in out] == ["normal", "anomalous", "anomalous"]
     assert out[0]["error"] is None and not any(r["mllm_ran"] for r in out)
-    assert all("MLLM generation failed, expert verdict kept: RuntimeError: The actor died" in r["error"]
+    assert all("MLLM generation failed, expert verdict kept: ActorDiedError: The actor died" in r["error"]
                for r in out[1:])
 
 

@@ -47,6 +47,7 @@ def fit_view(cfg: JobConfig, model: str) -> JobConfig:
     expert = {name: type(getattr(cfg.expert, name))() for name in EXPERT_MODELS
               if hasattr(cfg.expert, name) and (legacy or name != model)}
     expert["model"] = "auto" if legacy else model
+    expert.update(ensemble=[], combine="max")  # how inspect combines fitted experts: no fit records it
     threshold = {"folds": type(cfg.threshold)().folds} if legacy else {}
     return cfg.model_copy(update={"expert": cfg.expert.model_copy(update=expert),
                                   "threshold": cfg.threshold.model_copy(update=threshold)})

@@ -119,7 +119,7 @@ class StfpmConfig(Section):
     lr: float = Field(0.4, gt=0, description="SGD learning rate (anomalib: 0.4, momentum 0.9, weight decay 1e-3).")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.001, ge=0)
-    batch_size: int = Field(8, ge=1, description="Training batch size.")
+    batch_size: int = Field(8, ge=2, description="Training batch size (BatchNorm trains on 2 or more images).")
 
 
 # The expert models (eagle.expert.experts registers them); 'auto' resolves per product, see ExpertConfig.model.
@@ -170,7 +170,8 @@ class ExpertConfig(Section):
     ensemble: list[Literal["patchcore", "padim", "stfpm"]] = Field(
         default_factory=list, description="Inspect: score each image with several experts of its product (each "
         "model's latest fit) and combine their scores, each divided by its own threshold (e.g. [patchcore, "
-        "padim]); empty: one expert (expert.model). Fit: the models jobs/fit.py fits when --expert is not given.")
+        "padim]; when set, expert.model is not used); empty: one expert (expert.model). Fit: the models "
+        "jobs/fit.py fits when --expert is not given.")
     combine: Literal["max", "mean"] = Field(
         "max", description="How an ensemble combines its members' normalised scores and maps: 'max' (anomalous "
         "when any member is) or 'mean'.")

@@ -46,7 +46,11 @@ def pin(store: str, product: str, cfg: ExpertConfig, storage: StorageConfig | No
     if not cfg.ensemble:
         return resolve_version(store, product, storage=storage, model=cfg.model)
     members = {model: resolve_version(store, product, storage=storage, model=model) for model in cfg.ensemble}
-    sizes = {model: _input_size(read_meta(store, product, version, storage)) for model, version in members.items()}
+    metas = {model: read_meta(store, product, version, storage) for model, version in members.items()}
+    if unusable := [model for model, meta in metas.items() if not float(meta["threshold"]["value"]) > 0]:
+        raise ArtifactError(f"the {', '.join(unusable)} expert of product {product!r} has a threshold of 0 or "
+                            f"less, which an ensemble cannot divide its scores by: refit it on more varied images")
+    sizes = {model: _input_size(meta) for model, meta in metas.items()}
     if len(set(sizes.values())) > 1:
         raise ArtifactError(f"the ensemble's experts of product {product!r} were fitted for different input sizes "
                             f"(resize, crop) {sizes}: refit them with the same expert.resize and expert.crop")
@@ -77,9 +81,9 @@ def _input_size(meta: Mapping[str, Any]) -> tuple[int, int]:
     return int(meta["expert"]["resize"]), int(meta["expert"]["crop"])
 
 
-def combine(values: Sequence[Any], how: str) -> Any:
+def combine(values: Sequence[Any], how: str, dtype: type = np.float64) -> Any:
     """Normalised scores (floats) or maps (equal-shape arrays) combined element-wise by 'max' or 'mean'."""
-    return COMBINE[how](np.stack([np.asarray(v, dtype=np.float64) for v in values]), axis=0)
+    return COMBINE[how](np.stack([np.asarray(v, dtype=dtype) for v in values]), axis=0)
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ class ProductExpert:
                 continue
             thresholds = [art.threshold for art, _ in self.members]
             score = combine([r.score / t for r, t in zip(results, thresholds, strict=True)], self.how)
-            amap = combine([r.anomaly_map / t for r, t in zip(results, thresholds, strict=True)], self.how)
-            out.append(Scored(float(score), amap.astype(np.float32), members))
+            amap = combine([r.anomaly_map / t for r, t in zip(results, thresholds, strict=True)], self.how,
+                           np.float32)  # maps at the original size: float32 halves a 12 MP image's copy
+            out.append(Scored(float(score), amap, members))
         return out

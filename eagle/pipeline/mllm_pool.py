@@ -29,6 +29,7 @@ log = logging.getLogger("eagle.inspect")
 
 CALL_RETRIES = 2  # a call is retried this often on a restarted actor, so one row cannot crash-loop an actor
 START_GRACE_S = 120.0  # how long the pool waits for actors beyond min_actors before the run starts
+START_TIMEOUT_S = 1800.0  # how long it waits for min_actors (GPU nodes scaling from zero, model downloads)
 
 
 class PoolFailed(RuntimeError):
@@ -77,12 +78,13 @@ class InProcessPool:
 
 
 @contextmanager
-def mllm_pool(cfg: JobConfig, actor_class: type | None = None, grace_s: float = START_GRACE_S) -> Iterator[MLLMPool]:
-    """Start the pool, yield it, kill it. It waits (without limit) until ``resources.mllm.min_actors`` actors
-    have loaded their model, then up to `grace_s` more for the rest of ``max_actors`` (an autoscaling cluster
-    adds GPU nodes meanwhile); actors still not placed then are dropped, so a cluster smaller than max_actors
-    never stalls the run. A model that cannot load fails here, before any image is read. `actor_class` replaces
-    MLLMStage in tests."""
+def mllm_pool(cfg: JobConfig, actor_class: type | None = None, grace_s: float = START_GRACE_S,
+              timeout_s: float = START_TIMEOUT_S) -> Iterator[MLLMPool]:
+    """Start the pool, yield it, kill it. It waits until ``resources.mllm.min_actors`` actors have loaded their
+    model (at most `timeout_s`: then the cluster cannot place them), then up to `grace_s` more for the rest of
+    ``max_actors`` (an autoscaling cluster adds GPU nodes meanwhile); actors still not placed then are killed,
+    so a cluster smaller than max_actors never stalls the run. A model that cannot load fails here, before any
+    image is read. `actor_class` replaces MLLMStage in tests."""
     import ray
 
     from eagle.pipeline.stages.mllm_stage import MLLMStage
@@ -92,30 +94,38 @@ def mllm_pool(cfg: JobConfig, actor_class: type | None = None, grace_s: float = 
     options = {**ray_options(res, actor=False), "max_restarts": restarts,
                "max_task_retries": CALL_RETRIES if restarts else 0}
     remote = ray.remote(actor_class or MLLMStage).options(**options)
-    actors = [remote.remote(cfg) for _ in range(res.max_actors)]
+    actors: list[Any] = []
     try:
-        log.info("starting %d MLLM actor(s) (%s)", len(actors), ", ".join(f"{k}={v}" for k, v in options.items()
-                                                                          if k.startswith("num_")))
-        ready = _started(actors, min(res.min_actors, res.max_actors), grace_s, cfg.mllm.model)
+        actors += [remote.remote(cfg) for _ in range(res.max_actors)]
+        wanted = ", ".join(f"{k}={v}" for k, v in options.items() if k.startswith("num_") or k == "accelerator_type")
+        log.info("starting %d MLLM actor(s) (%s)", len(actors), wanted)
+        ready = _started(actors, min(res.min_actors, res.max_actors), grace_s, timeout_s, cfg.mllm.model, wanted)
         yield MLLMPool(ready)
     finally:
         for actor in actors:
             ray.kill(actor)
 
 
-def _started(actors: list[Any], needed: int, grace_s: float, model: str | None) -> list[Any]:
-    """The actors whose model loaded: at least `needed`, and the others that are ready within `grace_s` after."""
+def _started(actors: list[Any], needed: int, grace_s: float, timeout_s: float, model: str | None,
+             wanted: str = "") -> list[Any]:
+    """The actors whose model loaded: at least `needed` within `timeout_s`, and the others that are ready
+    within `grace_s` after; the rest are killed."""
     import ray
 
     pending = {actor.ready.remote(): actor for actor in actors}
     ready: list[Any] = []
-    deadline = float("inf")
+    give_up, deadline = time.monotonic() + timeout_s, float("inf")
     while pending:
-        wait = 60.0 if len(ready) < needed else max(0.0, deadline - time.monotonic())
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+        now = time.monotonic()
+        wait = min(60.0, give_up - now) if len(ready) < needed else deadline - now
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, wait))
         if not done:
             if len(ready) >= needed:
                 break
+            if time.monotonic() >= give_up:
+                raise PoolFailed(f"only {len(ready)} of the {needed} MLLM actors (resources.mllm.min_actors) "
+                                 f"could be placed and loaded in {timeout_s:.0f} s ({wanted}): does the cluster "
+                                 f"have these resources (GPUs, accelerator type)?")
             log.info("waiting for MLLM actors: %d of %d ready, %d needed (resources.mllm.min_actors)",
                      len(ready), len(actors), needed)
             continue
@@ -128,6 +138,8 @@ def _started(actors: list[Any], needed: int, grace_s: float, model: str | None) 
         if len(ready) == needed:
             deadline = time.monotonic() + grace_s
     if pending:
-        log.warning("MLLM pool: %d of %d actors ready; %d could not be placed within %.0f s and are not used",
+        log.warning("MLLM pool: %d of %d actors ready; %d could not be placed within %.0f s and are stopped",
                     len(ready), len(actors), len(pending), grace_s)
+        for actor in pending.values():  # else they would be placed later and hold their GPUs idle
+            ray.kill(actor)
     return ready

@@ -21,7 +21,7 @@ class FinishStage(Stage):
 
     name = "finish"
     resources = "finish"
-    requires = DECISION_INPUTS
+    requires = (*DECISION_INPUTS, "image_uri", "content_sha256")  # the last two for the MLLM, which re-reads
     produces = MLLM_COLUMNS
     defaults = NOT_ASKED
 
@@ -38,11 +38,13 @@ class FinishStage(Stage):
                 finish_with_expert(row, boxes_of(row))
         if not routed:
             return
+        from ray.exceptions import RayActorError
+
         sent = batch_of(routed, (*MLLMStage.requires, *_OUTCOME))
         try:
             answered = rows_of(self.pool.ask(sent))
-        except Exception as exc:  # noqa: BLE001 - the actor died for good: the expert's verdict stands
-            for row in routed:
+        except RayActorError as exc:  # the actor died for good: the expert's verdict stands (any other error
+            for row in routed:  # is a bug in the MLLM stage and fails the task, as it would in a Ray Data stage)
                 failed_mllm(row, exc)
             return
         for row, answer in zip(routed, answered, strict=True):
