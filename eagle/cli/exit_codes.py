@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 
 OK = 0
@@ -38,6 +39,16 @@ EXIT_CODES: dict[str, dict[int, str]] = {
     },
     "latest": {OK: "success", USAGE: "bad arguments (--to inside --output)"},
 }
+
+
+def failed(exc: BaseException, log: logging.Logger) -> int:
+    """One message for a job that stops on `exc`, and its exit code: USAGE for a mistake in the arguments or
+    the config (ValueError, ConfigError among them), JOB_FAILED for anything else."""
+    if isinstance(exc, ValueError):
+        log.error("%s", exc)
+        return USAGE
+    log.error("job failed: %s", exc)
+    return JOB_FAILED
 
 
 def help_text(job: str) -> str:

@@ -19,7 +19,7 @@ import argparse
 import json
 import logging
 
-from eagle.cli.exit_codes import JOB_FAILED, OK, SOME_FAILED, USAGE, help_text
+from eagle.cli.exit_codes import OK, SOME_FAILED, USAGE, failed, help_text
 from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_fit
 from eagle.config import ConfigError, load_config
@@ -62,12 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         from eagle.expert.experts import parse_models
 
         models = parse_models(args.expert) if args.expert else cfg.expert.ensemble or [cfg.expert.fit_model()]
-    except (ConfigError, ValueError) as err:
-        log.error("%s", err)
-        return USAGE
-    except StorageUnreachable as exc:
-        log.error("job failed: %s", exc)
-        return JOB_FAILED
+    except (ConfigError, ValueError, StorageUnreachable) as exc:
+        return failed(exc, log)
     from eagle.expert.threshold import empty_band_advice
     from eagle.expert.training import FitSummary, list_products
 
@@ -90,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return signals.exit_code()
     print(f"{'product':<16} {'images':>6} {'patches':>8} {'coreset':>7} {'method':>8} {'threshold':>10} "
           f"{'score_max':>10} {'skipped':>7} {'seconds':>8} {'model':>9}  version")
-    failed = 0
+    n_failed = 0
     for (product, model), res in results.items():
         if isinstance(res, FitSummary):
             print(f"{product:<16} {res.images:>6} {res.patches:>8} {res.coreset:>7} {res.threshold_method:>8} "
                   f"{res.threshold:>10.4f} {res.score_max:>10.4f} {res.skipped:>7} {res.seconds:>8.1f} "
                   f"{model:>9}  {res.version}")
         else:
-            failed += 1
+            n_failed += 1
             which = f"{model}: " if len(models) > 1 else ""
             print(f"{product:<16} FAILED: {which}{type(res).__name__}: {res}")
     for (_, model), res in results.items():
@@ -105,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                         cfg.confidence)):
             log.warning("%s", advice if len(models) == 1 else f"({model}) {advice}")
     if args.summary_json:
-        doc = {p: r.as_dict() if isinstance(r, FitSummary) else {"error": f"{type(r).__name__}: {r}"}
-               for (p, m), r in results.items() if m == models[0]}
+        def of(model: str) -> dict:
+            return {p: r.as_dict() if isinstance(r, FitSummary) else {"error": f"{type(r).__name__}: {r}"}
+                    for (p, m), r in results.items() if m == model}
+
+        doc = of(models[0])
         if len(models) > 1:  # every model's results under "experts": {model: {product: ...}}
-            doc = {**doc, "experts": {m: {p: r.as_dict() if isinstance(r, FitSummary) else
-                                          {"error": f"{type(r).__name__}: {r}"}
-                                          for (p, m2), r in results.items() if m2 == m} for m in models}}
+            doc = {**doc, "experts": {m: of(m) for m in models}}
         storage.write_bytes(args.summary_json, json.dumps(doc, indent=2).encode(), cfg.storage)
-    return SOME_FAILED if failed else OK
+    return SOME_FAILED if n_failed else OK
 

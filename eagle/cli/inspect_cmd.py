@@ -19,7 +19,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
-from eagle.cli.exit_codes import JOB_FAILED, OK, SIGTERM, USAGE, help_text
+from eagle.cli.exit_codes import OK, SIGTERM, failed, help_text
 from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_inspect
 from eagle.config import ConfigError, JobConfig, deep_merge, load_config, parse_overrides
@@ -133,12 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = deep_merge(_flag_overrides(args), parse_overrides(args.overrides))
         cfg = load_config(args.config, overrides=overrides)
         check_inspect(cfg, force_cpu_mllm=args.force_cpu_mllm)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return USAGE
-    except StorageUnreachable as exc:
-        log.error("job failed: %s", exc)
-        return JOB_FAILED
+    except (ConfigError, StorageUnreachable) as exc:
+        return failed(exc, log)
     if not args.dry_run and not cfg.run_id:
         cfg.run_id = new_run_id()  # known up front, so an interrupted run can say how to resume it
     signals = catch_signals()
@@ -148,12 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init_ray(cfg)
         result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return USAGE
-    except JobFailed as exc:
-        log.error("job failed: %s", exc)
-        return JOB_FAILED
+    except (ConfigError, JobFailed) as exc:
+        return failed(exc, log)
     except KeyboardInterrupt:
         import ray
 

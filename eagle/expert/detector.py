@@ -82,9 +82,15 @@ class Expert:
     def _scored(self, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[ExpertResult]:
         scores, patch_maps, maps = self.model.predict(batch, sizes)
         scores_np, patch_np = scores.float().cpu().numpy(), patch_maps.float().cpu().numpy()
-        # one copy back for the whole batch (per map, each copy would wait for the device)
-        flat = torch.cat([m.float().flatten() for m in maps]).cpu().numpy()
-        ends = np.cumsum([m.numel() for m in maps])
-        host = [part.reshape(m.shape) for part, m in zip(np.split(flat, ends[:-1]), maps, strict=True)]
         return [ExpertResult(score=float(s), anomaly_map=m, patch_map=p)
-                for s, m, p in zip(scores_np, host, patch_np, strict=True)]
+                for s, m, p in zip(scores_np, _on_host(maps), patch_np, strict=True)]
+
+
+def _on_host(maps: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Float32 numpy copies of the maps: from a GPU in one copy for the batch (a copy per map would wait for
+    the device each time); on the CPU without copying."""
+    if not maps or maps[0].device.type == "cpu":
+        return [m.float().numpy() for m in maps]
+    flat = torch.cat([m.float().flatten() for m in maps]).cpu().numpy()
+    ends = np.cumsum([m.numel() for m in maps])
+    return [part.reshape(m.shape) for part, m in zip(np.split(flat, ends[:-1]), maps, strict=True)]
