@@ -413,6 +413,16 @@ def test_end_to_end(workspace, repo_root):
         "hole": {"n": 1, "expert_recall": 1.0, "final_recall": 1.0, "fixed": 0, "introduced": 0},
         "scratch": {"n": 1, "expert_recall": 1.0, "final_recall": 0.0, "fixed": 0, "introduced": 1},
         "stain": {"n": 1, "expert_recall": 0.0, "final_recall": 0.0, "fixed": 0, "introduced": 0}}
+    # Routing: the expert's errors are good/002 (false alarm, 0.9) and stain (missed, 0.15); policies on the scores.
+    routing = {name: (r["routed"], r["errors_routed"], r["false_alarms_routed"], r["missed_defects_routed"])
+               for name, r in grid["routing"].items()}
+    assert routing == {"routed": (5, 1, 1, 0),  # asked: good/000-002, scratch, hole
+                       "band": (2, 1, 1, 0),  # uncertain: good/002, scratch
+                       "all": (6, 2, 1, 1), "not-confident-normal": (3, 1, 1, 0), "uncertain": (2, 1, 1, 0),
+                       "near-threshold": (0, 0, 0, 0)}  # no score in [0.45, 0.55)
+    assert grid["routing"]["all"]["routed_share"] == 1.0 and grid["routing"]["band"]["routed_share"] == 2 / 6
+    assert (grid["routing"]["all"]["errors"], grid["routing"]["all"]["missed_defects_routed_share"]) == (2, 1.0)
+    assert grid["routing"]["routed"]["missed_defects_routed_share"] == 0.0
 
     # nut: normal images only (its defective ones were not audited): undefined, not a crash.
     assert (nut["n_images"], nut["n_missing"]) == (4, 4)

@@ -6,7 +6,7 @@ import numpy as np
 
 from eagle.config import PromptConfig
 from eagle.findings import Box
-from eagle.mllm.prompts import box_thickness, build_prompt
+from eagle.mllm.prompts import box_thickness, build_prompt, draw_boxes
 
 
 def _image(h: int = 120, w: int = 160) -> np.ndarray:
@@ -55,6 +55,21 @@ def test_normal_prompt_has_one_image_and_the_normal_prior() -> None:
     assert len(prompt.images) == 1
     assert prompt.prior == PromptConfig().prior_normal and "predicted as normal" in _user_text(prompt)
     assert "red boxes" not in _user_text(prompt)
+
+
+def test_a_borderline_normal_verdict_says_borderline_and_shows_the_highest_regions() -> None:
+    image, boxes = _image(), [Box(5, 5, 30, 30, 0.4)]
+    prompt = build_prompt(PromptConfig(), image, "bolt", "normal", boxes, confidence="uncertain")
+    text = _user_text(prompt)
+    assert prompt.prior == PromptConfig().prior_borderline and "borderline" in text and "predicted as normal" not in text
+    assert len(prompt.images) == 2 and prompt.query_index == 0
+    assert np.array_equal(prompt.images[1], draw_boxes(image, boxes))
+    assert PromptConfig().boxes_note_borderline in text and PromptConfig().boxes_note not in text
+    # a confident normal verdict keeps the plain prompt, and baseline mode shows neither prior nor boxes
+    plain = build_prompt(PromptConfig(), image, "bolt", "normal", boxes, confidence="confident_normal")
+    assert plain.prior == PromptConfig().prior_normal and len(plain.images) == 1
+    baseline = build_prompt(PromptConfig(use_expert=False), image, "bolt", "normal", boxes, confidence="uncertain")
+    assert baseline.prior is None and len(baseline.images) == 1
 
 
 def test_baseline_mode_asks_the_same_question_with_the_plain_image() -> None:

@@ -12,7 +12,9 @@ from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
 from eagle.expert.threshold import (
     band_is_empty,
+    borderline_edges,
     classify,
+    classify_in_band,
     empty_band_advice,
     fit_threshold,
     leave_own_out_scores,
@@ -127,3 +129,72 @@ def test_an_empty_uncertain_band_is_named_with_the_setting_that_widens_it():
     assert advice.startswith("grid: threshold 0.5 >= score_max 0.4") and "confidence.high_factor=1.26" in advice
     assert not band_is_empty(0.5, 0.4, ConfidenceConfig(high_factor=1.26))  # the advice is enough
     assert empty_band_advice("grid", 0.3, 0.4) is None
+
+
+def test_classify_in_band_on_both_sides_of_the_threshold():
+    assert classify_in_band(0.85, 1.0, 0.9, 1.2) == ("normal", "confident_normal")
+    assert classify_in_band(0.9, 1.0, 0.9, 1.2) == ("normal", "uncertain")  # low edge included
+    assert classify_in_band(1.0, 1.0, 0.9, 1.2) == ("anomalous", "uncertain")
+    assert classify_in_band(1.2, 1.0, 0.9, 1.2) == ("anomalous", "confident_anomalous")  # high edge excluded
+    assert classify_in_band(0.99, 1.0, 1.0, 1.0) == ("normal", "confident_normal")  # an empty band
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.3, 0.5])
+@pytest.mark.parametrize("n", [10, 60, 1000])
+def test_the_borderline_band_holds_the_budget_of_normal_scores(budget, n):
+    rng = np.random.default_rng(n)
+    scores = rng.gamma(4.0, 0.5, n)  # skewed, like nearest-neighbour distances
+    threshold = threshold_value(scores, rule("k-sigma"))
+    low, high = borderline_edges(threshold, scores / threshold, budget)
+    assert threshold - low == pytest.approx(high - threshold)  # symmetric
+    inside = np.mean([classify_in_band(s, threshold, low, high)[1] == "uncertain" for s in scores])
+    assert budget - 1 / n - 1e-9 <= inside <= budget + 1e-9  # never more than the budget, at most one image less
+    assert (low < threshold < high) == (budget * n >= 1)  # a budget below one training image: an empty band
+    # normal images of the same distribution the band has not seen: about the budget too (within 3 sampling sd)
+    fresh = rng.gamma(4.0, 0.5, 20000)
+    if n >= 60:
+        assert np.mean((fresh >= low) & (fresh < high)) == pytest.approx(budget, abs=3 * np.sqrt(budget / n) + 0.01)
+
+
+def test_a_wider_budget_widens_the_band_around_the_same_threshold():
+    ratios = np.random.default_rng(1).normal(0.7, 0.12, 200)
+    bands = [borderline_edges(2.0, ratios, b) for b in (0.1, 0.2, 0.4)]
+    assert bands[0][0] > bands[1][0] > bands[2][0] and bands[0][1] < bands[1][1] < bands[2][1]
+    with pytest.raises(ValueError, match="training scores"):
+        borderline_edges(2.0, np.array([]), 0.2)
+
+
+def _meta(model: str, value: float, scores: list[float], names: list[str], score_max: float | None = None) -> dict:
+    return {"model": model, "threshold": {"method": "k-sigma", "value": value, "score_max": score_max or max(scores),
+                                          "scores": scores}, "training": {"names": names}}
+
+
+def test_band_of_follows_the_routing_policy():
+    from eagle.config import RoutingConfig
+    from eagle.expert.ensemble import band_of
+
+    meta = _meta("patchcore", 2.0, [1.0, 1.5, 1.8, 1.9, 2.1], list("abcde"), score_max=2.1)
+    eagle = band_of([meta], "max")
+    assert (eagle.low, eagle.high) == (2.0, 2.1) and eagle.classify(2.05) == ("anomalous", "uncertain")
+    ranged = band_of([meta], "max", RoutingConfig(policy="borderline", score_range=(0.9, 1.1)))
+    assert (ranged.low, ranged.high) == pytest.approx((1.8, 2.2)) and ranged.classify(1.85) == ("normal", "uncertain")
+    # budget 0.4 of 5 training images: the 2 closest to the threshold (1.9 and 2.1, 0.05 away), not 1.8 (0.1 away)
+    learned = band_of([meta], "max", RoutingConfig(policy="borderline", budget=0.4))
+    assert learned.low == pytest.approx(2.0 * (1 - 0.075)) and learned.high == pytest.approx(2.0 * 1.075)
+    assert [learned.classify(s)[1] == "uncertain" for s in (1.8, 1.9, 2.1, 2.2)] == [False, True, True, False]
+
+
+def test_an_ensemble_band_combines_its_members_scores_per_training_image():
+    from eagle.config import RoutingConfig
+    from eagle.expert.ensemble import band_of, normal_ratios
+
+    a = _meta("patchcore", 2.0, [1.0, 2.0, 1.6, 0.4], ["x", "y", "z", "w"])
+    b = _meta("padim", 10.0, [9.0, 5.0, 8.0], ["y", "x", "z"])  # another order, and no "w"
+    ratios = normal_ratios([a, b], "max")  # per name: x max(0.5, 0.5), y max(1.0, 0.9), z max(0.8, 0.8)
+    assert sorted(ratios.tolist()) == pytest.approx([0.5, 0.8, 1.0])
+    assert sorted(normal_ratios([a, b], "mean").tolist()) == pytest.approx([0.5, 0.8, 0.95])
+    band = band_of([a, b], "max", RoutingConfig(policy="borderline", budget=1 / 3))  # 1 of 3: y, at 0 from 1
+    assert band.threshold == 1.0 and band.low == pytest.approx(0.9) and band.high == pytest.approx(1.1)
+    skipped = _meta("patchcore", 2.0, [1.0, 2.0], ["x", "y", "z"])  # a skipped image: names cannot be matched
+    with pytest.raises(Exception, match="score_range"):
+        normal_ratios([skipped, b], "max")

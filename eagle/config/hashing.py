@@ -19,7 +19,8 @@ _HASH_EXCLUDE = {"expert": {"cache_size"}}
 
 # Fields added after results were first hashed: left out while at their defaults, so that a config which does
 # not use them hashes (and a PatchCore fit is versioned) as before they existed.
-LATER_FIELDS = {"expert": ("model", "padim", "stfpm", "ensemble", "combine"), "threshold": ("folds",)}
+LATER_FIELDS = {"expert": ("model", "padim", "stfpm", "ensemble", "combine"), "threshold": ("folds",),
+                "routing": ("budget", "score_range"), "prompts": ("prior_borderline", "boxes_note_borderline")}
 
 
 def without_unset_later_fields(section: str, dumped: dict) -> dict:

@@ -251,7 +251,15 @@ class PromptConfig(Section):
     query_label: str = Field("Query image:", description="Immediately precedes the query image; '' omits it.")
     prior_normal: str = Field("The query image is predicted as normal.")
     prior_anomalous: str = Field("The query image is predicted as anomalous.")
-    boxes_note: str = Field("The second image marks the suspected anomalous regions with red boxes.")
+    prior_borderline: str = Field(
+        "The query image is borderline: its anomaly score is close to the threshold, so it may be normal or "
+        "have a faint defect.", description="The prior of a normal verdict in the unsure band (routing.policy "
+        "borderline, or confidence.low_factor < 1).")
+    boxes_note: str = Field("The second image marks the suspected anomalous regions with red boxes.",
+                            description="Follows the boxed copy of an anomalous verdict.")
+    boxes_note_borderline: str = Field(
+        "The second image marks the regions the anomaly detector scored highest with red boxes.",
+        description="Follows the boxed copy of a borderline normal verdict.")
     question: str = Field("Is there any defect in the object?")
     answer_format: str = Field(
         "Answer with 'Yes' or 'No' first, then one sentence that says what the defect is and where, "
@@ -305,12 +313,31 @@ class MLLMConfig(Section):
 
 
 class RoutingConfig(Section):
-    """Which images go to the MLLM."""
+    """Which images go to the MLLM, and the band in which the expert counts as unsure (where guidance applies).
 
-    policy: Literal["all", "uncertain", "not-confident-normal"] = Field(
-        "all", description="'all' as in the paper; 'uncertain' the unsure band only; "
-        "'not-confident-normal' unsure and anomalous."
+    The MLLM costs ~200x the expert per image and is the only part that can overrule it: 'borderline' sends it
+    the images whose scores lie close to the threshold, on both sides, where the expert's false alarms and
+    missed defects are (docs/EXPERT.md, "Routing"). 'uncertain' and 'not-confident-normal' use EAGLE's band
+    (section `confidence`); 'all' is the paper's setting.
+    """
+
+    policy: Literal["all", "uncertain", "not-confident-normal", "borderline"] = Field(
+        "all", description="'all' as in the paper (every image); 'borderline' the images in the band around the "
+        "threshold set by budget or score_range (normal and anomalous verdicts); 'uncertain' EAGLE's unsure band "
+        "only (threshold <= score < score_max); 'not-confident-normal' EAGLE's band and every anomalous verdict."
     )
+    budget: float = Field(
+        0.2, gt=0, le=1, description="borderline: the share of normal images the band holds, learned per product "
+        "from its training images' out-of-fold scores (no labels). Defects near the threshold come on top.")
+    score_range: tuple[float, float] | None = Field(
+        None, description="borderline: the band as [low, high) in threshold units (e.g. [0.9, 1.1]) instead of a "
+        "budget.")
+
+    @model_validator(mode="after")
+    def _range_around_threshold(self) -> RoutingConfig:
+        if self.score_range is not None and not 0 <= self.score_range[0] <= 1 <= self.score_range[1]:
+            raise ValueError(f"routing.score_range must be [low, high) with low <= 1 <= high, got {self.score_range}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- job

@@ -14,6 +14,7 @@ import numpy as np
 
 from eagle.evaluation import metrics
 from eagle.evaluation.ground_truth import Truth
+from eagle.evaluation.routing_efficiency import routing_efficiency
 
 BANDS = ("confident_normal", "uncertain", "confident_anomalous")
 GUIDANCE = ("guided", "unguided", "not asked")
@@ -111,4 +112,5 @@ def decision_metrics(rows: list[dict[str, Any]], truths: list[Truth]) -> dict[st
         "mllm": mllm_metrics(rows, anomalous),
         "verdict_change": verdict_changes(rows, anomalous),
         "per_defect": defect_recall(rows, truths),
+        "routing": routing_efficiency(rows, anomalous),
     }

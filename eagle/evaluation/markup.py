@@ -50,6 +50,19 @@ MLLM_NOTE = ("Per product: MLLM calls, per scored image; answers yes (defect), n
              "MLLM milliseconds per scored image and per call; mean share of image attention inside the expert's "
              "region for right and for wrong answers.")
 
+# Routing efficiency: one row per policy (eagle.evaluation.routing_efficiency), judged on the same scores.
+ROUTING_COLUMNS: Rows = [
+    ("routed_share", "share routed"), ("routed", "images routed"), ("errors_routed_share", "expert errors inside"),
+    ("errors_routed", "errors routed"), ("errors", "errors"), ("false_alarms_routed", "false alarms routed"),
+    ("false_alarms", "false alarms"), ("missed_defects_routed", "missed defects routed"),
+    ("missed_defects", "missed defects"), ("missed_defects_routed_share", "missed defects inside"),
+]
+ROUTING_NOTE = ("Each policy on this run's scores: the share of images it would send to the MLLM and how many of "
+                "the expert's errors (false alarms, missed defects) are among them. routed = what this run sent; "
+                "band = this run's unsure band (routing.policy borderline: its band); not-confident-normal and "
+                "uncertain use EAGLE's band (threshold <= score < score_max); near-threshold = score/threshold in "
+                "[0.9, 1.1).")
+
 # Several runs side by side.
 COMPARISON_ROWS: Rows = [
     ("n_images", "images (common to all runs)"), ("expert.f1", "expert F1"), ("final.precision", "final precision"),
@@ -118,6 +131,12 @@ def wide_table(groups: dict[str, dict[str, Any]], columns: Rows, first: str = ""
     """One row per metrics dict (a product, the pool), one column per metric."""
     body = [_wide_row(esc(name), m, columns) for name, m in groups.items()]
     return _table([esc(first), *(esc(label) for _, label in columns)], body, css="wide")
+
+
+def routing_table(routing: dict[str, dict[str, Any]], caption: str) -> str:
+    """The routing-efficiency table of one group: a policy per row."""
+    return (f'<h3>{esc(caption)}</h3><div class="scroll">{wide_table(routing, ROUTING_COLUMNS, "policy")}</div>'
+            f'<p class="note">{esc(ROUTING_NOTE)}</p>')
 
 
 def key_figures_table(products: dict[str, dict[str, Any]], pooled: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ from eagle.evaluation.markup import (
     format_value,
     key_figures_table,
     metrics_table,
+    routing_table,
     slug,
     wide_table,
 )
@@ -182,6 +183,7 @@ def summary_section(evaluation: Evaluation) -> str:
                       "errors the MLLM fixed, red = errors it introduced; darker = a larger share of the images.")
             + verdict_tables(o, POOLED)
             + mllm_table({p: r.metrics for p, r in products.items()} | {POOLED: o})
+            + routing_table(o["routing"], f"Routing: the expert's errors in front of the MLLM, {POOLED}")
             + _figure("roc-overall", roc_figure(curves, "Image ROC per product"), "Image ROC of the expert score")
             + f'<details id="metrics-overall"><summary>All metrics, every product</summary><div class="scroll">'
               f"{metrics_table(columns)}</div></details></section>")
@@ -213,6 +215,7 @@ def product_section(result: ProductResult, train: tuple[list[float], str] | None
             + _figure(f"roc-{pid}", roc_figure({result.product: _labels_scores(result)}, f"{result.product}: ROC"),
                       "Image ROC of the expert score")
             + f"</div>{verdict_tables(m, result.product)}{mllm_table({result.product: m})}"
+              f"{routing_table(m['routing'], f'Routing: the expert errors in front of the MLLM, {result.product}')}"
               f'<div id="gallery-{pid}"><h3>Examples</h3><p class="note">{esc(CARD_NOTE)}</p>{gallery(result, cfg)}'
               f'</div><details id="metrics-{pid}"><summary>All metrics</summary>'
               f"{metrics_table({result.product: m})}</details></details>")

@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from eagle.config import ExpertConfig, StorageConfig
+from eagle.config import ConfidenceConfig, ExpertConfig, RoutingConfig, StorageConfig
 from eagle.expert.artifact import ArtifactError, read_meta, resolve_version
 from eagle.expert.experts import model_name
+from eagle.expert.threshold import borderline_edges, classify_in_band, eagle_edges
+from eagle.findings import Confidence, Verdict
 
 _MEMBERS, _PAIR = "+", ":"
 COMBINE = {"max": np.max, "mean": np.mean}
@@ -88,21 +90,62 @@ def combine(values: Sequence[Any], how: str, dtype: type = np.float64) -> Any:
 
 @dataclass(frozen=True)
 class Band:
-    """What a product's scores are judged by: the verdict threshold, the top of the uncertain band, the rule."""
+    """What a product's scores are judged by: the verdict threshold, the top normal training score, the rule, and
+    the band in which the expert counts as unsure (``[low, threshold)`` for normal verdicts, ``[threshold, high)``
+    for anomalous ones; see `eagle.expert.threshold.classify_in_band`)."""
 
     threshold: float
     score_max: float
     method: str
+    low: float
+    high: float
+
+    def classify(self, score: float) -> tuple[Verdict, Confidence]:
+        return classify_in_band(score, self.threshold, self.low, self.high)
 
 
-def band_of(metas: Sequence[Mapping[str, Any]], how: str) -> Band:
-    """The band of one expert (its artifact's threshold) or of an ensemble (see the module docstring)."""
+def band_of(metas: Sequence[Mapping[str, Any]], how: str, routing: RoutingConfig | None = None,
+            confidence: ConfidenceConfig | None = None) -> Band:
+    """The band of one expert (its artifact's threshold) or of an ensemble (see the module docstring).
+
+    Its unsure part is EAGLE's (threshold, score_max) band, or with ``routing.policy: borderline`` the band
+    around the threshold that ``routing.score_range`` gives or that holds ``routing.budget`` of the training
+    images' out-of-fold scores (`normal_ratios`)."""
+    routing = routing or RoutingConfig()
     fits = [m["threshold"] for m in metas]
     if len(fits) == 1:
-        return Band(float(fits[0]["value"]), float(fits[0]["score_max"]), fits[0]["method"])
-    score_max = float(combine([f["score_max"] / f["value"] for f in fits], how))
-    rules = ", ".join(f"{model_name(meta)} {fit['method']}" for meta, fit in zip(metas, fits, strict=True))
-    return Band(1.0, score_max, f"{how}({rules})")
+        threshold, score_max, method = float(fits[0]["value"]), float(fits[0]["score_max"]), fits[0]["method"]
+    else:
+        threshold, score_max = 1.0, float(combine([f["score_max"] / f["value"] for f in fits], how))
+        rules = ", ".join(f"{model_name(meta)} {fit['method']}" for meta, fit in zip(metas, fits, strict=True))
+        method = f"{how}({rules})"
+    if routing.policy != "borderline":
+        low, high = eagle_edges(threshold, score_max, confidence)
+    elif routing.score_range is not None:
+        low, high = threshold * routing.score_range[0], threshold * routing.score_range[1]
+    else:
+        low, high = borderline_edges(threshold, normal_ratios(metas, how), routing.budget)
+    return Band(threshold, score_max, method, low, high)
+
+
+def normal_ratios(metas: Sequence[Mapping[str, Any]], how: str) -> np.ndarray:
+    """The training images' label-free scores in threshold units: one expert's out-of-fold (or leave-own-out)
+    scores / its threshold, or an ensemble's members' ratios combined per training image (matched by name; an
+    image a member skipped is left out)."""
+    per_member = []
+    for meta in metas:
+        fit = meta["threshold"]
+        ratios = np.asarray(fit["scores"], dtype=np.float64) / float(fit["value"])
+        if len(metas) == 1:
+            return ratios
+        names = meta.get("training", {}).get("names") or []
+        if len(names) != len(ratios):  # some images skipped: which ones is not recorded
+            raise ArtifactError(f"expert {model_name(meta)} records {len(ratios)} training scores for "
+                                f"{len(names)} training images, so an ensemble cannot match them per image: "
+                                f"use routing.score_range instead of routing.budget")
+        per_member.append(dict(zip(names, ratios, strict=True)))
+    common = [name for name in per_member[0] if all(name in member for member in per_member[1:])]
+    return np.asarray([combine([member[name] for member in per_member], how) for name in common])
 
 
 @dataclass(frozen=True)
@@ -118,10 +161,12 @@ class Scored:
 class ProductExpert:
     """The expert (or the ensemble) of one product at its pinned version(s)."""
 
-    def __init__(self, version: str, members: Sequence[tuple[Any, Any]], how: str = "max") -> None:
-        """members: (ExpertArtifact, eagle.expert.detector.Expert) pairs, in the configured order."""
+    def __init__(self, version: str, members: Sequence[tuple[Any, Any]], how: str = "max", band: Band | None = None
+                 ) -> None:
+        """members: (ExpertArtifact, eagle.expert.detector.Expert) pairs, in the configured order; band: how its
+        scores are judged (default: EAGLE's band of its members)."""
         self.version, self.members, self.how = version, list(members), how
-        self.band = band_of([art.meta for art, _ in self.members], how)
+        self.band = band or band_of([art.meta for art, _ in self.members], how)
 
     def score_inputs(self, inputs: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[Scored]:
         """Scores and maps at the original `sizes` for `model_input` copies (see Expert.score_inputs)."""

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from scipy import stats
 
 from eagle.config import ConfidenceConfig, ThresholdConfig
 from eagle.findings import Confidence, Verdict
 
+if TYPE_CHECKING:  # the band and verdict rules below are read with artifact metadata, without torch
+    import torch
+
 # score_image(query patches (P, D), exclude mask over bank rows (M,)) -> image score
-ImageScorer = Callable[[torch.Tensor, torch.Tensor], float]
+ImageScorer = Callable[["torch.Tensor", "torch.Tensor"], float]
 
 
 def leave_own_out_scores(embeddings: torch.Tensor, selected: torch.Tensor, score_image: ImageScorer,
@@ -32,6 +34,8 @@ def leave_own_out_scores(embeddings: torch.Tensor, selected: torch.Tensor, score
     (image * P + patch) of the patches that form the memory bank, in bank-row order. An image with fewer
     than ``min_unselected`` unselected patches, or whose patches make up the whole bank, is skipped.
     """
+    import torch
+
     n_images, n_patches, _ = embeddings.shape
     selected = selected.to(embeddings.device)
     source = selected // n_patches  # training image of each bank row
@@ -87,6 +91,8 @@ def threshold_value(scores: np.ndarray, cfg: ThresholdConfig) -> float:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size < 2:
         raise ValueError(f"need at least 2 training scores to fit a threshold, got {scores.size}")
+    from scipy import stats
+
     if cfg.method == "k-sigma":
         return float(scores.mean() + cfg.k * scores.std(ddof=1))
     if cfg.method == "mad":
@@ -133,23 +139,53 @@ def fit_threshold(scores: np.ndarray, skipped: int, cfg: ThresholdConfig) -> Thr
 
 def classify(score: float, threshold: float, score_max: float,
              cfg: ConfidenceConfig | None = None) -> tuple[Verdict, Confidence]:
-    """Expert verdict (anomalous iff score >= threshold) and confidence band.
+    """Expert verdict (anomalous iff score >= threshold) and confidence in EAGLE's band (`eagle_edges`)."""
+    return classify_in_band(score, threshold, *eagle_edges(threshold, score_max, cfg))
 
-    A normal verdict is uncertain when score >= low_factor·threshold, an anomalous one when
-    score < high_factor·score_max; otherwise the verdict is confident. With both factors at 1 (the default)
-    this is EAGLE's rule: uncertain exactly when threshold <= score < score_max, i.e. the expert says
-    anomalous but normal training images scored as high. low_factor < 1 adds normal verdicts just under the
-    threshold; high_factor > 1 widens the band above score_max. When the threshold lies above score_max
-    (possible for k-sigma on few images) the EAGLE band is empty.
+
+def classify_in_band(score: float, threshold: float, low: float, high: float) -> tuple[Verdict, Confidence]:
+    """Expert verdict (anomalous iff score >= threshold) and confidence: 'uncertain' when the score is in the
+    band ``[low, threshold)`` (a normal verdict close to the threshold) or ``[threshold, high)`` (an anomalous
+    one), confident otherwise. ``low > threshold`` or ``high <= threshold`` leaves that side of the band empty."""
+    if score < threshold:
+        return "normal", ("uncertain" if score >= low else "confident_normal")
+    return "anomalous", ("uncertain" if score < high else "confident_anomalous")
+
+
+def eagle_edges(threshold: float, score_max: float, cfg: ConfidenceConfig | None = None) -> tuple[float, float]:
+    """EAGLE's band: ``(low_factor·threshold, high_factor·score_max)``.
+
+    With both factors at 1 (the default) this is the paper's rule: uncertain exactly when
+    threshold <= score < score_max, i.e. the expert says anomalous but normal training images scored as high.
+    low_factor < 1 adds normal verdicts just under the threshold; high_factor > 1 widens the band above
+    score_max. When the threshold lies above score_max (possible for k-sigma on few images) the band is empty.
     """
     cfg = cfg or ConfidenceConfig()
-    if score < threshold:
-        return "normal", ("uncertain" if score >= cfg.low_factor * threshold else "confident_normal")
-    return "anomalous", ("uncertain" if score < cfg.high_factor * score_max else "confident_anomalous")
+    return cfg.low_factor * threshold, cfg.high_factor * score_max
+
+
+def borderline_edges(threshold: float, normal_ratios: np.ndarray, budget: float) -> tuple[float, float]:
+    """The band around the threshold that holds `budget` of the normal images, learned without labels.
+
+    normal_ratios: the training images' out-of-fold (or leave-own-out) scores divided by the threshold, which
+    stand in for normal test images. The band is ``[t·(1−w), t·(1+w))``, symmetric in threshold units: it takes
+    the normal images that score just under the threshold (where the expert misses faint defects) and just over
+    it (its false alarms). w lies halfway between the ``k``-th and the next smallest ``|ratio − 1|``, with
+    ``k = floor(budget·n)``: the band holds the k training images closest to the threshold and no more (an empty
+    band when the budget is below one image). Defects close to the threshold add to the routed share.
+    """
+    distance = np.sort(np.abs(np.asarray(normal_ratios, dtype=np.float64) - 1.0))
+    if distance.size == 0:
+        raise ValueError("a borderline band needs training scores")
+    k = int(np.floor(min(max(budget, 0.0), 1.0) * distance.size + 1e-9))
+    if k == 0:
+        return threshold, threshold
+    width = distance[-1] * 1.05 if k == distance.size else (distance[k - 1] + distance[k]) / 2
+    return threshold * (1.0 - width), threshold * (1.0 + width)
 
 
 def band_is_empty(threshold: float, score_max: float, cfg: ConfidenceConfig | None = None) -> bool:
-    """Whether `classify` can call no score uncertain (see its docstring)."""
+    """Whether EAGLE's band (`eagle_edges`) can call no score uncertain."""
     cfg = cfg or ConfidenceConfig()
     return cfg.low_factor >= 1 and threshold >= cfg.high_factor * score_max
 

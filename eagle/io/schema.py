@@ -39,9 +39,15 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("threshold_method", pa.string(), "k-sigma, mad, quantile or evt; an ensemble's: e.g. "
      "'max(patchcore k-sigma, padim mad)'."),
     ("expert_verdict", pa.string(), "'normal' or 'anomalous' (score >= threshold)."),
-    ("confidence", pa.string(), "'confident_normal', 'uncertain' or 'confident_anomalous'."),
-    ("boxes", pa.list_(BOX), "Up to 3 anomalous regions, original-image pixels, ordered by peak score."),
-    ("mask_png", pa.binary(), "Binary anomaly mask as 8-bit PNG, longer side = regions.mask_size."),
+    ("confidence", pa.string(), "'confident_normal', 'uncertain' or 'confident_anomalous': 'uncertain' when "
+     "the score is in the routing policy's unsure band (band_low..band_high)."),
+    ("band_low", pa.float32(), "Lower edge of the unsure band: normal verdicts scoring at least this are "
+     "'uncertain' (EAGLE's band: the threshold, i.e. none)."),
+    ("band_high", pa.float32(), "Upper edge of the unsure band: anomalous verdicts scoring below this are "
+     "'uncertain' (EAGLE's band: score_max)."),
+    ("boxes", pa.list_(BOX), "Up to 3 regions, original-image pixels, ordered by peak score: the anomalous "
+     "regions of an anomalous verdict, or the highest-scoring regions of an uncertain normal one; else empty."),
+    ("mask_png", pa.binary(), "Binary mask of those regions as 8-bit PNG, longer side = regions.mask_size."),
     ("anomaly_map_png", pa.binary(), "Anomaly map as 8-bit PNG (same size as the mask), 0..255 = 0..map_max."),
     ("map_max", pa.float32(), "Score units of anomaly_map_png's 255."),
     ("mllm_ran", pa.bool_(), "Whether the MLLM was asked about this image."),

@@ -1,9 +1,10 @@
 """Prompts for the MLLM from the expert's result (EAGLE's prompt selection); templates live in PromptConfig.
 
 User turn, in order: instruction (+ product notes), optional normal reference images, the text prior
-("The query image is predicted as ..."), the query image, when anomalous a second copy with red boxes and a
-note saying so, then the question and the required answer format. In baseline mode (`use_expert=False`) the
-prior and the boxed copy are left out, so the two modes differ only in the expert's guidance.
+("The query image is predicted as ...", or "... is borderline" for a normal verdict in the unsure band), the
+query image, when anomalous or borderline a second copy with red boxes (the anomalous or the highest-scoring
+regions) and a note saying so, then the question and the required answer format. In baseline mode
+(`use_expert=False`) the prior and the boxed copy are left out, so the two modes differ only in the expert's guidance.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import cv2
 import numpy as np
 
 from eagle.config import PromptConfig
-from eagle.findings import Box, Verdict
+from eagle.findings import Box, Confidence, Verdict
 
 BOX_COLOR = (255, 0, 0)  # RGB red
 
@@ -62,6 +63,7 @@ def build_prompt(
     expert_verdict: Verdict,
     boxes: Sequence[Box] = (),
     references: Sequence[np.ndarray] = (),
+    confidence: Confidence | None = None,
 ) -> Prompt:
     """The message for one query image; at most `cfg.few_shot` of `references` are shown."""
     parts: list[dict[str, Any]] = []
@@ -80,15 +82,17 @@ def build_prompt(
         for ref in refs:
             add_image(ref)
     prior = None
+    borderline = expert_verdict == "normal" and confidence == "uncertain"
     if cfg.use_expert:
-        prior = cfg.prior_anomalous if expert_verdict == "anomalous" else cfg.prior_normal
+        prior = (cfg.prior_anomalous if expert_verdict == "anomalous" else
+                 cfg.prior_borderline if borderline else cfg.prior_normal)
         _text(parts, prior)
     _text(parts, cfg.query_label)
     query_index = len(images)
     add_image(image)
-    if cfg.use_expert and expert_verdict == "anomalous" and boxes:
+    if cfg.use_expert and (expert_verdict == "anomalous" or borderline) and boxes:
         add_image(draw_boxes(image, boxes))
-        _text(parts, cfg.boxes_note)
+        _text(parts, cfg.boxes_note_borderline if borderline else cfg.boxes_note)
     _text(parts, f"{cfg.question} {cfg.answer_format}".strip())
     messages = [{"role": "system", "content": [{"type": "text", "text": cfg.system}]}] if cfg.system else []
     messages.append({"role": "user", "content": parts})

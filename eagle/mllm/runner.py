@@ -104,7 +104,8 @@ class MLLMRunner:
                 "all": True}[cfg.apply_to]
 
     def prompt(self, req: MLLMRequest) -> Prompt:
-        return build_prompt(self.prompt_cfg, req.image, req.product, req.expert_verdict, req.boxes, req.references)
+        return build_prompt(self.prompt_cfg, req.image, req.product, req.expert_verdict, req.boxes, req.references,
+                            req.confidence)
 
     def encode(self, prompts: list[Prompt]) -> Encoded:
         """Tokenize with left padding; locate each sample's query image and text prior in the padded ids."""

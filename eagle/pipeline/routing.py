@@ -1,8 +1,9 @@
 """Routing: which images the MLLM sees, and what rows say when it does not see them.
 
-Policies: 'all' (the paper: every image), 'uncertain' (only the expert's unsure band),
-'not-confident-normal' (unsure and anomalous). The final verdict follows the MLLM where it answered yes/no
-and the expert otherwise (not asked, or an unparsable answer): `eagle.findings.final_verdict`.
+Policies: 'all' (the paper: every image), 'borderline' (the band around the threshold where the expert's errors
+are, on both sides; `eagle.expert.ensemble.band_of`), 'uncertain' (only EAGLE's unsure band),
+'not-confident-normal' (EAGLE's band and every anomalous verdict). The final verdict follows the MLLM where it
+answered yes/no and the expert otherwise (not asked, or an unparsable answer): `eagle.findings.final_verdict`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _ROUTED: dict[str, set[str]] = {
     "all": {"confident_normal", "uncertain", "confident_anomalous"},
     "uncertain": {"uncertain"},
     "not-confident-normal": {"uncertain", "confident_anomalous"},
+    "borderline": {"uncertain"},  # the confidence column then marks the borderline band
 }
 
 

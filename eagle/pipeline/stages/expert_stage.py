@@ -26,8 +26,8 @@ class ExpertStage(Stage):
     actor = True
     requires = ("product", "status", "expert_input", "width", "height")
     produces = ("expert_score", "threshold", "score_max", "threshold_method", "expert_verdict", "confidence",
-                "boxes_json", "mask_png", "anomaly_map_png", "map_max", "expert_model_version", "expert_members_json",
-                "expert_ms")
+                "band_low", "band_high", "boxes_json", "mask_png", "anomaly_map_png", "map_max", "expert_model_version",
+                "expert_members_json", "expert_ms")
     drops = ("expert_input",)
 
     def __init__(self, cfg: JobConfig, versions: dict[str, str]) -> None:
@@ -47,7 +47,7 @@ class ExpertStage(Stage):
         """The product's `ProductExpert` (one model or an ensemble), via the LRU cache."""
         from eagle.expert.artifact import load_artifact
         from eagle.expert.detector import Expert
-        from eagle.expert.ensemble import ProductExpert, member_versions
+        from eagle.expert.ensemble import ProductExpert, band_of, member_versions
 
         if product in self._cache:
             self._cache.move_to_end(product)
@@ -56,8 +56,9 @@ class ExpertStage(Stage):
         arts = [load_artifact(self.cfg.model_store, product, version, storage=self.cfg.storage)
                 for version in member_versions(pinned)]
         dtype = self.cfg.expert.resolved_dtype(self.device)
+        band = band_of([art.meta for art in arts], self.cfg.expert.combine, self.cfg.routing, self.cfg.confidence)
         entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=dtype))
-                                       for art in arts], self.cfg.expert.combine)
+                                       for art in arts], self.cfg.expert.combine, band)
         self._cache[product] = entry
         while len(self._cache) > self.cfg.expert.cache_size:
             self._cache.popitem(last=False)
@@ -87,12 +88,12 @@ class ExpertStage(Stage):
 
     def _fill(self, row: Row, expert: Any, result: Any, ms: float) -> None:
         from eagle.expert.regions import find_regions
-        from eagle.expert.threshold import classify
 
         band = expert.band
-        verdict, confidence = classify(result.score, band.threshold, band.score_max, self.cfg.confidence)
+        verdict, confidence = band.classify(result.score)
         regions = find_regions(result.anomaly_map, self.cfg.regions)
-        anomalous = verdict == "anomalous"
+        # regions of anomalous verdicts, and of normal ones in the unsure band: where the MLLM should look
+        with_regions = verdict == "anomalous" or confidence == "uncertain"
         row.update(
             expert_score=float(result.score),
             threshold=band.threshold,
@@ -100,11 +101,13 @@ class ExpertStage(Stage):
             threshold_method=band.method,
             expert_verdict=verdict,
             confidence=confidence,
-            mask_png=regions.mask_png if anomalous else None,
+            band_low=band.low,
+            band_high=band.high,
+            mask_png=regions.mask_png if with_regions else None,
             anomaly_map_png=regions.map_png,
             map_max=regions.map_max,
             expert_model_version=expert.version,
             expert_members_json=json.dumps(result.members),
             expert_ms=ms,
         )
-        set_boxes(row, regions.boxes if anomalous else [])
+        set_boxes(row, regions.boxes if with_regions else [])

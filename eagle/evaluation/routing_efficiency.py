@@ -1,0 +1,59 @@
+"""Routing efficiency: how many of the expert's errors each routing policy puts in front of the MLLM, and at what
+share of the images, computed from a run's output rows and the ground truth.
+
+The MLLM is the only part that can overrule the expert, and it costs ~200x the expert per image: a policy is
+good when its routed set is small and holds the expert's errors, above all its missed defects. Every policy is
+judged on the same scores (the run's rows), so one run shows what the others would have routed:
+
+* ``routed``: the images this run actually sent to the MLLM (``mllm_ran``);
+* ``band``: this run's unsure band (``confidence = 'uncertain'``; with ``routing.policy: borderline`` the
+  borderline band, which is also what that policy routes);
+* ``all``, ``not-confident-normal`` (score >= threshold, EAGLE's band included), ``uncertain`` (EAGLE's band,
+  threshold <= score < score_max), with `eagle.config.ConfidenceConfig`'s default factors;
+* ``near-threshold``: score / threshold in [0.9, 1.1), a fixed reference band.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Row = dict[str, Any]
+NEAR = (0.9, 1.1)
+
+
+def _ratio(row: Row) -> float:
+    return float(row["expert_score"]) / float(row["threshold"]) if row["threshold"] else float("nan")
+
+
+POLICIES: dict[str, Callable[[Row], bool]] = {
+    "routed": lambda r: bool(r.get("mllm_ran")),
+    "band": lambda r: r["confidence"] == "uncertain",
+    "all": lambda r: True,
+    "not-confident-normal": lambda r: r["expert_score"] >= r["threshold"],
+    "uncertain": lambda r: r["threshold"] <= r["expert_score"] < r["score_max"],
+    "near-threshold": lambda r: NEAR[0] <= _ratio(r) < NEAR[1],
+}
+
+
+def routing_efficiency(rows: list[Row], anomalous: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per policy: the share of images it routes and how many of the expert's errors (false alarms, missed
+    defects, both) fall inside its routed set. `anomalous`: the ground truth of each row, in order."""
+    n = len(rows)
+    expert = np.array([r["expert_verdict"] == "anomalous" for r in rows], bool)
+    false_alarm, missed = expert & ~anomalous, ~expert & anomalous
+    out = {}
+    for name, rule in POLICIES.items():
+        inside = np.array([rule(r) for r in rows], bool)
+        out[name] = {"routed": int(inside.sum()), "routed_share": float(inside.mean()) if n else None,
+                     **_caught("errors", inside, false_alarm | missed), **_caught("false_alarms", inside, false_alarm),
+                     **_caught("missed_defects", inside, missed)}
+    return out
+
+
+def _caught(kind: str, inside: np.ndarray, wrong: np.ndarray) -> dict[str, Any]:
+    total = int(wrong.sum())
+    caught = int((inside & wrong).sum())
+    return {f"{kind}": total, f"{kind}_routed": caught, f"{kind}_routed_share": caught / total if total else None}
