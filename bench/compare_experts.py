@@ -25,16 +25,19 @@ from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from calibrate_expert import load, read_labels  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from eagle.config import load_config  # noqa: E402
+from eagle.config import RoutingConfig, load_config  # noqa: E402
+from eagle.evaluation.routing_efficiency import routing_efficiency  # noqa: E402
 from eagle.expert.artifact import load_artifact  # noqa: E402
 from eagle.expert.detector import Expert  # noqa: E402
-from eagle.expert.ensemble import ProductExpert, member_versions, pin  # noqa: E402
+from eagle.expert.ensemble import ProductExpert, band_of, member_versions, pin  # noqa: E402
 from eagle.expert.experts import parse_models  # noqa: E402
+from eagle.expert.threshold import classify_in_band  # noqa: E402
 from eagle.expert.training import fit_product  # noqa: E402
 
 
@@ -48,6 +51,10 @@ class Result:
     auroc: list[float]  # the same bins: normal test images against the bin's defects
     pixel_auroc: float
     fit_s: float
+    score_max: float
+    scores: np.ndarray  # per test image
+    good: np.ndarray  # per test image: a normal one
+    bands: dict[str, tuple[float, float]]  # routing band (low, high) per policy name (eagle.expert.ensemble.band_of)
 
 
 def bin_labels(edges: list[float]) -> list[str]:
@@ -57,38 +64,106 @@ def bin_labels(edges: list[float]) -> list[str]:
 
 
 def evaluate(expert: ProductExpert, root: str, tests: list[dict], edges: list[float], batch: int,
-             fit_s: float) -> Result:
+             fit_s: float, budgets: list[float]) -> Result:
     """Score `tests` from their model inputs as the expert stage does and measure it against the labels."""
-    scores, pixel_scores, pixel_truth = [], [], []
     model_input = expert.members[0][1].model_input  # every member takes the same input (`pin` checks it)
+
+    def score(images: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
+        results = expert.score_inputs([model_input(img) for img in images], [img.shape[:2] for img in images])
+        return [(r.score, r.anomaly_map) for r in results]
+
+    return measure(score, root, tests, edges, batch, expert.band.threshold, expert.band.score_max, fit_s,
+                   routing_bands(expert, budgets))
+
+
+def measure(score, root: str, tests: list[dict], edges: list[float], batch: int, thr: float, score_max: float,
+            fit_s: float, bands: dict[str, tuple[float, float]]) -> Result:
+    """`score(images) -> [(image score, anomaly map at the image's size)]` on `tests`, against the labels."""
+    scores, pixel_scores, pixel_truth = [], [], []
     for i in range(0, len(tests), batch):
         chunk = tests[i:i + batch]
         images = [load(root, r["path"]) for r in chunk]
-        for row, res in zip(chunk, expert.score_inputs([model_input(img) for img in images],
-                                                       [img.shape[:2] for img in images]), strict=True):
-            scores.append(res.score)
+        for row, (image_score, amap) in zip(chunk, score(images), strict=True):
+            scores.append(image_score)
             if row["mask_path"]:
                 mask = load(root, row["mask_path"])[..., 0] > 127
             else:
-                mask = np.zeros(res.anomaly_map.shape, bool)
-            pixel_scores.append(res.anomaly_map[::4, ::4].ravel())  # every 4th pixel: plenty for an AUROC
+                mask = np.zeros(amap.shape, bool)
+            pixel_scores.append(amap[::4, ::4].ravel())  # every 4th pixel: plenty for an AUROC
             pixel_truth.append(mask[::4, ::4].ravel())
     scores = np.array(scores)
     good = np.array([r["defect"] == "good" for r in tests])
     strength = np.array([float(r["strength"]) if r["strength"] else np.nan for r in tests])
     bins = [~good & (strength >= lo) & (strength < hi)
             for lo, hi in zip([-np.inf, *edges], [*edges, np.inf], strict=True)] + [~good]
-    thr = expert.band.threshold
     return Result(threshold=thr, fpr=float((scores[good] >= thr).mean()),
                   tpr=[float((scores[b] >= thr).mean()) if b.any() else np.nan for b in bins],
                   auroc=[roc_auc_score(b[good | b], scores[good | b]) if b.any() else np.nan for b in bins],
                   pixel_auroc=roc_auc_score(np.concatenate(pixel_truth), np.concatenate(pixel_scores)),
-                  fit_s=fit_s)
+                  fit_s=fit_s, score_max=score_max, scores=scores, good=good, bands=bands)
+
+
+def stock_anomalib(root: str, product: str, cfg, tests: list[dict], edges: list[float], device: str,
+                   val_share: float = 0.2) -> Result:
+    """anomalib's own PatchCore (`PatchcoreModel`: its embedding, coreset and scoring) on the same features (the
+    project's backbone and weights loaded into its feature extractor, the same pre-processing), thresholded as
+    anomalib does without defective validation images: the highest score of a held-back normal split."""
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    from eagle.expert.detector import build_model
+    from eagle.expert.training import load_training_images
+
+    start = time.perf_counter()
+    ours = build_model(cfg.expert, cfg.storage)
+    ref = PatchcoreModel(layers=list(ours.layers), backbone=cfg.expert.backbone, pre_trained=False, num_neighbors=9)
+    ref.feature_extractor.load_state_dict(ours.extractor.state_dict())
+    ref = ref.to(device)
+    _, images = load_training_images(root, product, cfg)
+    order = np.random.default_rng(cfg.expert.seed).permutation(len(images))
+    n_val = max(1, round(len(images) * val_share))
+    val, train = [images[i] for i in order[:n_val]], [images[i] for i in order[n_val:]]
+    batch = cfg.resources.expert.batch_size
+    ref.train()
+    for i in range(0, len(train), batch):
+        ref(ours.preprocess(train[i:i + batch]).to(device))
+    torch.manual_seed(cfg.expert.seed)
+    ref.subsample_embedding(cfg.expert.coreset_ratio)
+    ref.eval()
+
+    def score(chunk: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
+        with torch.no_grad():
+            out = ref(ours.preprocess(chunk).to(device))
+        return [(float(s), cv2.resize(m[0].float().cpu().numpy(), (img.shape[1], img.shape[0])))
+                for s, m, img in zip(out.pred_score, out.anomaly_map, chunk, strict=True)]
+
+    thr = max(s for i in range(0, len(val), batch) for s, _ in score(val[i:i + batch]))
+    return measure(score, root, tests, edges, batch, thr, thr, time.perf_counter() - start, {})
+
+
+def routing_bands(expert: ProductExpert, budgets: list[float]) -> dict[str, tuple[float, float]]:
+    """The borderline band at each budget, learned from the expert's artifacts as the expert stage learns it."""
+    metas = [art.meta for art, _ in expert.members]
+    return {f"borderline {b:g}": (band.low, band.high) for b in budgets
+            for band in [band_of(metas, expert.how, RoutingConfig(policy="borderline", budget=b))]}
+
+
+def routing_rows(r: Result) -> dict[str, dict]:
+    """Routing efficiency of every policy on one expert's test scores (eagle.evaluation.routing_efficiency)."""
+    rows = [{"expert_score": s, "threshold": r.threshold, "score_max": r.score_max,
+             "expert_verdict": "anomalous" if s >= r.threshold else "normal", "confidence": "confident_normal"}
+            for s in r.scores]
+    table = {k: v for k, v in routing_efficiency(rows, ~r.good).items() if k not in ("routed", "band")}
+    for name, (low, high) in r.bands.items():
+        banded = [{**row, "confidence": classify_in_band(row["expert_score"], r.threshold, low, high)[1]}
+                  for row in rows]
+        table[name] = routing_efficiency(banded, ~r.good)["band"]
+    return table
 
 
 def compare(root: str, product: str, cfg, experts: list[str], ensemble: list[str], combines: list[str],
-            edges: list[float], device: str) -> dict[str, Result]:
-    """Fit each model of `experts` and `ensemble` for `product`, then evaluate each expert and each ensemble."""
+            edges: list[float], device: str, budgets: list[float], anomalib: bool = False) -> dict[str, Result]:
+    """Fit each model of `experts` and `ensemble` for `product`, then evaluate each expert and each ensemble (and
+    with `anomalib`, anomalib's stock PatchCore on the same features)."""
     fit_s = {}
     for i, model in enumerate(dict.fromkeys([*experts, *ensemble])):
         fit_s[model] = fit_product(root, product, cfg, device=device, model=model, default=i == 0).seconds
@@ -107,11 +182,13 @@ def compare(root: str, product: str, cfg, experts: list[str], ensemble: list[str
         return ProductExpert(pinned, members, how)
 
     batch = cfg.resources.expert.batch_size
-    results = {model: evaluate(product_expert([model], "max"), root, tests, edges, batch, fit_s[model])
+    results = {model: evaluate(product_expert([model], "max"), root, tests, edges, batch, fit_s[model], budgets)
                for model in experts}
     for how in combines if ensemble else []:
         results[f"{'+'.join(ensemble)} ({how})"] = evaluate(product_expert(ensemble, how), root, tests, edges,
-                                                            batch, sum(fit_s[m] for m in ensemble))
+                                                            batch, sum(fit_s[m] for m in ensemble), budgets)
+    if anomalib:
+        results["anomalib patchcore (stock)"] = stock_anomalib(root, product, cfg, tests, edges, device)
     return results
 
 
@@ -141,6 +218,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20, help="expert.stfpm.epochs")
     p.add_argument("--folds", type=int, default=5, help="threshold.folds (cross-fitted models)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--anomalib", action="store_true",
+                   help="Also anomalib's stock PatchCore on the same features, thresholded at the highest score of a "
+                        "20%% normal validation split (what anomalib does without defective validation images).")
+    p.add_argument("--budgets", default="0.1,0.2,0.3", help="routing.budget values of the borderline policy to "
+                   "show in the routing table.")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="Further config overrides.")
     args = p.parse_args()
     experts = parse_models(args.experts)
@@ -161,8 +243,9 @@ def main() -> None:
             generate(root, products, n_train=args.n_train, n_test_good=args.n_test_good,
                      n_test_defect=args.n_test_defect, size=args.size, seed=1)
         start = time.perf_counter()
-        results = {product: compare(root, product, cfg, experts, ensemble, combines, edges, args.device)
-                   for product in products}
+        budgets = [float(b) for b in args.budgets.split(",") if b]
+        results = {product: compare(root, product, cfg, experts, ensemble, combines, edges, args.device, budgets,
+                                    args.anomalib) for product in products}
         seconds = time.perf_counter() - start
 
     e, t = cfg.expert, cfg.threshold
@@ -191,6 +274,34 @@ def main() -> None:
     print("\nfit s: fit_product with its label-free threshold (an ensemble: its members' sum); threshold: the "
           "artifact's (an ensemble: 1 on the combined score); FPR, TPR: share of normal / defective test images at "
           "or above it; AUROC: normal test images against each bin's defects; pixel AUROC: all test images.")
+    print_routing(results, products)
+
+
+def _inside(total: dict[str, int], kind: str) -> str:
+    caught, of = total[f"{kind}_routed"], total[kind]
+    return f"{caught}/{of} ({pct(caught / of) if of else 'n/a'})"
+
+
+def print_routing(results: dict[str, dict[str, Result]], products: list[str]) -> None:
+    """Per expert, pooled over products: what each routing policy would send to the MLLM, and which of the
+    expert's errors that set holds."""
+    print("\n| expert | policy | routed | errors inside | false alarms inside | missed defects inside |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in next(iter(results.values())):
+        if not results[products[0]][name].bands:  # the stock baseline has no artifact to learn a band from
+            continue
+        tables = [routing_rows(results[product][name]) for product in products]
+        for policy in tables[0]:
+            total = {k: sum(t[policy][k] for t in tables) for k in ("routed", "errors", "errors_routed",
+                                                                    "false_alarms", "false_alarms_routed",
+                                                                    "missed_defects", "missed_defects_routed")}
+            n = sum(len(results[product][name].scores) for product in products)
+            print(f"| {name} | {policy} | {pct(total['routed'] / n)} | {_inside(total, 'errors')} "
+                  f"| {_inside(total, 'false_alarms')} | {_inside(total, 'missed_defects')} |")
+    print("\nPooled over the products: routed = share of test images the policy sends to the MLLM; inside = the "
+          "expert's errors (at its own threshold) that are in that set. borderline b: the band learned from the "
+          "training images' label-free scores to hold b of the normal images; near-threshold: score/threshold in "
+          "[0.9, 1.1); uncertain: EAGLE's band; not-confident-normal: every anomalous verdict.")
 
 
 if __name__ == "__main__":
