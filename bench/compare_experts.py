@@ -21,6 +21,7 @@ import argparse
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -242,6 +243,7 @@ def main() -> None:
             root = os.path.join(tmp, "data")
             generate(root, products, n_train=args.n_train, n_test_good=args.n_test_good,
                      n_test_defect=args.n_test_defect, size=args.size, seed=1)
+        labels_of, root_name = read_labels(root), args.data or "synthetic set"
         start = time.perf_counter()
         budgets = [float(b) for b in args.budgets.split(",") if b]
         results = {product: compare(root, product, cfg, experts, ensemble, combines, edges, args.device, budgets,
@@ -250,11 +252,12 @@ def main() -> None:
 
     e, t = cfg.expert, cfg.threshold
     labels = bin_labels(edges)
+    split = Counter((r["split"], r["defect"] == "good") for r in labels_of if r["product"] in products)
     print(f"\n{e.backbone} {'+'.join(e.layers)} (weights={e.weights}), {args.size}px, threshold {t.method} "
           f"(padim/stfpm: {t.folds}-fold cross-fit), stfpm {e.stfpm.epochs} epochs, {args.device}, "
-          f"{torch.get_num_threads()} thread(s); {args.n_train} training images, {args.n_test_good} normal and "
-          f"{args.n_test_defect} per defect kind test images per product; strength bins {', '.join(labels[:-1])}; "
-          f"{seconds:.0f} s\n")
+          f"{torch.get_num_threads()} thread(s); {root_name}, {len(products)} products: {split['train', True]} "
+          f"training, {split['test', True]} normal and {split['test', False]} defective test images; strength bins "
+          f"{', '.join(labels[:-1])}; {seconds:.0f} s\n")
     print(f"| product | expert | fit s | threshold | FPR | TPR {' | TPR '.join(labels)} "
           f"| AUROC {' | AUROC '.join(labels)} | pixel AUROC |")
     print("|---|---|---:|---:|---:|" + "---:|" * (2 * len(labels) + 1))
