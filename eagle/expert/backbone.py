@@ -39,12 +39,13 @@ def build_extractor(backbone: str, layers: list[str], weights: str, seed: int = 
     pretrained = weights == WEIGHTS_IMAGENET and not packaged
     with torch.random.fork_rng():  # manual_seed seeds every device: restore them all
         torch.manual_seed(seed)
-        try:
-            extractor = TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=pretrained)
-        except ValueError as exc:  # timm: a layer name the model's feature_info does not have
-            raise ValueError(f"backbone {backbone!r} lacks some of the layers {list(layers)} ({exc})") from None
-    if len(extractor.layers) != len(layers):
-        raise ValueError(f"backbone {backbone!r} lacks some of the layers {list(layers)}")
+        extractor = TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=pretrained)
+    if len(extractor.layers) != len(layers):  # anomalib drops (and logs) the names the model does not have
+        import timm
+
+        names = timm.create_model(backbone, features_only=True, pretrained=False).feature_info.module_name()
+        raise ValueError(f"backbone {backbone!r} lacks some of the layers {list(layers)}; its feature layers: "
+                         f"{', '.join(names)} (expert.layers; not given: the backbone's defaults)")
     if packaged:
         _load_into(extractor.feature_extractor, lite0_imagenet_model().state_dict(), f"{backbone} ImageNet")
     elif weights not in (WEIGHTS_IMAGENET, WEIGHTS_RANDOM):
