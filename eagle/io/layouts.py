@@ -17,10 +17,10 @@ Per layout, what a product folder holds; train = the images a fit uses, test = w
 Products are the root's child folders (a root that is itself one product folder is that product). Local data
 is parsed with anomalib 2.7's own parsers (``anomalib.data.datasets.image``: ``make_mvtec_ad_dataset``,
 ``make_mvtec2_dataset``, MVTec LOCO's ``make_dataset``, ``make_btech_dataset``, ``make_folder_dataset``; VisA:
-the rules of anomalib's ``Visa.apply_cls1_split`` over ``split_csv/1cls.csv``, without copying files);
-``s3://`` data with the same rules over the object listing (`rules_samples`), except ``mvtec_loco`` and
-``folder``, which are refused there. A layout is detected from the folder (`detect_layout`); ``--layout NAME``
-forces one.
+the rules of anomalib's ``Visa.apply_cls1_split`` over ``split_csv/1cls.csv``, without copying files; MVTec
+LOCO: its parser's rules over the listing, as anomalib's own fails under pandas 3); ``s3://`` data with the same
+rules over the object listing (`rules_samples`), except ``folder``, which is refused there. A layout is
+detected from the folder (`detect_layout`); ``--layout NAME`` forces one.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ from eagle.io import storage
 
 NORMAL = "good"
 LAYOUTS = ("mvtec_ad", "mvtec_ad2", "mvtec_loco", "visa", "btech", "mpdd", "folder")
-LOCAL_ONLY = ("mvtec_loco", "folder")
+LOCAL_ONLY = ("folder",)
+# anomalib 2.7's MVTec LOCO parser fails under the locked pandas 3 (it assigns lists of mask paths into a string
+# column: "Invalid value for dtype 'str'"), so LOCO is read with the same rules over the listing, local too.
+_BY_RULES = ("visa", "mvtec_loco")
 # Folders of these layouts that sit between a product and its images: never products (inspect's naming).
 SPLIT_FOLDERS = ("train", "test", "validation", "test_public", "test_private", "test_private_mixed")
 LAYOUT_FOLDERS = (*SPLIT_FOLDERS, "good", "ground_truth", "images", "Data", "Images", "Masks", "Normal", "Anomaly",
@@ -135,7 +138,7 @@ def load_samples(root: str, layout: str | None = None, cfg: StorageConfig | None
     for product, folder in sorted(found.items()):
         if wanted is not None and product not in wanted:
             continue
-        if storage.is_remote(root) or layout == "visa":
+        if storage.is_remote(root) or layout in _BY_RULES:
             samples += rules_samples(root, layout, product, folder, [f for f in files if _under(f, folder)], cfg)
         else:
             samples += anomalib_samples(root, layout, product, folder)
@@ -185,21 +188,22 @@ def anomalib_samples(root: str, layout: str, product: str, folder: str) -> list[
         if row.split == "train" and not normal:
             continue
         out.append(Sample(under(row.image_path), product, row.split, defect,
-                          tuple(under(m) for m in masks if isinstance(m, str) and m)))
+                          tuple(under(m) for m in masks if isinstance(m, str) and m) if not normal else ()))
+    if not any(s.split == "train" for s in out):
+        raise ConfigError(f"{path} is not a {layout} product folder (anomalib's parser finds no training images); "
+                          f"check --data, or --layout")
     return sorted(out, key=lambda s: s.uri)
 
 
 def _parse(layout: str, path: Any, exts: tuple[str, ...]) -> Any:
     """anomalib's DataFrame (columns split, label, label_index, image_path, mask_path) of one product folder."""
-    from anomalib.data.datasets.image import btech, mvtec_loco, mvtecad, mvtecad2
+    from anomalib.data.datasets.image import btech, mvtecad, mvtecad2
     from anomalib.data.datasets.image import folder as folder_ds
 
     if layout in ("mvtec_ad", "mpdd"):
         frame = mvtecad.make_mvtec_ad_dataset(path, extensions=exts)
     elif layout == "mvtec_ad2":
         frame = mvtecad2.make_mvtec2_dataset(path, extensions=exts)
-    elif layout == "mvtec_loco":
-        frame = mvtec_loco.make_dataset(path, extensions=exts)
     elif layout == "btech":
         frame = btech.make_btech_dataset(path)
     elif layout == "folder":
@@ -231,6 +235,16 @@ def rules_samples(root: str, layout: str, product: str, folder: str, files: Sequ
                 continue
             masks = (storage.join(root, mask[0]),) if defect != NORMAL and mask and mask[0] else ()
             out.append(Sample(storage.join(root, image), product, split, defect, masks))
+        return sorted(out, key=lambda s: s.uri)
+    if layout == "mvtec_loco":  # anomalib's make_dataset: masks ground_truth/<type>/<image stem>/*.png
+        for f in rel:
+            p = f.split("/")
+            if not _is_image(p[-1]) or len(p) != 3 or p[0] not in ("train", "test") or \
+                    (p[0] == "train" and p[1] != NORMAL):
+                continue
+            stem = posixpath.splitext(p[2])[0]
+            masks = tuple(uri(m) for m in rel if m.startswith(f"ground_truth/{p[1]}/{stem}/") and _is_image(m))
+            out.append(Sample(uri(f), product, p[0], p[1], masks if p[1] != NORMAL else ()))
         return sorted(out, key=lambda s: s.uri)
     train_class, test_folder, normal = {"btech": ("ok", "test", "ok"), "mvtec_ad2": ("good", "test_public", "good")
                                         }.get(layout, ("good", "test", "good"))
