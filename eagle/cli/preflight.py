@@ -261,7 +261,7 @@ def check_fit(cfg: JobConfig, data: str) -> None:
                           "the config")
     with _reaching(data):
         if not storage.exists(data, cfg.storage):
-            raise ConfigError(f"data root {data} does not exist: check --data (an MVTec-layout root with "
+            raise ConfigError(f"data root {data} does not exist: check --data (a dataset root, e.g. MVTec AD's "
                               f"PRODUCT/train/good/*.png)")
     with _reaching(cfg.model_store):
         check_writable(cfg.model_store, "model store", cfg.storage)
