@@ -19,16 +19,16 @@ SIZE, N_TRAIN, N_GOOD = 64, 3, 2
 # layout -> (product, image extension, the layout's defect names of the two defective test images)
 CASES = {
     "mvtec_ad": ("nut", ".png", ("hole", "scratch")),
-    "mpdd": ("nut", ".png", ("hole", "scratch")),
-    "mvtec_ad2": ("nut", ".png", ("bad", "bad")),
-    "mvtec_loco": ("nut", ".png", ("logical_anomalies", "structural_anomalies")),
+    "mpdd": ("bracket", ".png", ("hole", "scratch")),
+    "mvtec_ad2": ("can", ".png", ("bad", "bad")),
+    "mvtec_loco": ("juice", ".png", ("logical_anomalies", "structural_anomalies")),
     "visa": ("candle", ".JPG", ("bad", "bad")),
     "btech": ("01", ".bmp", ("ko", "ko")),
-    "folder": ("nut", ".png", ("bad", "bad")),
+    "folder": ("part", ".png", ("bad", "bad")),
 }
 # What an inspect run of the root leaves out: masks and training images.
 EXCLUDE = ["*/ground_truth/*", "*/Masks/*", "*/mask/*", "*/train/*", "*/validation/*", "*/normal/*",
-           "*/Normal/00[0-2].JPG"]
+           *(f"*/Normal/{i:03d}.JPG" for i in range(N_TRAIN))]  # VisA: its CSV's training rows
 
 
 def _image(array: np.ndarray, ext: str) -> bytes:
@@ -141,29 +141,35 @@ def test_object_store_refuses_layouts_read_locally_only(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_fit_inspect_evaluate_every_layout(ray_local, tmp_path):
-    """jobs/fit.py's fit and jobs/evaluate.py's scorecard on each layout, with one inspect run per layout in
-    between (expert only): every test image has a row and a truth, every defective one its mask."""
-    from eagle.evaluation.scorecard import evaluate
+    """Each layout fitted (its training split), one inspect run over every root (expert only), and
+    jobs/evaluate.py on each root (its test split, labels and masks; the layout detected, MPDD's forced)."""
+    import json
+
+    from eagle.cli import evaluate_cmd
     from eagle.expert.training import fit_product
     from eagle.pipeline.inspection import run_inspect
 
-    for layout in CASES:
-        root = tmp_path / layout
+    roots = {layout: tmp_path / "data" / layout for layout in CASES}
+    cfg = load_config(overrides={
+        "run_id": "layouts", "model_store": str(tmp_path / "models"),
+        "inputs": {"uris": [str(r) for r in roots.values()], "exclude": EXCLUDE},
+        "output": {"uri": str(tmp_path / "audit")}, "mllm": {"model": "none"},
+        "expert": {"backbone": "tf_efficientnet_lite0", "resize": SIZE, "crop": SIZE},
+        "threshold": {"min_unselected_patches": 4}, "resources": {"expert": {"batch_size": 8}},
+    }, env={})
+    for layout, root in roots.items():
         build(layout, root)
-        product = CASES[layout][0]
-        cfg = load_config(overrides={
-            "run_id": layout, "model_store": str(tmp_path / "models" / layout),
-            "inputs": {"uris": [str(root)], "exclude": EXCLUDE},
-            "output": {"uri": str(tmp_path / "audit" / layout)}, "mllm": {"model": "none"},
-            "expert": {"backbone": "tf_efficientnet_lite0", "resize": SIZE, "crop": SIZE},
-            "threshold": {"min_unselected_patches": 4}, "resources": {"expert": {"batch_size": 8}},
-        }, env={})
-        fitted = fit_product(str(root), product, cfg)
-        assert fitted.images == N_TRAIN, layout
-        summary = run_inspect(cfg)
-        assert summary.as_dict()["rows"]["ok"] == N_GOOD + 2, (layout, summary.lines())
-        result = evaluate(cfg.output.uri, str(root))
-        o = result.overall
+        fitted = fit_product(str(root), CASES[layout][0], cfg)
+        assert fitted.images == N_TRAIN, layout  # exactly the training split: no validation, no test images
+    summary = run_inspect(cfg)
+    assert summary.status == {"ok": len(CASES) * (N_GOOD + 2)}, summary.lines()
+    for layout, root in roots.items():
+        out = tmp_path / "eval" / layout
+        forced = ["--layout", layout] if layout == "mpdd" else []
+        assert evaluate_cmd.main(["--output", cfg.output.uri, "--data", str(root), "--out", str(out),
+                                  *forced]) == 0, layout
+        metrics = json.loads((out / "metrics.json").read_text())
+        o = metrics["overall"]
         assert o["n_test_images"] == o["n_test_images_with_rows"] == N_GOOD + 2, (layout, o)
-        assert list(result.products) == [product]
-        assert o["pixel_auroc"] is not None, (layout, o)  # masks read (LOCO: united)
+        assert CASES[layout][0] in metrics["products"], layout  # (the other roots' rows are listed unmatched)
+        assert o["pixel_auroc"] is not None and o["image_auroc"] is not None, (layout, o)  # labels and masks
