@@ -173,3 +173,14 @@ def test_fit_inspect_evaluate_every_layout(ray_local, tmp_path):
         assert o["n_test_images"] == o["n_test_images_with_rows"] == N_GOOD + 2, (layout, o)
         assert CASES[layout][0] in metrics["products"], layout  # (the other roots' rows are listed unmatched)
         assert o["pixel_auroc"] is not None and o["image_auroc"] is not None, (layout, o)  # labels and masks
+
+
+def test_a_root_of_test_images_only_is_mvtec_ad(tmp_path):
+    """An evaluation root (test images and masks, no training split) is read as MVTec AD."""
+    import shutil
+
+    build("mvtec_ad", tmp_path)
+    shutil.rmtree(tmp_path / "nut" / "train")
+    assert layouts.detect_layout(str(tmp_path)) == "mvtec_ad"
+    _, samples = layouts.load_samples(str(tmp_path))
+    assert len(samples) == N_GOOD + 2 and {s.split for s in samples} == {"test"}

@@ -95,6 +95,8 @@ def detect_layout(root: str, cfg: StorageConfig | None = None, files: Sequence[s
         return "mvtec_ad"
     if any(p[-2:-1] == ["normal"] for p in parts if _is_image(p[-1])):
         return "folder"
+    if any(p[-3:-2] == ["test"] for p in parts if _is_image(p[-1])):  # test images only (an evaluation root)
+        return "mvtec_ad"
     raise ConfigError(f"{root}: no known dataset layout (none of {', '.join(LAYOUTS)}; e.g. MVTec AD's "
                       f"PRODUCT/train/good/*.png); check the path, or force one with --layout NAME")
 
@@ -105,21 +107,22 @@ def check_layout(layout: str | None) -> str | None:
     return layout
 
 
-def _product_roots(root: str, files: Sequence[str], marker: str) -> dict[str, str]:
+def _product_roots(root: str, files: Sequence[str], markers: tuple[str, ...]) -> dict[str, str]:
     """Product name -> its folder relative to root ('' when the root is the product folder): the folders that
-    contain `marker` (a folder name such as 'train' or 'Data') one level below them."""
+    contain one of `markers` (folder names such as 'train' or 'Data') one level below them."""
     products: dict[str, str] = {}
     for f in files:
         p = f.split("/")
-        if p[0] == marker:
+        if len(p) > 1 and p[0] in markers:
             products[posixpath.basename(storage.strip_scheme(root).rstrip("/")) or "root"] = ""
-        elif len(p) > 1 and p[1] == marker:
+        elif len(p) > 2 and p[1] in markers:
             products[p[0]] = p[0]
     return products
 
 
-_MARKERS = {"mvtec_ad": "train", "mpdd": "train", "mvtec_ad2": "train", "mvtec_loco": "train", "btech": "train",
-            "visa": "Data", "folder": "normal"}
+_SPLITTED = ("train", "test")
+_MARKERS = {"mvtec_ad": _SPLITTED, "mpdd": _SPLITTED, "mvtec_ad2": ("train", "test_public"), "mvtec_loco": _SPLITTED,
+            "btech": _SPLITTED, "visa": ("Data",), "folder": ("normal", "abnormal")}
 
 
 def load_samples(root: str, layout: str | None = None, cfg: StorageConfig | None = None,
@@ -178,20 +181,20 @@ def anomalib_samples(root: str, layout: str, product: str, folder: str) -> list[
         p = Path(found)
         return storage.join(base, p.relative_to(resolved).as_posix()) if p.is_relative_to(resolved) else found
 
+    if not (frame.label_index == 0).any():
+        raise ConfigError(f"{path} is not a {layout} product folder (anomalib's parser finds no normal images); "
+                          f"check --data, or --layout")
     out = []
     for row in frame.itertuples(index=False):
         if row.split not in ("train", "test"):
             continue  # validation images: neither fitted on nor evaluated
         masks = row.mask_path if isinstance(row.mask_path, list) else [row.mask_path] if row.mask_path else []
         normal = int(row.label_index) == 0
-        defect = NORMAL if normal else ("bad" if layout == "folder" else str(row.label))
+        defect = NORMAL if normal else "bad" if layout == "folder" or str(row.label) == NORMAL else str(row.label)
         if row.split == "train" and not normal:
             continue
         out.append(Sample(under(row.image_path), product, row.split, defect,
                           tuple(under(m) for m in masks if isinstance(m, str) and m) if not normal else ()))
-    if not any(s.split == "train" for s in out):
-        raise ConfigError(f"{path} is not a {layout} product folder (anomalib's parser finds no training images); "
-                          f"check --data, or --layout")
     return sorted(out, key=lambda s: s.uri)
 
 
