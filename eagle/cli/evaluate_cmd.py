@@ -1,7 +1,11 @@
-"""Evaluate an inspect run against MVTec-AD-layout ground truth: metrics.json and a self-contained report.html.
+"""Evaluate an inspect run against a dataset's ground truth: metrics.json and a self-contained report.html.
 
     python jobs/evaluate.py --output s3://plant-a/audit --data s3://plant-a/mvtec-root --out ./eval \
         [--run-id ID] [--compare-run OTHER_ID ...] [--model-store s3://plant-a/models]
+
+--data is a dataset root in any layout anomalib reads (MVTec AD, MVTec AD 2 (test_public), MVTec LOCO, VisA,
+BTech, MPDD, folder: eagle/io/layouts.py), detected unless --layout names it: its test split, labels and masks
+are the truth.
 
 --compare-run (repeatable) adds a side-by-side table of the runs on the test images all of them scored, the
 evaluated run being the baseline: routing policies, or guidance on and off, over the same images. Without
@@ -16,9 +20,11 @@ import logging
 import sys
 
 from eagle.cli.exit_codes import JOB_FAILED, OK, USAGE, help_text
+from eagle.config import ConfigError
 from eagle.evaluation.markup import format_value
 from eagle.evaluation.report import write_outputs
 from eagle.evaluation.scorecard import EvaluationError, evaluate, load_train_scores, model_version
+from eagle.io.layouts import LAYOUTS
 from eagle.logs import quiet_job, setup_logging
 
 log = logging.getLogger("eagle.evaluate")
@@ -29,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__ + "\n" + help_text("evaluate"))
     p.add_argument("--output", required=True, metavar="URI", help="Inspect output prefix (Hive-partitioned Parquet).")
-    p.add_argument("--data", required=True, metavar="ROOT", help="MVTec-AD-layout root the run audited.")
+    p.add_argument("--data", required=True, metavar="ROOT", help="Dataset root the run audited (any --layout).")
+    p.add_argument("--layout", choices=LAYOUTS, help="The dataset layout (default: detected from ROOT).")
     p.add_argument("--run-id", help="Run to evaluate (default: the latest full run, by its manifest); a "
                                     "comparison's baseline.")
     p.add_argument("--compare-run", action="append", default=[], metavar="RUN_ID",
@@ -44,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_job()
     setup_logging()
     try:
-        result = evaluate(args.output, args.data, args.run_id, compare=args.compare_run)
+        result = evaluate(args.output, args.data, args.run_id, compare=args.compare_run, layout=args.layout)
         train = {p: load_train_scores(args.model_store, p, model_version(r))
                  for p, r in result.products.items()} if args.model_store else {}
         metrics_uri, report_uri = write_outputs(result, args.out, train)
-    except EvaluationError as exc:
+    except (EvaluationError, ConfigError) as exc:  # ConfigError: no known layout, or anomalib's parser refused
         log.error("%s", exc)
         return USAGE
     except OSError as exc:

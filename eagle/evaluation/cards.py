@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from eagle.config import InputConfig, StorageConfig
-from eagle.evaluation.ground_truth import Truth
+from eagle.evaluation.ground_truth import Truth, read_mask
 from eagle.evaluation.markup import esc, format_value, slug
 from eagle.evaluation.scorecard import ProductResult, score_map
 from eagle.expert.regions import decode_gray_png
@@ -158,8 +158,8 @@ def pictures(row: dict[str, Any], truth: Truth, map_scale: float, cfg: StorageCo
     changed since."""
     image = decode_image(storage.read_bytes(row["image_uri"], cfg), InputConfig().max_image_pixels)
     h, w = image.shape[:2]
-    truth_mask = (_resize_mask(decode_gray_png(storage.read_bytes(truth.mask_uri, cfg)) > 0, (w, h)) > 0
-                  if truth.mask_uri else None)
+    union = read_mask(truth, cfg)
+    truth_mask = _resize_mask(union, (w, h)) > 0 if union is not None else None
     scale, box_scale = THUMB / max(h, w), w / (row["width"] or w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     panel = cv2.resize(image, size, interpolation=cv2.INTER_AREA)

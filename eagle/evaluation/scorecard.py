@@ -23,10 +23,9 @@ from eagle.config import StorageConfig
 from eagle.evaluation import metrics
 from eagle.evaluation.comparison import Scored, compare_runs
 from eagle.evaluation.decisions import decision_metrics, mean
-from eagle.evaluation.ground_truth import Truth, load_ground_truth, relative_path
+from eagle.evaluation.ground_truth import Truth, load_ground_truth, read_mask, relative_path
 from eagle.expert.artifact import ArtifactError, read_meta
 from eagle.expert.regions import decode_gray_png
-from eagle.io import storage
 from eagle.io.runs import read_rows, read_runs
 
 ROW_COLUMNS = ["run_id", "audited_at", "image_uri", "product", "width", "height", "status", "error", "error_stage",
@@ -109,14 +108,14 @@ def pixel_counts(rows: list[dict[str, Any]], truths: list[Truth], cfg: StorageCo
     usable = [(r, t) for r, t in zip(rows, truths)
               if r["anomaly_map_png"] is not None and r["map_max"] is not None and (t.mask_uri or not t.anomalous)]
     with ThreadPoolExecutor(max_workers=8) as pool:  # masks on S3: overlap the GETs
-        masks = pool.map(lambda t: t.mask_uri and storage.read_bytes(t.mask_uri, cfg), [t for _, t in usable])
+        masks = pool.map(lambda t: read_mask(t, cfg), [t for _, t in usable])
         counts = metrics.PixelCounts()
         for (row, _), data in zip(usable, masks):
             scores = score_map(row)
             mask = np.zeros(scores.shape, bool)
-            if data:
+            if data is not None:
                 h, w = scores.shape
-                mask = cv2.resize(decode_gray_png(data), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+                mask = cv2.resize(data.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
             counts.add(scores, mask)
     return counts
 
@@ -145,9 +144,10 @@ def match_rows(table: pa.Table, truth: dict[str, Truth], data_root: str) -> Matc
 
 
 def evaluate(output_uri: str, data_root: str, run_id: str | None = None, cfg: StorageConfig | None = None,
-             compare: Sequence[str] = ()) -> Evaluation:
+             compare: Sequence[str] = (), layout: str | None = None) -> Evaluation:
     """Metrics of one run of an inspect output against the data root's ground truth; with `compare`, also
-    :func:`compare_runs` of that run (the baseline) and the named ones."""
+    :func:`compare_runs` of that run (the baseline) and the named ones. `layout`: the data root's
+    (`eagle.io.layouts`; None: detected)."""
     table = read_rows(output_uri, ROW_COLUMNS, cfg)
     if not table.num_rows:
         raise EvaluationError(f"no output rows under {output_uri}")
@@ -156,7 +156,7 @@ def evaluate(output_uri: str, data_root: str, run_id: str | None = None, cfg: St
         run_id = latest_full_run(output_uri, table, cfg)
         chosen_as = "the latest full run" if run_id else "the run with the newest rows (no manifest says full)"
     run_id, run_rows = select_run(table, run_id)
-    truth = load_ground_truth(data_root, cfg)
+    truth = load_ground_truth(data_root, cfg, layout)
     if not truth:
         raise EvaluationError(f"no test images under {data_root} (expected {{product}}/test/{{defect}}/*)")
     matched = match_rows(run_rows, truth, data_root)

@@ -17,8 +17,8 @@ from torch.nn import functional as F  # noqa: N812
 
 from eagle.config import ExpertConfig, StorageConfig
 from eagle.expert.anomaly_map import AnomalyMapGenerator
-from eagle.expert.backbone import build_extractor
-from eagle.expert.preprocess import PreProcessor
+from eagle.expert.backbone import build_extractor, normalisation
+from eagle.expert.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalisation, PreProcessor
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
 
@@ -33,7 +33,8 @@ class PatchCore(nn.Module):
 
     def __init__(self, extractor: nn.Module, layers: Sequence[str], resize: int = 256, crop: int = 224,
                  patch_size: int = 3, projection_dim: int | None = None, scoring: str = "anomalib",
-                 num_neighbors: int = 9, k: int = 5, memory_bank: torch.Tensor | None = None) -> None:
+                 num_neighbors: int = 9, k: int = 5, memory_bank: torch.Tensor | None = None,
+                 normalisation: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)) -> None:
         super().__init__()
         if crop > resize:
             raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
@@ -45,7 +46,7 @@ class PatchCore(nn.Module):
         self.scoring, self.num_neighbors, self.k = scoring, num_neighbors, k
         self.memory_bank: torch.Tensor
         self.register_buffer("memory_bank", torch.empty(0) if memory_bank is None else memory_bank.float())
-        self.preprocessor = PreProcessor(resize, crop)
+        self.preprocessor = PreProcessor(resize, crop, normalisation)
         self.map_generator = AnomalyMapGenerator(resize, crop)
         self._bank: tuple[tuple[int, tuple[int, ...], torch.device], MemoryBank] | None = None
 
@@ -56,7 +57,8 @@ class PatchCore(nn.Module):
         extractor = build_extractor(cfg.backbone, cfg.layers, cfg.weights, cfg.seed, storage)
         return cls(extractor, cfg.layers, resize=cfg.resize, crop=cfg.crop, patch_size=cfg.patch_size,
                    projection_dim=cfg.projection_dim, scoring=cfg.scoring, num_neighbors=cfg.num_neighbors,
-                   k=cfg.k, memory_bank=None if tensors is None else tensors["memory_bank"]).eval()
+                   k=cfg.k, memory_bank=None if tensors is None else tensors["memory_bank"],
+                   normalisation=normalisation(cfg.backbone)).eval()
 
     @property
     def backbone(self) -> nn.Module:

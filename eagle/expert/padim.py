@@ -16,8 +16,8 @@ from torch import nn
 
 from eagle.config import ExpertConfig, JobConfig, StorageConfig
 from eagle.expert.anomaly_map import AnomalyMapGenerator, uncropped
-from eagle.expert.backbone import build_extractor
-from eagle.expert.preprocess import PreProcessor
+from eagle.expert.backbone import build_extractor, normalisation
+from eagle.expert.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalisation, PreProcessor
 
 # anomalib's PaDiM defaults for the paper's backbones; other backbones keep every channel
 _N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
@@ -28,10 +28,11 @@ class Padim(nn.Module):
 
     name = "padim"
 
-    def __init__(self, model: nn.Module, resize: int, crop: int) -> None:
+    def __init__(self, model: nn.Module, resize: int, crop: int,
+                 normalisation: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)) -> None:
         super().__init__()
         self.model = model  # anomalib.models.image.padim.torch_model.PadimModel
-        self.preprocessor = PreProcessor(resize, crop)
+        self.preprocessor = PreProcessor(resize, crop, normalisation)
         self.map_generator = AnomalyMapGenerator(resize, crop)  # its blur: anomalib's sigma-4 kernel, separable
 
     @classmethod
@@ -51,7 +52,7 @@ class Padim(nn.Module):
             model.idx = tensors["idx"]
             model.gaussian.mean = tensors["mean"]
             model.gaussian.inv_covariance = tensors["inv_covariance"]
-        return cls(model, cfg.resize, cfg.crop).eval()
+        return cls(model, cfg.resize, cfg.crop, normalisation(cfg.backbone)).eval()
 
     @classmethod
     def fit_on(cls, images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu",

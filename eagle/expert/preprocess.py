@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF  # noqa: N812
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from eagle.config.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per RGB channel, on [0, 1] pixels
 
 
 def crop_offset(resize: int, crop: int) -> int:
@@ -23,12 +24,13 @@ def crop_offset(resize: int, crop: int) -> int:
 
 
 class PreProcessor:
-    """Resize to resize x resize (aspect ratio not kept, as anomalib's pre-processor), center-crop, normalise."""
+    """Resize to resize x resize (aspect ratio not kept, as anomalib's pre-processor), center-crop, normalise
+    with the backbone's (mean, std) (`eagle.expert.backbone.normalisation`; ImageNet's by default)."""
 
-    def __init__(self, resize: int, crop: int) -> None:
+    def __init__(self, resize: int, crop: int, normalisation: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)) -> None:
         self.resize, self.crop = resize, crop
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.mean = torch.tensor(normalisation[0]).view(3, 1, 1)
+        self.std = torch.tensor(normalisation[1]).view(3, 1, 1)
 
     def _resized(self, image: np.ndarray, device: torch.device | str) -> torch.Tensor:
         """(3, crop, crop) float in [0, 1]."""

@@ -19,8 +19,8 @@ from torch import nn
 
 from eagle.config import ExpertConfig, JobConfig, StorageConfig
 from eagle.expert.anomaly_map import uncropped
-from eagle.expert.backbone import build_extractor
-from eagle.expert.preprocess import PreProcessor
+from eagle.expert.backbone import build_extractor, normalisation
+from eagle.expert.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalisation, PreProcessor
 
 _STUDENT = "student."
 
@@ -53,10 +53,11 @@ class Stfpm(nn.Module):
 
     name = "stfpm"
 
-    def __init__(self, model: nn.Module, resize: int, crop: int) -> None:
+    def __init__(self, model: nn.Module, resize: int, crop: int,
+                 normalisation: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)) -> None:
         super().__init__()
         self.model = model  # anomalib.models.image.stfpm.torch_model.STFPMModel
-        self.preprocessor = PreProcessor(resize, crop)
+        self.preprocessor = PreProcessor(resize, crop, normalisation)
 
     @classmethod
     def from_config(cls, cfg: ExpertConfig, storage: StorageConfig | None = None,
@@ -69,7 +70,7 @@ class Stfpm(nn.Module):
         if tensors is not None:
             student = {k[len(_STUDENT):]: v for k, v in tensors.items() if k.startswith(_STUDENT)}
             model.student_model.load_state_dict(student, strict=True)
-        return cls(model, cfg.resize, cfg.crop).eval()
+        return cls(model, cfg.resize, cfg.crop, normalisation(cfg.backbone)).eval()
 
     @classmethod
     def fit_on(cls, images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu",

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eagle.config import IMAGE_EXTENSIONS, JobConfig, StorageConfig, config_hash
+from eagle.config import JobConfig, StorageConfig, config_hash
 from eagle.config.hashing import fit_view, without_unset_later_fields
 from eagle.expert.artifact import save_artifact
 from eagle.expert.backbone import fingerprint
@@ -27,10 +27,10 @@ from eagle.expert.threshold import (
     leave_own_out_scores,
     out_of_fold_scores,
 )
+from eagle.io import layouts
 from eagle.io.images import decode_image
-from eagle.io.storage import join, list_files, read_bytes, strip_scheme
+from eagle.io.storage import join, read_bytes, strip_scheme
 
-TRAIN_FOLDER = ("train", "good")  # MVTec-AD layout: {root}/{product}/train/good/*.png
 _LIBRARIES = ("eagle-audit", "torch", "timm", "anomalib", "numpy", "scipy", "safetensors")
 
 
@@ -64,25 +64,23 @@ class FitSummary:
         return asdict(self)
 
 
-def list_products(root: str, storage: StorageConfig | None = None) -> list[str]:
-    """Products under an MVTec-layout root: the first path segment of every ``*/train/good/<image>``."""
-    base = strip_scheme(root).rstrip("/") + "/"
-    products = set()
-    for info in list_files(root, IMAGE_EXTENSIONS, storage):
-        parts = strip_scheme(info.uri)[len(base):].split("/")
-        if len(parts) == 4 and tuple(parts[1:3]) == TRAIN_FOLDER:
-            products.add(parts[0])
-    return sorted(products)
+def list_products(root: str, storage: StorageConfig | None = None, layout: str | None = None) -> list[str]:
+    """Products with training images under a data root in any layout `eagle.io.layouts` reads (detected
+    unless given)."""
+    return layouts.list_products(root, layout, storage)
 
 
-def load_training_images(root: str, product: str, cfg: JobConfig) -> tuple[list[str], list[np.ndarray]]:
-    """Names (relative to the product folder) and decoded RGB arrays of a product's training images."""
-    folder = join(root, product, *TRAIN_FOLDER)
-    files = list_files(folder, cfg.inputs.extensions, cfg.storage)
-    if not files:
-        raise FileNotFoundError(f"no training images under {folder}")
-    names = ["/".join(TRAIN_FOLDER) + "/" + f.uri.rstrip("/").rsplit("/", 1)[-1] for f in files]
-    images = [decode_image(read_bytes(f.uri, cfg.storage), cfg.inputs.max_image_pixels) for f in files]
+def load_training_images(root: str, product: str, cfg: JobConfig, layout: str | None = None
+                         ) -> tuple[list[str], list[np.ndarray]]:
+    """Names (relative to the product folder, e.g. ``train/good/000.png``) and decoded RGB arrays of a product's
+    training images: exactly the layout's train split of normal images."""
+    uris = layouts.train_uris(root, product, layout, cfg.storage)
+    if not uris:
+        raise FileNotFoundError(f"no training images of {product} under {root}")
+    folder = strip_scheme(join(root, product)).rstrip("/") + "/"
+    names = [strip_scheme(u)[len(folder):] if strip_scheme(u).startswith(folder) else u.rsplit("/", 1)[-1]
+             for u in uris]
+    images = [decode_image(read_bytes(u, cfg.storage), cfg.inputs.max_image_pixels) for u in uris]
     return names, images
 
 
@@ -192,15 +190,16 @@ def fit_cross_fitted(model_class: Any, images: Sequence[np.ndarray], cfg: JobCon
 
 
 def fit_product(root: str, product: str, cfg: JobConfig, device: str | None = None, model: str | None = None,
-                default: bool = True) -> FitSummary:
-    """Fit a product's expert `model` (default: ``expert.model``, 'auto' = patchcore) from
-    ``{root}/{product}/train/good`` and save it to ``cfg.model_store``: its ``LATEST.<model>`` pointer moves,
-    and ``LATEST`` (the product's default expert) too when `default`."""
+                default: bool = True, layout: str | None = None) -> FitSummary:
+    """Fit a product's expert `model` (default: ``expert.model``, 'auto' = patchcore) from the layout's training
+    images (MVTec AD: ``{root}/{product}/train/good``; `layout` None: detected) and save it to
+    ``cfg.model_store``: its ``LATEST.<model>`` pointer moves, and ``LATEST`` (the product's default expert) too
+    when `default`."""
     if not cfg.model_store:
         raise ValueError("model_store is not set")
     model = model or cfg.expert.fit_model()
     start = time.perf_counter()
-    names, images = load_training_images(root, product, cfg)
+    names, images = load_training_images(root, product, cfg, layout)
     result = expert_kind(model).fit_function()(images, cfg, device or cfg.resources.expert.resolved_device(),
                                                cfg.resources.expert.batch_size, names=names)
     result.meta["training"]["names"] = names

@@ -7,9 +7,11 @@ from three sources, none of which goes through driver memory row by row:
   as an ETag; without one, incremental runs match images by URI) and 'image_size_bytes'): read by DuckDB;
 * an S3 Inventory report (its ``manifest.json``; CSV or Parquet data files): read by DuckDB, no LIST at all.
 
-The product of an image is the first path segment below its input prefix, so an MVTec-layout root works as
-is; for manifests and inventories without a product column it is the image's folder (or the nearest
-ancestor that is not an MVTec split/class folder).
+The product of an image is the first path segment below its input prefix, so a dataset root in any layout of
+`eagle.io.layouts` (MVTec AD / AD 2 / LOCO, VisA, BTech, MPDD, folder) works as is; for manifests and
+inventories without a product column it is the nearest folder above the image that is neither one of those
+layouts' split/class folders (``train``, ``test_public``, ``Data/Images/Anomaly``, ...) nor a defect folder
+below a split.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import pyarrow.compute as pc
 
 from eagle.config import ConfigError, InputConfig
 from eagle.io import storage
+from eagle.io.layouts import LAYOUT_FOLDERS, SPLIT_FOLDERS
 from eagle.io.querying import connect, sql_list, sql_str
 from eagle.io.storage import StorageConfig
 
 LISTING_SCHEMA = pa.schema([("image_uri", pa.string()), ("product", pa.string()),
                             ("image_version", pa.string()), ("image_size_bytes", pa.int64())])
 
-# MVTec-AD / VisA folders that sit between a product and its images; never products themselves.
-_SPLITS = ("train", "test", "validation")
-_NOT_PRODUCTS = (*_SPLITS, "good", "ground_truth", "images", "Data")
+# Folders of the dataset layouts that sit between a product and its images; never products themselves.
+_SPLITS = SPLIT_FOLDERS
+_NOT_PRODUCTS = LAYOUT_FOLDERS
 
 
 def is_inventory(uri: str) -> bool:
@@ -93,14 +96,13 @@ def _uri_filter_sql(column: str, cfg: InputConfig) -> str:
 
 
 def _folder_product_sql(uri: str) -> str:
-    """SQL: an image's folder, or the nearest ancestor that is not a split/class folder (manifests)."""
-    parts = f"string_split({uri}, '/')"
+    """SQL: the nearest folder above an image that is neither a layout folder nor a class folder directly below
+    a split folder (manifests, inventories)."""
+    dirs = f"string_split({uri}, '/')[1:-2]"  # every folder of the URI, without the file name
     not_product, split = sql_list(_NOT_PRODUCTS), sql_list(_SPLITS)
-    n = f"len({parts})"
-    return (f"CASE WHEN NOT list_contains({not_product}, {parts}[{n}-1]) AND NOT list_contains({split}, "
-            f"{parts}[{n}-2]) THEN {parts}[{n}-1] "
-            f"WHEN NOT list_contains({split}, {parts}[{n}-2]) THEN {parts}[{n}-2] "
-            f"WHEN NOT list_contains({split}, {parts}[{n}-3]) THEN {parts}[{n}-3] ELSE {parts}[{n}-4] END")
+    named = (f"list_transform(range(1, len({dirs}) + 1), lambda i: CASE WHEN NOT list_contains({not_product}, "
+             f"{dirs}[i]) AND (i = 1 OR NOT list_contains({split}, {dirs}[i - 1])) THEN {dirs}[i] END)")
+    return f"coalesce(list_filter({named}, lambda x: x IS NOT NULL)[-1], 'unknown')"
 
 
 def manifest_sql(uri: str, columns: list[str], cfg: InputConfig) -> str:

@@ -14,18 +14,19 @@ from eagle.pipeline.retry_tally import read_tally, start_tally
 log = logging.getLogger(__name__)
 
 
-def _fit_task(root: str, product: str, cfg: JobConfig, model: str, default: bool) -> FitSummary:
+def _fit_task(root: str, product: str, cfg: JobConfig, model: str, default: bool, layout: str | None) -> FitSummary:
     import torch
 
     configure_threads(torch)  # Ray pins OMP_NUM_THREADS=1 in workers; use the CPUs this task was given
-    return fit_product(root, product, cfg, model=model, default=default)
+    return fit_product(root, product, cfg, model=model, default=default, layout=layout)
 
 
-def fit_experts(root: str, products: Sequence[str], cfg: JobConfig, models: Sequence[str]
-                ) -> dict[tuple[str, str], FitSummary | Exception]:
+def fit_experts(root: str, products: Sequence[str], cfg: JobConfig, models: Sequence[str],
+                layout: str | None = None) -> dict[tuple[str, str], FitSummary | Exception]:
     """Fit each product's expert of each model as parallel Ray tasks (one per product and model); returns the
     summary or the exception of each (product, model). The first model becomes each product's default expert
-    (its ``LATEST``). Logs the failed (retried) object-store requests of the fit per kind.
+    (its ``LATEST``); `layout`: the data root's (`eagle.io.layouts`; None: detected per task). Logs the failed
+    (retried) object-store requests of the fit per kind.
 
     Ray must be initialised (see ``eagle.pipeline.ray_setup.init_ray``).
     """
@@ -34,7 +35,7 @@ def fit_experts(root: str, products: Sequence[str], cfg: JobConfig, models: Sequ
     tally = start_tally()
     before = read_tally(tally)
     task = ray.remote(_fit_task).options(**ray_options(cfg.resources.expert, actor=False), max_retries=1)
-    refs = {(product, model): task.remote(root, product, cfg, model, model == models[0])
+    refs = {(product, model): task.remote(root, product, cfg, model, model == models[0], layout)
             for product in products for model in models}
     results: dict[tuple[str, str], FitSummary | Exception] = {}
     for key, ref in refs.items():

@@ -1,8 +1,9 @@
 """The embedded offline demo behind ``python jobs/inspect.py`` with no arguments.
 
-Synthetic MVTec-style data → expert fitted with random backbone weights → tiny random MLLM → the real inspect
-pipeline on a local Ray → Parquet, then one DuckDB query over it. Nothing is downloaded. The MLLM's words
-are noise by construction: the demo shows the machinery, not the judgement.
+Synthetic MVTec-style data → expert fitted with real ImageNet features (tf_efficientnet_lite0, whose weights
+ship in a locked package) → tiny random MLLM → the real inspect pipeline on a local Ray → Parquet, then DuckDB
+queries over it: the verdicts, and the expert's verdicts against the known truth. Nothing is downloaded. The
+expert detects; the MLLM's words are noise by construction (the demo shows its machinery, not its judgement).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from eagle.io import storage
 log = logging.getLogger("eagle.testing.demo")
 
 DEMO_PRODUCTS = ("grid", "marble", "nut")
-BANNER = ("DEMO MODE: synthetic images, expert with RANDOM backbone weights, TINY RANDOM MLLM "
+DEMO_SIZE = 224
+BANNER = ("DEMO MODE: synthetic images, expert on ImageNet features (tf_efficientnet_lite0), TINY RANDOM MLLM "
           "(its answers are noise). Use jobs/fit.py and jobs/inspect.py with real data and models for audits.")
 
 
@@ -31,9 +33,10 @@ def demo_config(root: str, family: str = DEFAULT_FAMILY) -> JobConfig:
         "inputs": {"uris": [os.path.join(root, "data")], "exclude": ["*/ground_truth/*", "*/train/*"]},
         "model_store": os.path.join(root, "models"),
         "output": {"uri": os.path.join(root, "audit")},
-        # with random weights, shallow layers and no center crop find the small synthetic defects best
-        # (docs/EXPERT.md, calibration)
-        "expert": {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": "random", "crop": 256},
+        # real ImageNet features with no download (its default layers blocks.2+blocks.4); no center crop, so
+        # defects near the border stay in view
+        "expert": {"backbone": "tf_efficientnet_lite0", "weights": "imagenet", "resize": DEMO_SIZE,
+                   "crop": DEMO_SIZE},
         "mllm": {"model": os.path.join(root, f"tiny-mllm-{family}"), "dtype": "float32", "max_new_tokens": 12,
                  "min_pixels": 56 * 56, "max_pixels": 112 * 112},
         "routing": {"policy": "not-confident-normal"},
@@ -54,8 +57,8 @@ def run_demo(root: str = "demo", family: str = DEFAULT_FAMILY) -> int:
     cfg = demo_config(root, family)
     data = os.path.join(root, "data")
     if not storage.exists(os.path.join(data, "labels.csv")):
-        summary = generate(data, products=DEMO_PRODUCTS, n_train=16, n_test_good=4, n_test_defect=2, size=192,
-                           seed=0)
+        summary = generate(data, products=DEMO_PRODUCTS, n_train=16, n_test_good=4, n_test_defect=2,
+                           size=DEMO_SIZE, seed=0)
         log.info("wrote synthetic dataset to %s (%s)", data, summary.counts)
     if not os.path.exists(os.path.join(cfg.mllm.model, "config.json")):
         build_tiny_mllm(family, cfg.mllm.model)
@@ -75,4 +78,21 @@ def run_demo(root: str = "demo", family: str = DEFAULT_FAMILY) -> int:
     print(f"\n{BANNER}\nOutput: {cfg.output.uri}\nLook at it with DuckDB:\n"
           f"  python -c \"import duckdb; duckdb.sql(\\\"{query}\\\").show()\"\n")
     duckdb.sql(query).show()
+    print(DETECTIONS)
+    duckdb.sql(detection_query(cfg)).show()
     return 0
+
+
+DETECTIONS = ("The expert against the truth (synthetic, so known: test/good is normal, every other test folder "
+              "defective; caught = expert verdict anomalous;\ndefects run from faint to clear, and faint ones on "
+              "textures are the hard case):")
+
+
+def detection_query(cfg: JobConfig) -> str:
+    """SQL: per product, how many defective test images the expert flagged and how many normal ones it did."""
+    return (f"SELECT product, count(*) FILTER (WHERE NOT normal AND expert_verdict = 'anomalous') AS "
+            f"defective_caught, count(*) FILTER (WHERE NOT normal) AS defective, count(*) FILTER (WHERE normal AND "
+            f"expert_verdict = 'anomalous') AS normal_flagged, count(*) FILTER (WHERE normal) AS normal FROM "
+            f"(SELECT product, expert_verdict, image_uri LIKE '%/test/good/%' AS normal FROM read_parquet("
+            f"'{cfg.output.uri}/**/*.parquet', hive_partitioning = true) WHERE run_id = '{cfg.run_id}') "
+            f"GROUP BY product ORDER BY product")
