@@ -180,3 +180,16 @@ def test_memory_bank_modes():
     assert bank.shortlist.counts["certified"] > 0
     with pytest.raises(ValueError, match="unknown search mode"):
         MemoryBank(vectors, mode="float8")
+
+
+@pytest.mark.parametrize("scoring", ["anomalib", "mean_k"])
+def test_patch_scores_same_with_shortlist(scoring: str):
+    """PatchCore's scores on the shortlist search (the CUDA default) equal those on the exact CPU search."""
+    from eagle.expert.scoring import patch_scores
+
+    vectors = low_rank(2000).abs()
+    embedding = low_rank(4 * 64, seed=7).abs().reshape(4, 64, -1)
+    exact = patch_scores(embedding, MemoryBank(vectors), scoring, 9, 5)
+    short = patch_scores(embedding, MemoryBank(vectors, mode="float16"), scoring, 9, 5)
+    for a, b in zip(exact, short, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -163,6 +163,12 @@ class ExpertConfig(Section):
         "float32", description="Backbone compute dtype; 'auto': float16 on a CUDA device (about 2x the images/s "
         "of float32 there, scores within ~1e-3 relative, BENCHMARKS.md), float32 elsewhere. Distances and "
         "statistics stay float32.")
+    search: Literal["auto", "exact", "float16", "bfloat16", "tf32"] = Field(
+        "auto", description="PatchCore's nearest-neighbour search; every choice finds the exact neighbours. "
+        "'auto': on CUDA a float16 shortlist re-ranked exactly, with a certificate (uncertified queries are "
+        "searched again in float64; eagle/expert/search.py), on a CPU the pruned exact search; 'exact': the "
+        "pruned search on a CPU, float32 brute force on CUDA; 'float16', 'bfloat16', 'tf32': that shortlist "
+        "on any device. Does not change results (not in the config hash).")
     seed: int = Field(0, description="Seed for coreset sampling and projections.")
     cache_size: int = Field(4, ge=1, description="Products whose artifacts one expert actor keeps loaded.")
     padim: PadimConfig = Field(default_factory=PadimConfig)

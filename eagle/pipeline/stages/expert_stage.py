@@ -56,7 +56,8 @@ class ExpertStage(Stage):
         arts = [load_artifact(self.cfg.model_store, product, version, storage=self.cfg.storage)
                 for version in member_versions(pinned)]
         dtype = self.cfg.expert.resolved_dtype(self.device)
-        entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=dtype))
+        entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=dtype,
+                                                                       search=self.cfg.expert.search))
                                        for art in arts], self.cfg.expert.combine)
         self._cache[product] = entry
         while len(self._cache) > self.cfg.expert.cache_size:
