@@ -21,15 +21,15 @@ roundoff, eta the subnormal step); the product of the rounded vectors then diffe
 
     (2u + u^2) |q||b| + 2(1 + u) sqrt(D) eta + D eta^2             (Cauchy-Schwarz on sum |q_i b_i|)
 
-and the float32 accumulation and output rounding add gamma_D |q^||b^| + u_out |q^||b^| + eta_out + D 2^-126,
-gamma_D = D u32 / (1 - D u32) (the last term: subnormal products flushed to zero, as CPU kernels do). ``|q|^2 + |b|^2 - 2 q^.b^`` less twice that, less the float32 rounding of the sum
-(8 u32 (|q^| + |b^|)^2), is a lower bound of ||q - b||^2; every error term is doubled as a margin. It assumes
-the product accumulates in float32 (cuBLAS with reduced-precision reductions off, which the search sets while
-it runs; torch's CPU kernels for float16/bfloat16). An uncertified query (a near-tie across the shortlist's
-edge, a duplicated row, a bank of very unequal norms) is searched again by a float64 shortlist with the same
-certificate at float64 precision, and what that leaves (exact ties) by float64 brute force. The answer is
-therefore the float64 nearest neighbour everywhere (ties to the lower bank index), with its distance rounded
-once to float32.
+and the float32 accumulation and output rounding add (gamma_D + u_out) |q^||b^| + eta_out + D 2^-126, with
+gamma_D = D u32 / (1 - D u32) (the last term: subnormal products flushed to zero, as CPU kernels do).
+``|q|^2 + |b|^2 - 2 q^.b^`` less twice that, less the float32 rounding of the sum (8 u32 (|q^| + |b^|)^2),
+is a lower bound of ||q - b||^2; every error term is doubled as a margin. It assumes the product accumulates
+in float32 (cuBLAS with reduced-precision reductions off, which the search sets while it runs; torch's CPU
+kernels for float16/bfloat16). An uncertified query (a near-tie across the shortlist's edge, a duplicated
+row, a bank of very unequal norms) is searched again by a float64 shortlist with the same certificate at
+float64 precision, and what that leaves (exact ties) by float64 brute force. The answer is therefore the
+float64 nearest neighbour everywhere (ties to the lower bank index), with its distance rounded once to float32.
 """
 
 from __future__ import annotations
