@@ -101,10 +101,12 @@ def adversarial(kind: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         bank = torch.cat([base * 1e15, base[:50] * 1e-3])
         query = torch.cat([base[:100] * 1e15 * (1 + 1e-4 * torch.randn(100, 128, generator=g)),
                            base[:20] * 1e-3])
-    elif kind == "below_fp16":  # rows differ below float16's resolution (2^-11 relative)
-        centre = base[:1]
-        bank = centre + 1e-5 * centre.abs().mean() * torch.randn(600, 128, generator=g)
-        query = centre + 1e-5 * centre.abs().mean() * torch.randn(100, 128, generator=g)
+    elif kind == "below_fp16":  # two far clusters; rows within one differ below float16's resolution of the
+        # spread (2^-11 relative), so centring on the mean does not resolve them
+        centres = torch.cat([base[:1], -base[:1]])
+        spread = 1e-5 * float(centres.norm()) / 128**0.5
+        bank = centres.repeat(300, 1) + spread * torch.randn(600, 128, generator=g)
+        query = centres.repeat(50, 1) + spread * torch.randn(100, 128, generator=g)
     else:
         raise ValueError(kind)
     return bank.contiguous(), query.contiguous()
@@ -132,8 +134,7 @@ def test_shortlist_bound_is_a_lower_bound(kind: str, precision: str):
     """The certificate's premise, pair by pair: key + query_term <= the float64 squared distance."""
     bank, query = (low_rank(1000), low_rank(200, seed=4)) if kind == "ordinary" else adversarial(kind)
     index = search.Shortlist(bank, precision)
-    norms = torch.linalg.vector_norm(query.double(), dim=1)
-    key, query_term = index.bounds(query, norms)  # all queries at once, scaled together, as the search does
+    key, query_term = index.bounds(*index.centred(query))  # all queries at once, scaled together, as the search does
     lower = key.double() + query_term.unsqueeze(1)
     exact = (query.double().unsqueeze(1) - bank.double().unsqueeze(0)).square().sum(2)
     assert bool((lower <= exact).all())

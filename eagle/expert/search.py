@@ -15,9 +15,10 @@ On a GPU the bank is searched by a *certified low-precision shortlist* (`Shortli
 float16 (or bfloat16, TF32) matrix product ranks every bank row by a lower bound of its squared distance, the
 best ``k + candidates`` rows are re-ranked exactly (float64 differences of the float32 vectors), and a query
 is certified when its k-th exact distance is below the bound of the first row left out: then no row outside
-the shortlist can be nearer, whatever the rounding. Why the bound holds: the inputs, scaled by a power of two
-to norms <= 1, are rounded to the low precision with |x - x^| <= u|x| + eta per element (u the unit
-roundoff, eta the subnormal step); the product of the rounded vectors then differs from q.b by at most
+the shortlist can be nearer, whatever the rounding. Why the bound holds: the inputs, centred on the bank's
+mean (in float64: distances do not change) and scaled by a power of two to norms <= 1, are rounded to the low
+precision with |x - x^| <= u|x| + eta per element (u the unit roundoff, eta the subnormal step); the product
+of the rounded vectors then differs from q.b by at most
 
     (2u + u^2) |q||b| + 2(1 + u) sqrt(D) eta + D eta^2             (Cauchy-Schwarz on sum |q_i b_i|)
 
@@ -225,24 +226,30 @@ class Shortlist:
             raise ValueError(f"unknown shortlist precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         self.vectors, self.precision, self.candidates = vectors, precision, candidates
         self.dtype, self.unit, self.tiny, self.acc = PRECISIONS[precision]
+        if precision != "float64":  # the centred float64 values pass through float32 on their way: one rounding more
+            self.unit, self.tiny = self.unit + 2 * _U32, self.tiny + 2.0**-149
         if vectors.is_cuda:
             self.chunk_elements, self.exact_elements = 1 << 27, 1 << 25
         self.work = torch.float64 if precision == "float64" else torch.float32  # the dtype bounds are summed in
         self.native_out = self.dtype in (torch.float32, torch.float64) or _float32_output(vectors, self.dtype)
-        norms = torch.linalg.vector_norm(vectors.double(), dim=1)
+        # Distances do not change when both sides move by the same vector: centred on the bank's mean (a float32
+        # vector, subtracted in float64, exactly), the norms the bound grows with are the spread's, not the mean's.
+        self.mean = vectors.mean(0).double() if vectors.numel() else vectors.new_zeros(vectors.shape[1]).double()
+        centred = vectors.double() - self.mean
+        norms = torch.linalg.vector_norm(centred, dim=1)
         self.norm_max = float(norms.max()) if norms.numel() else 0.0
         self.scale = _pow2_scale(self.norm_max)
-        self.low = self._rounded(vectors, self.scale)  # (M, D) the rows at the product's precision, scaled
+        self.low = self._rounded(centred, self.scale)  # (M, D) the centred rows at the product's precision, scaled
         self.sq = norms.square().to(self.work)
         self.norm_hat = self._hat(norms, self.scale)
         self.counts: Counter[str] = Counter()
         self._next: Shortlist | None = None  # the float64 shortlist for uncertified queries, built when needed
 
     def _rounded(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """x * scale rounded to the product's precision (power-of-two scaling is exact)."""
+        """x (float64) * scale rounded to the product's precision (power-of-two scaling is exact)."""
         if self.dtype == torch.float64:
-            return x.double() * scale
-        x = x * scale
+            return x * scale
+        x = (x * scale).float()
         if self.precision == "tf32":  # truncate to a 10-bit mantissa: |x - x^| < 2^-10 |x|
             return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
         return x.to(self.dtype)
@@ -268,10 +275,15 @@ class Shortlist:
             return (q_low @ self.low.T).to(self.work)
         return torch.mm(q_low, self.low.T, out_dtype=torch.float32)
 
+    def centred(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries centred like the bank (float64) and their norms."""
+        centred = query.double() - self.mean
+        return centred, torch.linalg.vector_norm(centred, dim=1)
+
     def bounds(self, query: torch.Tensor, query_norms: torch.Tensor,
                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key (n, M), query_term (n,)): key + query_term (in float64) is a lower bound of every squared
-        distance; the key alone ranks the rows. Queries' norms below _MAX_NORM."""
+        """(key (n, M), query_term (n,)) for centred queries (`centred`): key + query_term (in float64) is a
+        lower bound of every squared distance; the key alone ranks the rows. Norms below _MAX_NORM."""
         q_scale = _pow2_scale(float(query_norms.max()))
         c1, c0, r = self._constants(q_scale)
         q_hat = self._hat(query_norms, q_scale)
@@ -305,17 +317,18 @@ class Shortlist:
         size = k + self.candidates
         if size >= available or self.norm_max >= _MAX_NORM:
             return self._brute(query, k, exclude)
-        q_norms = torch.linalg.vector_norm(query.double(), dim=1)
         unsure = []
         chunk = max(1, self.chunk_elements // self.vectors.shape[0])
         with _full_precision_reductions():
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
-                q, qn = query[start:stop], q_norms[start:stop]
+                q = query[start:stop]
+                centred, qn = self.centred(q)
                 if float(qn.max()) >= _MAX_NORM:
                     unsure.append(torch.arange(start, stop, device=query.device))
                     continue
-                key, query_term = self.bounds(q, qn, exclude)
+                key, query_term = self.bounds(centred, qn, exclude)
+                del centred
                 bound, cand = key.topk(size + 1, dim=1, largest=False)  # ascending
                 edge = bound[:, -1].double() + query_term  # a lower bound of every row left out
                 best, idx = self._rerank(q, cand[:, :size], k)
