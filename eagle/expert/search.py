@@ -85,7 +85,7 @@ class MemoryBank:
         self.sq = torch.linalg.vector_norm(vectors, dim=1).square_()
         self.candidates = candidates
         precision = "float16" if mode == "auto" and vectors.is_cuda else mode
-        self.shortlist = Shortlist(vectors, precision) if precision in PRECISIONS else None
+        self.shortlist = Shortlist(vectors, precision, candidates) if precision in PRECISIONS else None
         self.pruned = self.shortlist is None and not vectors.is_cuda
         if self.pruned:
             self._index(dims)
@@ -221,7 +221,7 @@ class Shortlist:
     chunk_elements = 1 << 24  # (queries x bank) elements of one low-precision product: ~64 MB of float32
     exact_elements = 1 << 22  # gathered float64 elements of one exact re-ranking
 
-    def __init__(self, vectors: torch.Tensor, precision: str = "float16", candidates: int = 8) -> None:
+    def __init__(self, vectors: torch.Tensor, precision: str = "float16", candidates: int = 4) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown shortlist precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         self.vectors, self.precision, self.candidates = vectors, precision, candidates
