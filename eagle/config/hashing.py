@@ -14,12 +14,13 @@ from eagle.config.sections import EXPERT_MODELS, JobConfig
 
 RESULT_SECTIONS = ("expert", "threshold", "confidence", "regions", "prompts", "guidance", "mllm", "routing")
 # Expert fields that change how fast the expert runs but not what it computes.
-_HASH_EXCLUDE = {"expert": {"cache_size", "search"}}
+_HASH_EXCLUDE = {"expert": {"cache_size", "search"}, "mllm": {"cache", "compile"}}
 
 
 # Fields added after results were first hashed: left out while at their defaults, so that a config which does
 # not use them hashes (and a PatchCore fit is versioned) as before they existed.
-LATER_FIELDS = {"expert": ("model", "padim", "stfpm", "ensemble", "combine", "search"), "threshold": ("folds",)}
+LATER_FIELDS = {"expert": ("model", "padim", "stfpm", "ensemble", "combine", "search"), "threshold": ("folds",),
+                "mllm": ("stop",)}
 
 
 def without_unset_later_fields(section: str, dumped: dict) -> dict:
