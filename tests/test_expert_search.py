@@ -194,3 +194,23 @@ def test_patch_scores_same_with_shortlist(scoring: str):
     short = patch_scores(embedding, MemoryBank(vectors, mode="float16"), scoring, 9, 5)
     for a, b in zip(exact, short, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it)")
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("kind", ["near_ties", "duplicates", "huge_norms", "below_fp16", "ordinary"])
+def test_shortlist_on_cuda(kind: str, precision: str):
+    """The certificate's premise on cuBLAS (float32 accumulation, TF32 tensor cores): exact on every bank."""
+    bank, query = (low_rank(3000), low_rank(500, seed=1)) if kind == "ordinary" else adversarial(kind)
+    index = search.Shortlist(bank.cuda(), precision)
+    assert index.native_out  # float16/bfloat16 products return float32 there
+    key, query_term = index.bounds(*index.centred(query.cuda()))
+    exact = (query.double().unsqueeze(1) - bank.double().unsqueeze(0)).square().sum(2)
+    assert bool(((key.double() + query_term.unsqueeze(1)).cpu() <= exact).all())
+    for k in (1, 3):
+        dist, idx = index.search(query.cuda(), k)
+        ref_dist, ref_idx = float64_nearest(query, bank, k)
+        assert torch.equal(idx.cpu(), ref_idx) and torch.equal(dist.cpu(), ref_dist)
+    if kind == "ordinary":
+        assert index.counts["certified"] >= 0.95 * 2 * 500
+    assert MemoryBank(bank.cuda()).shortlist is not None  # the CUDA default
