@@ -107,7 +107,8 @@ run_gpu() {
     nvidia-smi | tee "$out/nvidia_smi.txt"
     if wants cuda-tests; then
         EAGLE_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_expert_search.py tests/test_guidance.py \
-            tests/test_mllm.py 2>&1 | tee "$out/cuda_tests.txt" || echo "PART FAILED: cuda-tests"
+            tests/test_mllm.py -k "not s3_prefix" 2>&1 | tee "$out/cuda_tests.txt" \
+            || echo "PART FAILED: cuda-tests"  # (the one left out needs moto's S3 server, not in the runtime lock)
     fi
     if wants expert; then
         python bench/bench_expert.py --device cuda --skip-coreset --dtypes float32,float16 --train 100 --test 512 \
@@ -160,9 +161,9 @@ install_check() {  # an image with only torch: a venv that sees this venv's torc
         [ -e "$entry" ] && ln -s "$entry" "$venv/image-site/"
     done
     echo "$venv/image-site" > "$site/gpu-image.pth"
-    "$venv/bin/python" -c "import torch; print('image torch', torch.__version__)"
     "$venv/bin/python" -c "import ray" 2>/dev/null && { echo "ray already visible: not a bare image" >&2; exit 1; }
     "$venv/bin/pip" install --quiet --no-index --find-links .whl --no-deps -r .whl/pins.txt
+    "$venv/bin/python" -c "import torch; print('image torch', torch.__version__)"  # its deps came from the wheels
     (export PYTHONPATH=$PWD; cd /tmp && "$venv/bin/python" -c "import ray, pydantic, anomalib, transformers, duckdb, eagle.pipeline.inspection, eagle.expert.search; print('offline install OK: ray', ray.__version__)")
     "$venv/bin/pip" check || true
 }

@@ -5,11 +5,13 @@ ones its image already has (torch and its CUDA stack by default), with their has
     python bench/gpu_wheels.py requirements.lock --skip 'torch,torchvision,triton,nvidia-*,cuda-*'
     python bench/gpu_wheels.py requirements.lock --pins > .whl/pins.txt                  # name==version only
 
-``--dev-lock requirements-dev.lock`` adds the test runner (pytest, pluggy, iniconfig) at the dev lock's pins, so
-the GPU machine can run the CUDA tests.
+``--dev-lock requirements-dev.lock`` adds the test runner (pytest, pluggy, iniconfig, pytest-timeout) at the dev
+lock's pins, so the GPU machine can run the CUDA tests.
 
-`bench/gpu.sh --fetch` downloads them into .whl/ here; on the GPU machine `bench/gpu.sh` installs them with
-``pip install --no-index --find-links .whl --no-deps --require-hashes -r .whl/requirements.gpu.txt``.
+`bench/gpu.sh --fetch` downloads them into .whl/ here (``pip download --require-hashes``: the lock's hashes are
+checked there) and writes SHA256SUMS; on the GPU machine `bench/gpu.sh` checks the sums and installs them with
+``pip install --no-index --find-links .whl --no-deps -r .whl/pins.txt`` (pins: a wheel built here from an sdist,
+such as freia's, has no hash in the lock).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main() -> None:
     parser.add_argument("lock")
     parser.add_argument("--skip", default=DEFAULT_SKIP, help="comma-separated names (globs) the GPU image has")
     parser.add_argument("--dev-lock", default=None, help="also take --dev-names from this lock")
-    parser.add_argument("--dev-names", default="pytest,pluggy,iniconfig")
+    parser.add_argument("--dev-names", default="pytest,pluggy,iniconfig,pytest-timeout")
     parser.add_argument("--pins", action="store_true", help="name==version lines without hashes")
     args = parser.parse_args()
     skip = [s.strip().lower() for s in args.skip.split(",") if s.strip()]
