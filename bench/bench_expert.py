@@ -18,6 +18,12 @@ GPU with ``--device cuda``.
     OMP_NUM_THREADS=1 python bench/bench_expert.py
     python bench/bench_expert.py --skip-coreset --test 32 --batch 16 --threads 2
     python bench/bench_expert.py --device cuda --dtypes float32,bfloat16 --test 256 --batch 64
+    python bench/bench_expert.py --device cuda --skip-coreset --searches exact,float16,bfloat16 --test 512 --batch 64
+
+``--searches`` (eagle/expert/search.py's modes) adds the search table: per backbone dtype and search mode the
+full expert, the nearest-neighbour search alone, how the search answered the patch queries (certified by the
+low-precision shortlist / float64 shortlist / float64 brute force), and the scores and nearest rows against
+the 'exact' mode's.
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ def ours_batched(expert: Expert, test: list[np.ndarray], batch: int, device: str
     return time.perf_counter() - start, scores
 
 
-def full_vs_backbone(expert: Expert, test: list[np.ndarray], batch: int, device: str) -> tuple[float, float]:
+def full_vs_backbone(expert: Expert, test: list[np.ndarray], batch: int, device: str,
+                     backbone_too: bool = True) -> tuple[float, float]:
     """(seconds of the full expert, seconds of the backbone forward alone) over `test` from model inputs."""
     inputs = [expert.model_input(im) for im in test]
     sizes = [im.shape[:2] for im in test]
@@ -122,7 +129,7 @@ def full_vs_backbone(expert: Expert, test: list[np.ndarray], batch: int, device:
         expert.score_inputs(inputs[i:i + batch], sizes[i:i + batch])
 
     out = []
-    for step in (full, backbone):
+    for step in (full, backbone) if backbone_too else (full,):
         step(0)  # warm-up
         sync(device)
         start = time.perf_counter()
@@ -130,7 +137,43 @@ def full_vs_backbone(expert: Expert, test: list[np.ndarray], batch: int, device:
             step(i)
         sync(device)
         out.append(time.perf_counter() - start)
-    return out[0], out[1]
+    return out[0], out[-1]
+
+
+def search_table(expert: Expert, test: list[np.ndarray], batch: int, device: str,
+                 modes: list[str]) -> list[tuple]:
+    """Per search mode: (mode, full s, search-alone s, answer counts, max rel. score diff vs 'exact', share of
+    nearest rows equal to 'exact''s)."""
+    model = expert.model
+    inputs = [expert.model_input(im) for im in test]
+    sizes = [im.shape[:2] for im in test]
+    with torch.inference_mode():
+        flats = [model.embed(model.preprocessor.normalise(inputs[i:i + batch], model.device, model.dtype)).flatten(0, 2)
+                 for i in range(0, len(inputs), batch)]
+    rows, reference = [], None
+    for mode in ["exact"] + [m for m in modes if m != "exact"]:
+        model.search_mode = mode
+        bank = model.bank
+        full_s, _ = full_vs_backbone(expert, test, batch, device, backbone_too=False)
+        bank.search(flats[0], 1)  # warm-up
+        if bank.shortlist is not None:
+            bank.shortlist.counts.clear()
+        sync(device)
+        start = time.perf_counter()
+        found = [bank.search(f, 1) for f in flats]
+        sync(device)
+        search_s = time.perf_counter() - start
+        scores = np.array([r.score for i in range(0, len(inputs), batch)
+                           for r in expert.score_inputs(inputs[i:i + batch], sizes[i:i + batch])])
+        index = torch.cat([i for _, i in found]).cpu()
+        counts = dict(bank.shortlist.counts) if bank.shortlist is not None else {}
+        if reference is None:
+            reference = (scores, index)
+        rel = float(np.max(np.abs(scores - reference[0]) / np.abs(reference[0])))
+        same = float((index == reference[1]).float().mean())
+        rows.append((mode, full_s, search_s, counts, rel, same))
+    model.search_mode = "auto"
+    return rows
 
 
 def main() -> None:
@@ -149,6 +192,8 @@ def main() -> None:
     p.add_argument("--bank-ratio", type=float, default=0.1,
                    help="share of the patches in the scoring bank (0.4 of 50 images ~ the bank of 200 images)")
     p.add_argument("--skip-coreset", action="store_true", help="only the scoring table")
+    p.add_argument("--searches", default="",
+                   help="comma-separated search modes (exact, float16, bfloat16, tf32, auto) for the search table")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,7 +217,7 @@ def main() -> None:
     test = images(args.test, args.size, args.seed + 1, defects=True)
     stock_s, stock_scores = stock_per_image(stock, test, cfg.resize, cfg.crop, args.device)
     rows = [("anomalib per image (float32)", 1, stock_s, 0.0)]
-    ceiling = []
+    ceiling, searches = [], []
     for dtype in args.dtypes.split(","):
         model.extractor.to(getattr(torch, dtype))
         for batch in (1, args.batch):
@@ -180,6 +225,9 @@ def main() -> None:
             rel = float(np.max(np.abs(np.array(scores) - stock_scores) / np.abs(stock_scores)))
             rows.append((f"eagle Expert.score ({dtype})", batch, sec, rel))
         ceiling.append((dtype, *full_vs_backbone(Expert(model), test, args.batch, args.device)))
+        if args.searches:
+            searches += [(dtype, *row) for row in search_table(Expert(model), test, args.batch, args.device,
+                                                               args.searches.split(","))]
 
     threads = f"cpu, {torch.get_num_threads()} thread(s)"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else threads
@@ -199,6 +247,16 @@ def main() -> None:
     print(f"{'dtype':10s} {'full images/s':>14s} {'backbone images/s':>18s} {'full / backbone':>16s}")
     for dtype, full_s, backbone_s in ceiling:
         print(f"{dtype:10s} {args.test / full_s:14.2f} {args.test / backbone_s:18.2f} {backbone_s / full_s:15.2f}x")
+    if searches:
+        backbone = {dtype: backbone_s for dtype, _, backbone_s in ceiling}
+        print(f"\nsearch modes, batch {args.batch} ({args.test * 784} patch queries per mode; answered: c certified "
+              "shortlist, f float64 shortlist, b float64 brute force)")
+        print(f"{'dtype':9s} {'search':9s} {'full img/s':>10s} {'full/backbone':>14s} {'search img/s':>13s} "
+              f"{'answered c/f/b':>18s} {'scores vs exact':>16s} {'same nn':>8s}")
+        for dtype, mode, full_s, search_s, counts, rel, same in searches:
+            answered = "/".join(str(counts.get(key, 0)) for key in ("certified", "float64", "brute")) if counts else "-"
+            print(f"{dtype:9s} {mode:9s} {args.test / full_s:10.2f} {backbone[dtype] / full_s:13.2f}x "
+                  f"{args.test / search_s:13.2f} {answered:>18s} {rel:16.1e} {same:8.4f}")
 
 
 if __name__ == "__main__":

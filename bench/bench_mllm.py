@@ -1,7 +1,11 @@
 """MLLM stage: batched vs one-by-one throughput, and the cost of attention guidance and recording.
 
 Every generation is forced to the same length (min_new_tokens = max_new_tokens) so that the variants do the
-same work; one run, best of two passes after a warm-up. Prints a table.
+same work (a random model never ends a reply: ``mllm.stop``'s gain is the tokens it saves, i.e. compare
+``--new-tokens`` 8 (an answer) with 32 or 64 (an explanation)); one run, best of two passes after a warm-up.
+Prints a table: per batch size unguided, guided and guided + recording, then at the largest batch the options
+(unsorted batches, static KV cache, static + torch.compile), with peak GPU memory and the share of prompt tokens
+that are padding.
 
 --family picks the tiny family (eagle.testing.tiny_mllm.FAMILIES, default qwen2_5_vl). --shape tiny (default):
 the tiny random checkpoint, CPU-sized images; ratios only, as a tiny model is all per-call overhead.
@@ -10,11 +14,13 @@ LLaVA-OneVision-7B) and its processor set to the same vision geometry, for a GPU
 
     OMP_NUM_THREADS=1 python bench/bench_mllm.py [--family internvl]
     python bench/bench_mllm.py --family internvl --shape 7b --device cuda --dtype bfloat16 --images 8 --new-tokens 32
+    python bench/bench_mllm.py --shape 7b --device cuda --dtype bfloat16 --images 128 --batches 8,16,32,64 --new-tokens 32
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -104,20 +110,38 @@ def seven_b_model(tiny: MLLMRunner, family: str, device: str, dtype: torch.dtype
     return model.eval()
 
 
-def timed(r: MLLMRunner, reqs: list[MLLMRequest], batch: int) -> tuple[float, float]:
-    """(seconds to audit `reqs` in chunks of `batch`, peak GPU GiB); best of two passes after a warm-up chunk."""
+def timed(r: MLLMRunner, reqs: list[MLLMRequest], batch: int, sort: bool = True) -> tuple[float, float]:
+    """(seconds to audit `reqs` in batches of `batch`, cut after sorting by prompt length unless not `sort`;
+    peak GPU GiB); best of two passes after a warm-up batch."""
     r.model.set_attn_implementation(r.attn_implementation)  # runners may share one model
-    r.run(reqs[:batch])
+    r.run_all(reqs[:batch], batch)
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     best = float("inf")
     for _ in range(2):
         start = time.perf_counter()
-        for i in range(0, len(reqs), batch):
-            r.run(reqs[i:i + batch])
+        r.run_all(reqs, batch, sort=sort)
         best = min(best, time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return best, peak
+
+
+def pad_share(lengths: list[int], order: list[int], batch: int) -> float:
+    """Share of the prompt tokens of batches cut from `order` that are padding."""
+    total = pad = 0
+    for i in range(0, len(order), batch):
+        chunk = [lengths[j] for j in order[i:i + batch]]
+        total += max(chunk) * len(chunk)
+        pad += max(chunk) * len(chunk) - sum(chunk)
+    return pad / total
+
+
+def variant(r: MLLMRunner, **mllm: Any) -> MLLMRunner:
+    """The runner with other mllm settings (cache, compile), sharing its model and processor."""
+    other = copy.copy(r)
+    other.mllm_cfg = r.mllm_cfg.model_copy(update=mllm)
+    return other
 
 
 @torch.inference_mode()
@@ -149,18 +173,23 @@ def main() -> None:
     parser.add_argument("--shape", choices=["tiny", "7b"], default="tiny")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--batches", default="4,8", help="comma-separated batch sizes (a GPU: 8,16,32,64)")
+    parser.add_argument("--options", default="unsorted,static,compile",
+                        help="variants timed at the largest batch, guided + record: 'unsorted' (batches cut in "
+                        "input order), 'static' (mllm.cache=static), 'compile' (static + mllm.compile); '' none")
+    parser.add_argument("--one-by-one", action="store_true", help="also time batch 1 (the old table's baseline)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     big = args.shape == "7b"
+    batches = [int(b) for b in args.batches.split(",")]
     pixels = [] if big else ["mllm.min_pixels=3136", "mllm.max_pixels=50176"]  # 7b: the config's ~512 tokens
     reqs = requests(args.images, 640 if big else 112)
     variants = {
-        "stock sdpa, no guidance": ["guidance.enabled=false", "guidance.record_attention=false"],
+        "unguided (stock sdpa)": ["guidance.enabled=false", "guidance.record_attention=false"],
         "guided (uncertain half)": ["guidance.record_attention=false"],
         "guided + record attention": [],
-        "guided all rows + record": ["guidance.rows=all"],
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_mllm(args.family, tmp)
@@ -169,39 +198,60 @@ def main() -> None:
             cfg = load_config(overrides=[f"mllm.model={path}", f"mllm.dtype={args.dtype}",
                                          f"mllm.max_new_tokens={args.new_tokens}", *pixels, *extra])
             runners[name] = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=args.device)
+        guided = runners["guided + record attention"]
         if big:
-            model = seven_b_model(runners["guided + record attention"], args.family, args.device,
-                                  getattr(torch, args.dtype))
+            model = seven_b_model(guided, args.family, args.device, getattr(torch, args.dtype))
             depth = model.config.get_text_config().num_hidden_layers
             for r in runners.values():
                 r.model, r.layers = model, g.resolve_layers(depth, r.guidance_cfg.layers)
-                r.processor = runners["guided + record attention"].processor
+                r.processor = guided.processor
         for r in runners.values():
             r.model.generation_config.min_new_tokens = args.new_tokens  # equal work in every variant
-        enc = runners["stock sdpa, no guidance"].encode([runners["stock sdpa, no guidance"].prompt(q) for q in reqs])
-        rows = []
-        base = runners["stock sdpa, no guidance"]
-        rows.append(("stock sdpa, no guidance", 1, *timed(base, reqs, 1)))
-        for batch in (4, 8):
-            rows.append(("stock sdpa, no guidance", batch, *timed(base, reqs, batch)))
-        rows.append(("guided + record attention", 1, *timed(runners["guided + record attention"], reqs, 1)))
-        for name in list(variants)[1:]:
-            rows.append((name, 8, *timed(runners[name], reqs, 8)))
-        guided = runners["guided + record attention"]
+        lengths = [int(guided.encode([guided.prompt(q)]).inputs["attention_mask"].sum()) for q in reqs]
+        rows: list[tuple[str, int, float, float, float, str]] = []
+
+        def add(name: str, r: MLLMRunner, batch: int, sort: bool = True) -> None:
+            order = r.length_order(reqs) if sort else list(range(len(reqs)))
+            try:
+                sec, peak = timed(r, reqs, batch, sort)
+                rows.append((name, batch, sec, peak, pad_share(lengths, order, batch), ""))
+            except Exception as exc:  # noqa: BLE001 - a variant the stack cannot run is a result, not a crash
+                rows.append((name, batch, float("nan"), float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:160]))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+        if args.one_by_one:
+            add("unguided (stock sdpa)", runners["unguided (stock sdpa)"], 1)
+        for batch in batches:
+            for name, r in runners.items():
+                add(name, r, batch)
+        top = max(batches)
+        options = [o for o in args.options.split(",") if o]
+        if "unsorted" in options:
+            add("guided + record, unsorted", guided, top, sort=False)
+        if "static" in options:
+            add("guided + record, static cache", variant(guided, cache="static"), top)
+            add("unguided, static cache", variant(runners["unguided (stock sdpa)"], cache="static"), top)
+        if "compile" in options:
+            add("unguided, static + compile", variant(runners["unguided (stock sdpa)"], cache="static", compile=True), top)
+            add("guided + record, static + compile", variant(guided, cache="static", compile=True), top)
+        enc = guided.encode([guided.prompt(q) for q in reqs[:min(len(reqs), 16)]])
         single = guided.encode([guided.prompt(reqs[0])])
         gaps = {"one unpadded prompt": bias_zero_gaps(guided, single),
-                f"left-padded batch of {len(reqs)}": bias_zero_gaps(guided, enc)}
+                f"left-padded batch of {enc.inputs['input_ids'].shape[0]}": bias_zero_gaps(guided, enc)}
 
-    one, batched = rows[0][2], rows[2][2]  # stock one-by-one, stock batch 8
-    prompt_len = enc.inputs["attention_mask"].sum(dim=1).float()
     print(f"\n{args.shape} {args.family} (random weights) on {args.device} {args.dtype}, {args.images} images, "
-          f"{args.new_tokens} new tokens each, prompts {prompt_len.min():.0f}-{prompt_len.max():.0f} tokens, "
-          f"guided layers {runners['guided + record attention'].layers}, {torch.get_num_threads()} CPU thread(s)")
-    print(f"{'variant':28s} {'batch':>5s} {'seconds':>8s} {'images/s':>9s} {'vs one-by-one':>14s} "
-          f"{'time vs stock b8':>17s} {'peak GiB':>9s}")
-    for name, batch, sec, peak in rows:
-        print(f"{name:28s} {batch:5d} {sec:8.3f} {args.images / sec:9.2f} {one / sec:13.2f}x "
-              f"{sec / batched:16.2f}x {peak:9.1f}")
+          f"{args.new_tokens} new tokens each, prompts {min(lengths)}-{max(lengths)} tokens, guided layers "
+          f"{guided.layers}, {torch.get_num_threads()} CPU thread(s); batches cut after sorting by prompt length "
+          "unless 'unsorted'")
+    print(f"{'variant':34s} {'batch':>5s} {'seconds':>8s} {'images/s':>9s} {'peak GiB':>9s} {'padding':>8s}")
+    for name, batch, sec, peak, pad, error in rows:
+        if error:
+            print(f"{name:34s} {batch:5d} failed: {error}")
+        else:
+            print(f"{name:34s} {batch:5d} {sec:8.3f} {args.images / sec:9.2f} {peak:9.1f} {pad:8.1%}")
+    if not args.device.startswith("cuda") and "compile" in args.options:
+        print("(transformers compiles generate's decoding step on CUDA only: 'compile' runs eager here)")
     for name, values in gaps.items():
         print(f"max |delta next-token logit|, {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in values.items()))
 

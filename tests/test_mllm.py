@@ -167,3 +167,74 @@ def test_command_prints_one_json_line_per_image(tiny_qwen3vl: str, tmp_path: Pat
     assert all(line["guided"] and line["answer"] in ("yes", "no", "unparsed") for line in lines)
     assert all(line["verdict"] == {"yes": "anomalous", "no": "normal"}.get(line["answer"], "anomalous")
                for line in lines)
+
+
+# ------------------------------------------------------------------------------- throughput options (GPU)
+def test_sorted_batches_return_the_answers_in_input_order(runner: MLLMRunner) -> None:
+    """run_all cuts batches after sorting by prompt length; each request's result is the one it gets unsorted."""
+    requests = [_requests()[i] for i in (1, 0, 3, 2, 0, 1)]
+    order = runner.length_order(requests)
+    assert order != list(range(len(requests)))  # the sort moves something here
+    sorted_results = runner.run_all(requests, batch_size=3)
+    unsorted_results = runner.run_all(requests, batch_size=3, sort=False)
+    for a, b in zip(sorted_results, unsorted_results, strict=True):
+        _same(a, b)
+    for req, res in zip(requests, sorted_results, strict=True):
+        _same(runner.run([req])[0], res)
+
+
+def test_static_cache_gives_the_same_replies(tiny_qwen25vl: str) -> None:
+    """mllm.cache=static (fixed shapes for compile / CUDA graphs) changes nothing in the replies, guided or not."""
+    requests = _requests()
+    dynamic = _runner(tiny_qwen25vl).run(requests)
+    static = _runner(tiny_qwen25vl, "mllm.cache=static").run(requests)
+    for a, b in zip(dynamic, static, strict=True):
+        _same(a, b)
+
+
+@pytest.mark.parametrize(("text", "answer_done", "sentence_done"), [
+    ("", False, False),
+    ("No", False, False),  # "No" may still become "None" or "Not"
+    ("Not sure", False, False),
+    ("No,", True, False),
+    ("Yes ", True, False),
+    ("**Yes.** There is a scratch", True, False),
+    ("**Yes.** There is a scratch on the top left.", True, True),
+    ("Answer: no. The bolt is intact!", True, True),
+    ("No. It is 0.5", True, False),
+    ("There is a scratch. Yes.", False, False),  # the answer does not lead: runs to eos
+])
+def test_reply_done(text: str, answer_done: bool, sentence_done: bool) -> None:
+    from eagle.mllm.runner import reply_done
+
+    assert reply_done(text, "answer") is answer_done
+    assert reply_done(text, "sentence") is sentence_done
+    assert reply_done(text, "eos") is False
+
+
+def test_reply_stop_marks_rows_done_as_their_replies_complete() -> None:
+    import torch
+
+    from eagle.mllm.runner import ReplyStop
+
+    replies = {(1, 2): "No,", (1, 3): "Yes", (2, 3): "No, it", (3, 4): "Yes, a dent."}
+
+    def decode(ids: torch.Tensor, skip_special_tokens: bool) -> list[str]:
+        return [replies.get(tuple(row.tolist()), "") for row in ids]
+
+    stop = ReplyStop(decode, prompt_len=1, stop="sentence")  # prompt token 0, then the new tokens
+    assert stop(torch.tensor([[0, 1, 2], [0, 1, 3], [0, 3, 4]])).tolist() == [False, False, True]
+    assert stop(torch.tensor([[0, 1, 3], [0, 1, 3], [0, 1, 3]])).tolist() == [False, False, True]  # stays done
+    stop = ReplyStop(decode, prompt_len=1, stop="answer")
+    assert stop(torch.tensor([[0, 1, 2], [0, 1, 3], [0, 2, 3]])).tolist() == [True, False, True]
+
+
+def test_stop_options_reach_generate(tiny_qwen25vl: str) -> None:
+    """With mllm.stop a stopping criterion is passed; replies of a random model never complete, so they
+    equal the 'eos' replies (the criterion only ends replies, it never changes a token)."""
+    requests = _requests()[:2]
+    plain = _runner(tiny_qwen25vl)
+    stopping = _runner(tiny_qwen25vl, "mllm.stop=sentence")
+    assert "stopping_criteria" in stopping.generate_options(10) and "stopping_criteria" not in plain.generate_options(10)
+    for a, b in zip(plain.run(requests), stopping.run(requests), strict=True):
+        _same(a, b)

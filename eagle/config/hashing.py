@@ -14,13 +14,14 @@ from eagle.config.sections import EXPERT_MODELS, JobConfig
 
 RESULT_SECTIONS = ("expert", "threshold", "confidence", "regions", "prompts", "guidance", "mllm", "routing")
 # Expert fields that change how fast the expert runs but not what it computes.
-_HASH_EXCLUDE = {"expert": {"cache_size"}}
+_HASH_EXCLUDE = {"expert": {"cache_size", "search"}, "mllm": {"cache", "compile"}}
 
 
 # Fields added after results were first hashed: left out while at their defaults, so that a config which does
 # not use them hashes (and a PatchCore fit is versioned) as before they existed.
-LATER_FIELDS = {"expert": ("model", "padim", "stfpm", "ensemble", "combine"), "threshold": ("folds",),
-                "routing": ("budget", "score_range"), "prompts": ("prior_borderline", "boxes_note_borderline")}
+LATER_FIELDS = {"expert": ("model", "padim", "stfpm", "ensemble", "combine", "search"), "threshold": ("folds",),
+                "mllm": ("stop",), "routing": ("budget", "score_range"),
+                "prompts": ("prior_borderline", "boxes_note_borderline")}
 
 
 def without_unset_later_fields(section: str, dumped: dict) -> dict:

@@ -170,6 +170,12 @@ class ExpertConfig(Section):
         "float32", description="Backbone compute dtype; 'auto': float16 on a CUDA device (about 2x the images/s "
         "of float32 there, scores within ~1e-3 relative, BENCHMARKS.md), float32 elsewhere. Distances and "
         "statistics stay float32.")
+    search: Literal["auto", "exact", "float16", "bfloat16", "tf32"] = Field(
+        "auto", description="PatchCore's nearest-neighbour search; every choice finds the exact neighbours. "
+        "'auto': on CUDA a float16 shortlist re-ranked exactly, with a certificate (uncertified queries are "
+        "searched again in float64; eagle/expert/search.py), on a CPU the pruned exact search; 'exact': the "
+        "pruned search on a CPU, float32 brute force on CUDA; 'float16', 'bfloat16', 'tf32': that shortlist "
+        "on any device. Does not change results (not in the config hash).")
     seed: int = Field(0, description="Seed for coreset sampling and projections.")
     cache_size: int = Field(4, ge=1, description="Products whose artifacts one expert actor keeps loaded.")
     padim: PadimConfig = Field(default_factory=PadimConfig)
@@ -316,6 +322,17 @@ class MLLMConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("bfloat16")
     trust_remote_code: bool = Field(False, description="Only turn on for checkpoints you trust.")
     max_new_tokens: int = Field(64, gt=0)
+    stop: Literal["eos", "sentence", "answer"] = Field(
+        "eos", description="When a reply ends: 'eos' at the model's end token (or max_new_tokens); 'sentence' once "
+        "it has its leading Yes/No and the first sentence after it (what prompts.answer_format asks for); 'answer' "
+        "right after the leading Yes/No (no MLLM explanation: the expert's is used). Replies whose answer does not "
+        "lead run to 'eos'. A batch's generate call ends when its last reply does.")
+    cache: Literal["dynamic", "static"] = Field(
+        "dynamic", description="KV cache: 'static' preallocates it for prompt + max_new_tokens (fixed shapes; "
+        "what torch.compile and CUDA graphs need). Does not change results (not in the config hash).")
+    compile: bool = Field(
+        False, description="torch.compile the decoding steps (transformers does it with cache 'static' on CUDA; "
+        "CUDA graphs via its default mode). Not in the config hash.")
     min_pixels: int = Field(128 * 28 * 28, gt=0, description="Vision-encoder resize floor (pixels; Qwen-VL "
                             "families; InternVL3 and LLaVA-OneVision use their checkpoint's tiling).")
     max_pixels: int = Field(512 * 28 * 28, gt=0, description="Vision-encoder resize cap (~512 visual tokens; Qwen-VL "

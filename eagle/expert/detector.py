@@ -43,11 +43,12 @@ class Expert:
 
     @classmethod
     def from_artifact(cls, art: ExpertArtifact, device: str = "cpu", dtype: str = "float32",
-                      storage: StorageConfig | None = None) -> Expert:
+                      storage: StorageConfig | None = None, search: str = "auto") -> Expert:
         """Rebuild the model the artifact names (its meta's model, PatchCore when absent) on the backbone it was
         fitted with (refusing different weights) and load its tensors.
 
-        ``dtype`` applies to the backbone; distances and statistics stay float32.
+        ``dtype`` applies to the backbone; distances and statistics stay float32. ``search``: PatchCore's
+        nearest-neighbour search (`eagle.expert.search.SEARCH_MODES`; every mode finds the exact neighbours).
         """
         cfg = ExpertConfig.model_validate(art.meta["expert"])
         model = expert_kind(model_name(art.meta)).model_class().from_config(cfg, storage, art.tensors)
@@ -60,6 +61,8 @@ class Expert:
                 "version, cache or checkpoint; refit or restore the original weights")
         model = model.to(device)
         model.set_dtype(DTYPES[dtype])
+        if hasattr(model, "search_mode"):
+            model.search_mode = search
         return cls(model)
 
     def score(self, images: Sequence[np.ndarray]) -> list[ExpertResult]:

@@ -48,7 +48,8 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_bank", torch.empty(0) if memory_bank is None else memory_bank.float())
         self.preprocessor = PreProcessor(resize, crop, normalisation)
         self.map_generator = AnomalyMapGenerator(resize, crop)
-        self._bank: tuple[tuple[int, tuple[int, ...], torch.device], MemoryBank] | None = None
+        self._bank: tuple[tuple[int, tuple[int, ...], torch.device, str], MemoryBank] | None = None
+        self.search_mode = "auto"  # eagle.expert.search.SEARCH_MODES; the job's expert.search
 
     @classmethod
     def from_config(cls, cfg: ExpertConfig, storage: StorageConfig | None = None,
@@ -80,9 +81,10 @@ class PatchCore(nn.Module):
     @property
     def bank(self) -> MemoryBank:
         """The search index over ``memory_bank``, rebuilt whenever the buffer is replaced or moved."""
-        key = (self.memory_bank.data_ptr(), tuple(self.memory_bank.shape), self.memory_bank.device)
+        key = (self.memory_bank.data_ptr(), tuple(self.memory_bank.shape), self.memory_bank.device,
+               self.search_mode)
         if self._bank is None or self._bank[0] != key:
-            self._bank = (key, MemoryBank(self.memory_bank))
+            self._bank = (key, MemoryBank(self.memory_bank, mode=self.search_mode))
         return self._bank[1]
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:

@@ -116,7 +116,7 @@ def fit_expert(images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu"
     t_threshold = time.perf_counter()
 
     meta = {
-        "expert": without_unset_later_fields("expert", ecfg.model_dump(mode="json")),
+        "expert": without_unset_later_fields("expert", ecfg.model_dump(mode="json", exclude={"search"})),
         "threshold": {**threshold.as_dict(),
                       "config": without_unset_later_fields("threshold", cfg.threshold.model_dump(mode="json"))},
         "backbone": {"name": ecfg.backbone, "layers": list(ecfg.layers), "weights": ecfg.weights,

@@ -57,7 +57,8 @@ class ExpertStage(Stage):
                 for version in member_versions(pinned)]
         dtype = self.cfg.expert.resolved_dtype(self.device)
         band = band_of([art.meta for art in arts], self.cfg.expert.combine, self.cfg.routing, self.cfg.confidence)
-        entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=dtype))
+        entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=dtype,
+                                                                       search=self.cfg.expert.search))
                                        for art in arts], self.cfg.expert.combine, band)
         self._cache[product] = entry
         while len(self._cache) > self.cfg.expert.cache_size:

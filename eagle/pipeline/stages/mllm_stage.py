@@ -66,8 +66,16 @@ class MLLMStage(Stage):
         return self.received[0], self.received[1]
 
     def process(self, rows: list[Row]) -> None:
-        self.in_chunks(rows, self.cfg.resources.mllm.batch_size, run=self._generate, apply=self._answer,
-                       failed=failed_mllm)
+        # batches cut from the rows sorted by estimated prompt length pad less (rows are filled in place)
+        self.in_chunks(sorted(rows, key=self._prompt_tokens), self.cfg.resources.mllm.batch_size,
+                       run=self._generate, apply=self._answer, failed=failed_mllm)
+
+    def _prompt_tokens(self, row: Row) -> int:
+        from eagle.mllm.runner import estimated_tokens
+
+        boxed = self.cfg.prompts.use_expert and row["expert_verdict"] == "anomalous" and bool(boxes_of(row))
+        return estimated_tokens(int(row["height"]), int(row["width"]), 1 + boxed + self.cfg.prompts.few_shot,
+                                self.cfg.mllm.max_pixels)
 
     def _generate(self, chunk: list[Row]) -> list[Any]:
         from eagle.mllm.runner import MLLMRequest
