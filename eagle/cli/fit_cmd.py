@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = [f"{key}={getattr(args, name)}" for name, key in _FLAGS.items() if getattr(args, name) is not None]
     try:
         cfg = load_config(args.config, args.overrides + flags)
-        check_fit(cfg, args.data)
+        products = [s.strip() for s in args.products.split(",") if s.strip()] if args.products else None
+        check_fit(cfg, args.data, products)
         from eagle.expert.experts import parse_models
 
         models = parse_models(args.expert) if args.expert else cfg.expert.ensemble or [cfg.expert.fit_model()]
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from eagle.expert.threshold import empty_band_advice
     from eagle.expert.training import FitSummary, list_products
 
-    products = [s.strip() for s in args.products.split(",") if s.strip()] if args.products else \
-        list_products(args.data, cfg.storage)
+    products = products or list_products(args.data, cfg.storage)
     if not products:
         log.error("no products with train/good images under %s: check --data (an MVTec-layout root with "
                   "PRODUCT/train/good/*.png)", args.data)
