@@ -193,3 +193,26 @@ def test_a_model_some_listed_products_lack_stays_a_warning(site):
     manifest = site / "m.csv"
     manifest.write_text(f"uri,product\n{site}/data/grid/test/000.png,grid\n{site}/x/1.png,cable\n")
     assert preflight.listed_products(InputConfig(manifest=str(manifest)), None) == {"grid", "cable"}
+
+
+def test_the_summary_json_says_mode_status_models_and_config_hash(tmp_path):
+    from eagle.cli.inspect_cmd import summary_doc
+    from eagle.config import config_hash
+    from eagle.pipeline.inspection import Summary
+
+    (tmp_path / "mllm").mkdir()
+    (tmp_path / "mllm" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    cfg = load_config(overrides={"run_id": "r1", "mode": "incremental", "mllm": {"model": str(tmp_path / "mllm")},
+                                 "routing": {"policy": "uncertain"}, "expert": {"ensemble": ["patchcore", "padim"]},
+                                 "output": {"uri": str(tmp_path / "out")}}, env={})
+    summary = Summary(run_id="r1", output=str(tmp_path / "out"), listed=3, skipped=0, audited=3, seconds=1.0,
+                      status={"ok": 2, "error": 1})
+    doc = summary_doc(cfg, "completed", summary)
+    assert doc["mode"] == "incremental" and doc["final_status"] == "completed" and doc["audited"] == 3
+    assert doc["counts_by_status"] == {"error": 1, "ok": 2} and doc["config_hash"] == config_hash(cfg)
+    assert doc["models"]["expert"]["ensemble"] == ["patchcore", "padim"]
+    assert doc["models"]["mllm"] == {"model": str(tmp_path / "mllm"), "family": "qwen2_5_vl", "routing": "uncertain",
+                                     "guidance": cfg.guidance.enabled}
+    failed = summary_doc(cfg, "failed", error="error rate 100%")
+    assert failed["final_status"] == "failed" and failed["error"] == "error rate 100%"
+    assert failed["run_id"] == "r1" and failed["counts_by_status"] == {}

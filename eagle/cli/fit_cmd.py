@@ -9,8 +9,8 @@ resources.expert; each writes {model-store}/{product}/{version}/ and moves {prod
 the first model of --expert (default: expert.model, 'auto' = patchcore) also moves {product}/LATEST, the
 product's default expert that inspect uses with expert.model auto. --weights imagenet
 (the default) needs timm's pretrained weights from the hub or its local cache; random is for trials.
-A product whose threshold lies at or above its largest training score (an empty uncertain band) is reported
-with the setting that widens the band.
+With routing.policy=uncertain (the policy that uses the band), a product whose threshold lies at or above its
+largest training score (an empty uncertain band) is reported with the setting that widens the band.
 """
 
 from __future__ import annotations
@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             n_failed += 1
             which = f"{model}: " if len(models) > 1 else ""
             print(f"{product:<16} FAILED: {which}{type(res).__name__}: {res}")
+    uses_band = cfg.routing.policy == "uncertain"  # the band's advice only where the routing policy uses it
     for (_, model), res in results.items():
-        if isinstance(res, FitSummary) and (advice := empty_band_advice(res.product, res.threshold, res.score_max,
-                                                                        cfg.confidence)):
+        if uses_band and isinstance(res, FitSummary) and (advice := empty_band_advice(
+                res.product, res.threshold, res.score_max, cfg.confidence)):
             log.warning("%s", advice if len(models) == 1 else f"({model}) {advice}")
     if args.summary_json:
         def of(model: str) -> dict:

@@ -106,11 +106,51 @@ def resume_command(argv: list[str], run_id: str) -> str:
     return shlex.join([sys.executable, script, *kept, "--run-id", run_id])
 
 
+def _mllm_family(model: str | None) -> str | None:
+    """The model family (config.json's model_type) of a local MLLM folder; None for a hub id or s3:// prefix
+    (not read here) and without an MLLM."""
+    if not model or storage.is_remote(model):
+        return None
+    config = os.path.join(os.path.expanduser(model), "config.json")
+    try:
+        with open(config) as fh:
+            return json.load(fh).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def summary_doc(cfg: JobConfig, final_status: str, summary: Summary | None = None, error: str | None = None
+                ) -> dict:
+    """What ``--summary-json`` holds: the run's summary (`Summary.as_dict`, its ``status`` being the rows per
+    status) with the mode, how the run ended (``final_status``: completed, failed or interrupted, and the
+    ``error``), the models (expert and MLLM, routing and guidance) and the config hash."""
+    from eagle.config import config_hash
+
+    doc = summary.as_dict() if summary is not None else {"run_id": cfg.run_id, "output": cfg.output.uri}
+    doc.setdefault("status", {})
+    return {**doc, "mode": cfg.mode, "final_status": final_status, **({"error": error} if error else {}),
+            "counts_by_status": dict(sorted(doc["status"].items())), "config_hash": config_hash(cfg),
+            "models": {"expert": {"model": cfg.expert.model, "ensemble": list(cfg.expert.ensemble),
+                                  "model_store": cfg.model_store},
+                       "mllm": {"model": cfg.mllm.model, "family": _mllm_family(cfg.mllm.model),
+                                "routing": cfg.routing.policy, "guidance": cfg.guidance.enabled}}}
+
+
+def _write_summary(args: argparse.Namespace, cfg: JobConfig, doc: dict) -> None:
+    if not args.summary_json:
+        return
+    try:
+        storage.write_bytes(args.summary_json, json.dumps(doc, indent=2).encode(), cfg.storage)
+    except Exception as exc:  # noqa: BLE001 - a failed run's summary must not hide why it failed
+        if doc["final_status"] == "completed":
+            raise
+        log.error("could not write --summary-json %s: %s", args.summary_json, exc)
+
+
 def _report(summary: Summary, args: argparse.Namespace, cfg: JobConfig) -> None:
     """The summary on stdout (for schedulers and people), and as JSON when asked."""
     print("\n".join(summary.lines()), flush=True)
-    if args.summary_json:
-        storage.write_bytes(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode(), cfg.storage)
+    _write_summary(args, cfg, summary_doc(cfg, "completed", summary))
 
 
 def _demo_only(argv: list[str], args: argparse.Namespace) -> bool:
@@ -144,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init_ray(cfg)
         result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose)
-    except (ConfigError, JobFailed) as exc:
+    except ConfigError as exc:
         return failed(exc, log)
+    except JobFailed as exc:
+        code = failed(exc, log)
+        if not args.dry_run:
+            _write_summary(args, cfg, summary_doc(cfg, "failed", error=str(exc)))
+        return code
     except KeyboardInterrupt:
         import ray
 
@@ -154,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             log.warning("dry run interrupted by %s; nothing was written", name)
             return signals.exit_code()
+        _write_summary(args, cfg, summary_doc(cfg, "interrupted", error=f"interrupted by {name}"))
         log.warning("run %s interrupted by %s; its manifest says interrupted. Resume it (only images without a "
                     "row of this run are audited) with:", cfg.run_id, name)
         print(resume_command(argv, cfg.run_id), file=sys.stderr, flush=True)

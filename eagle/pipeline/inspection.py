@@ -109,20 +109,20 @@ def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
 
 
 def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
-    """Say up front which products have an empty uncertain band: a warning when the routing policy then sends
-    none of their images to the MLLM, a note when only guidance (apply_to=uncertain) never applies. `metas`:
-    each product's pinned artifact metadata (`eagle.expert.ensemble.pinned_metas`)."""
+    """Say up front which products have an empty uncertain band, only where the routing policy uses the band
+    (routing.policy=uncertain then sends none of their images to the MLLM): a warning. Under other policies
+    the advice is at DEBUG (guidance with apply_to=uncertain then never applies to them). `metas`: each
+    product's pinned artifact metadata (`eagle.expert.ensemble.pinned_metas`)."""
     from eagle.expert.ensemble import band_of
     from eagle.expert.threshold import empty_band_advice
 
     routes = cfg.routing.policy == "uncertain"
-    guides = cfg.guidance.enabled and cfg.guidance.apply_to == "uncertain"
-    if not cfg.mllm.model or not (routes or guides):
+    if not cfg.mllm.model:
         return
     for product, product_metas in sorted(metas.items()):
         band = band_of(product_metas, cfg.expert.combine)
         if advice := empty_band_advice(product, band.threshold, band.score_max, cfg.confidence):
-            log.log(logging.WARNING if routes else logging.INFO, "%s", advice)
+            log.log(logging.WARNING if routes else logging.DEBUG, "%s", advice)
 
 
 def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False) -> Summary | Plan:
