@@ -24,7 +24,7 @@ from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_inspect
 from eagle.config import ConfigError, JobConfig, deep_merge, load_config, parse_overrides
 from eagle.io import storage
-from eagle.io.runs import new_run_id
+from eagle.io.runs import mllm_family, new_run_id, run_settings
 from eagle.logs import quiet_job, setup_logging
 from eagle.testing.tiny_mllm import FAMILIES as TINY_FAMILIES
 
@@ -106,19 +106,6 @@ def resume_command(argv: list[str], run_id: str) -> str:
     return shlex.join([sys.executable, script, *kept, "--run-id", run_id])
 
 
-def _mllm_family(model: str | None) -> str | None:
-    """The model family (config.json's model_type) of a local MLLM folder; None for a hub id or s3:// prefix
-    (not read here) and without an MLLM."""
-    if not model or storage.is_remote(model):
-        return None
-    config = os.path.join(os.path.expanduser(model), "config.json")
-    try:
-        with open(config) as fh:
-            return json.load(fh).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
 def summary_doc(cfg: JobConfig, final_status: str, summary: Summary | None = None, error: str | None = None
                 ) -> dict:
     """What ``--summary-json`` holds: the run's summary (`Summary.as_dict`, its ``status`` being the rows per
@@ -126,14 +113,15 @@ def summary_doc(cfg: JobConfig, final_status: str, summary: Summary | None = Non
     ``error``), the models (expert and MLLM, routing and guidance) and the config hash."""
     from eagle.config import config_hash
 
+    settings = run_settings(cfg)
     doc = summary.as_dict() if summary is not None else {"run_id": cfg.run_id, "output": cfg.output.uri}
     doc.setdefault("status", {})
     return {**doc, "mode": cfg.mode, "final_status": final_status, **({"error": error} if error else {}),
             "counts_by_status": dict(sorted(doc["status"].items())), "config_hash": config_hash(cfg),
             "models": {"expert": {"model": cfg.expert.model, "ensemble": list(cfg.expert.ensemble),
                                   "model_store": cfg.model_store},
-                       "mllm": {"model": cfg.mllm.model, "family": _mllm_family(cfg.mllm.model),
-                                "routing": cfg.routing.policy, "guidance": cfg.guidance.enabled}}}
+                       "mllm": {"model": cfg.mllm.model, "family": mllm_family(cfg.mllm.model),
+                                "routing": cfg.routing.policy, "guidance": settings["guidance"]}}}
 
 
 def _write_summary(args: argparse.Namespace, cfg: JobConfig, doc: dict) -> None:

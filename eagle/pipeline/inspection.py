@@ -26,7 +26,7 @@ from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.expert.ensemble import pinned_metas
 from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
-from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id
+from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id, run_settings
 from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.progress import progress_callback
@@ -175,7 +175,7 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
             run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
             out_dir = storage.join(cfg.output.uri, RUNS_DIR, f"_dry-run-{uuid.uuid4().hex[:8]}")
         else:
-            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode)
+            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode, settings=run_settings(cfg))
             out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
         cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
         plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),

@@ -97,7 +97,12 @@ def _connect(cfg: JobConfig) -> None:
              "them)", num_cpus, os.cpu_count() or 1)
     # Ray 2.60 turns token authentication on for a local cluster and warns about it when RAY_AUTH_MODE is unset;
     # saying so explicitly keeps it on (a token is made in ~/.ray/auth_token if missing) without the WARNING.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray reads the mode into its cached config, refreshed here as Ray does when it turns the mode on itself.
+    if "RAY_AUTH_MODE" not in os.environ:
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")
     global _started_local
     _started_local = True
     # Workers of a Ray this job starts inherit its environment, credentials included: no runtime env needed.

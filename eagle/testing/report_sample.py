@@ -127,7 +127,8 @@ def _mllm(row: dict[str, Any], path: str, defect: str, run: Run) -> dict[str, An
     """The MLLM's columns: routed by the run's policy, answering at the run's rates."""
     if not needs_mllm(row["confidence"], run.policy):
         return dict(mllm_ran=False, guided=False, verdict=row["expert_verdict"], explanation_source="expert",
-                    explanation=expert_explanation(row, [Box(**b) for b in row["boxes"]]))
+                    explanation=expert_explanation(row, [Box(**b) for b in row["boxes"]]),
+                    config_hash=f"cfg-{run.run_id}")
     rng = _rng("mllm", run.run_id, path)
     truth = "no" if defect == "good" else "yes"
     if rng.random() < run.unparsed:
@@ -142,9 +143,13 @@ def _mllm(row: dict[str, Any], path: str, defect: str, run: Run) -> dict[str, An
     if rng.random() < 0.3:
         said += f" Compare with {LONG_WORD}."
     share = float(rng.uniform(0.45, 0.8) if run.guided else rng.uniform(0.1, 0.4))
-    return dict(mllm_ran=True, guided=run.guided, answer=answer, explanation=said, explanation_source="mllm",
+    mllm = dict(mllm_ran=True, guided=run.guided, answer=answer, explanation=said, explanation_source="mllm",
                 verdict=final_verdict(answer, row["expert_verdict"]), image_attention_share=share,
-                mllm_ms=float(rng.uniform(700, 1100)), mllm_model="sample-mllm")
+                mllm_ms=float(rng.uniform(700, 1100)), mllm_model="sample-mllm", config_hash=f"cfg-{run.run_id}")
+    if answer == "unparsed":  # as the pipeline writes it: the raw reply kept, the expert's explanation used
+        mllm.update(mllm_reply=said, explanation_source="expert",
+                    explanation=expert_explanation(row, [Box(**b) for b in row["boxes"]]))
+    return mllm
 
 
 def simulate_rows(root: str, runs: Sequence[Run] = RUNS) -> list[dict[str, Any]]:
@@ -170,6 +175,15 @@ def simulate_rows(root: str, runs: Sequence[Run] = RUNS) -> list[dict[str, Any]]
         rows += [dict(run_id=run.run_id, audited_at=whens[run.run_id], product=product, status="error",
                       error_stage="decode", image_uri=os.path.join(root, product, "test", "good", "truncated.png"),
                       error="corrupt or truncated image", audit_date=START.date().isoformat()) for run in runs]
+    # coverage: the first run also audited two images outside the test set (rows without ground truth) and has
+    # no row of the first product's last normal test image
+    first = runs[0].run_id
+    for product in sorted({r["product"] for r in rows})[:1]:
+        ours = [r for r in rows if r["product"] == product and r["run_id"] == first and r["status"] == "ok"]
+        good = [r for r in ours if "/test/good/" in r["image_uri"]]
+        rows.remove(max(good, key=lambda r: r["image_uri"]))
+        rows += [ours[0] | {"image_uri": os.path.join(root, product, "incoming", f"unlabelled_{k}.png")}
+                 for k in range(2)]
     return rows
 
 
