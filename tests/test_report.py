@@ -75,8 +75,8 @@ def test_the_first_line_is_the_verdict_and_provenance_and_coverage_follow(report
     provenance = re.search(r'id="provenance">(.*?)</div>', html, re.S)[1]
     for run in RUNS:  # every run evaluated: routing, MLLM, guidance, config hash
         row = re.search(rf"<tr><th>{run.run_id}[^<]*</th>(.*?)</tr>", provenance)[1]
-        assert run.policy in row and "sample-mllm" in row and ("on" if run.guided else "off") in row
-        assert f"cfg-{run.run_id}" in row
+        assert f">{run.policy}<" in row and "sample-mllm" in row and f'>{"on" if run.guided else "off"}<' in row
+        assert f"cfg-{run.run_id}" in row and ">qwen2_5_vl<" in row and ">run manifest<" in row
     assert metrics["provenance"][RUNS[0].run_id]["routing"] == "uncertain"
 
 

@@ -33,8 +33,8 @@ RED, GREEN, WHITE = (255, 0, 0), (0, 230, 0), (255, 255, 255)
 Pair = tuple[dict[str, Any], Truth]
 
 # (title, how many) in gallery order; see pick_examples.
-QUOTAS = (("errors introduced by the MLLM", 2), ("false positives, the expert's too", 2),
-          ("false negatives, the expert's too", 2), ("errors fixed by the MLLM", 2),
+QUOTAS = (("errors introduced by the MLLM", 2), ("false positives the expert made too", 2),
+          ("false negatives the expert made too", 2), ("errors fixed by the MLLM", 2),
           ("correct: defects found closest to the threshold", 2), ("correct: normal images scored highest", 2))
 
 

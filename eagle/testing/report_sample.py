@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
+import json
 import os
 import shutil
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import cv2
@@ -34,6 +35,7 @@ from eagle.expert.regions import find_regions, png_shape
 from eagle.expert.threshold import classify
 from eagle.findings import Box, final_verdict
 from eagle.io import storage
+from eagle.io.runs import RunInfo, manifest_uri
 from eagle.io.schema import to_table
 from eagle.pipeline.routing import expert_explanation, needs_mllm
 from eagle.testing.synth import generate
@@ -198,12 +200,24 @@ def write_output(out: str, rows: list[dict[str, Any]]) -> None:
                             buf.getvalue())
 
 
+def write_manifests(out: str, runs: Sequence[Run]) -> None:
+    """A run manifest per run, as a completed inspect run leaves it (with its settings: the provenance)."""
+    for k, run in enumerate(runs):
+        when = (START - dt.timedelta(hours=k)).isoformat()
+        info = RunInfo(run_id=run.run_id, started_at=when, audit_date=START.date().isoformat(),
+                       config_hash=f"cfg-{run.run_id}", attempts=[when], mode="full", status="completed",
+                       settings={"routing": run.policy, "mllm_model": "sample-mllm", "mllm_family": "qwen2_5_vl",
+                                 "guidance": run.guided, "expert_model": "patchcore", "expert_ensemble": []})
+        storage.write_bytes(manifest_uri(out, run.run_id), json.dumps(asdict(info), indent=2).encode())
+
+
 def build_sample(out: str, products: Sequence[str] = MVTEC_PRODUCTS, size: int = 512, n_good: int = 12,
                  n_defect: int = 4, runs: Sequence[Run] = RUNS) -> tuple[str, str]:
     """Data under ``{out}/data`` and the runs' rows under ``{out}/audit``; returns (data root, output URI)."""
     data, audit = os.path.join(out, "data"), os.path.join(out, "audit")
     build_data(data, products, size, n_good, n_defect)
     write_output(audit, simulate_rows(data, runs))
+    write_manifests(audit, runs)
     return data, audit
 
 
