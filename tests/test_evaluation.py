@@ -459,7 +459,8 @@ def test_end_to_end(workspace, repo_root):
     assert galleries(section(html, "introduced"))["Errors the MLLM introduced"] == [
         "grid/test/scratch/000.png", "grid/test/good/001.png"]
     first = re.search(r'<h1 class="verdict bad" id="verdict">(.*?)</h1>', html)[1]
-    assert "net -1 errors (fixed 1, introduced 2) · accuracy 0.800 → 0.700" in first
+    assert first.startswith("Verdict: the MLLM made it worse: net -1 errors (fixed 1, introduced 2) · accuracy "
+                            "0.800 → 0.700")
     sources = re.findall(r'<img[^>]*src="([^"]*)"', html)
     pngs = [s for s in sources if s.startswith("data:image/png;base64,")]
     jpegs = [s for s in sources if s.startswith("data:image/jpeg;base64,")]

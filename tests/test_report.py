@@ -70,7 +70,7 @@ def test_the_first_line_is_the_verdict_and_provenance_and_coverage_follow(report
     acc, f1 = (f"{o['expert'][k]:.3f} → {o['final'][k]:.3f}" for k in ("accuracy", "f1"))
     assert f"accuracy {acc}" in first and f"F1 {f1}" in first and " ms" in first and "calls" in first
     coverage = re.search(r'id="coverage">(.*?)</p>', html)[1]
-    assert "2 rows without ground truth" in coverage and "1 test images without a row" in coverage
+    assert "2 rows without ground truth" in coverage and "1 test image without a row" in coverage
     assert o["n_unmatched"] == 2 and o["n_missing"] == 1
     provenance = re.search(r'id="provenance">(.*?)</div>', html, re.S)[1]
     for run in RUNS:  # every run evaluated: routing, MLLM, guidance, config hash
@@ -180,3 +180,21 @@ def test_a_card_of_pure_noise_stays_within_its_byte_budget(tmp_path):
     budget = 4 / 3 * (cards.IMAGE_BYTES + cards.MAP_BYTES + cards.CROP_BYTES)
     assert len(html) < budget + 2_000
     assert 15 * CARDS_PER_PRODUCT * (budget + 2_000) < MAX_BYTES - 500_000  # room for the plots and tables
+
+
+def test_the_verdict_says_when_accuracy_and_f1_disagree():
+    from eagle.evaluation.report import verdict
+
+    def m(fixed, introduced, acc, f1):
+        return {"n_images": 10, "verdict_change": {"fixed": fixed, "introduced": introduced},
+                "expert": {"accuracy": acc[0], "f1": f1[0]}, "final": {"accuracy": acc[1], "f1": f1[1]},
+                "mllm": {"calls": 4, "calls_per_image": 0.4, "ms_per_image": 300.0}}
+
+    line, tone = verdict(m(4, 6, (0.594, 0.531), (0.519, 0.571)))  # the issue's run: F1 up, accuracy down
+    assert line.startswith("Verdict: mixed, accuracy fell but F1 rose: net -2 errors (fixed 4, introduced 6)")
+    assert "accuracy 0.594 → 0.531 · F1 0.519 → 0.571 · MLLM cost per image: 0.400 calls, 300 ms" in line
+    assert tone == ""
+    assert verdict(m(3, 1, (0.5, 0.7), (0.5, 0.6))) == (verdict(m(3, 1, (0.5, 0.7), (0.5, 0.6)))[0], "good")
+    assert verdict(m(1, 3, (0.7, 0.5), (0.6, 0.5)))[0].startswith("Verdict: the MLLM made it worse: net -2")
+    assert verdict(m(0, 0, (0.7, 0.7), (0.6, 0.6)) | {"mllm": {"calls": 0}})[0].startswith(
+        "The MLLM was not asked")

@@ -149,7 +149,7 @@ def provenance_table(provenance: dict[str, dict[str, Any]], evaluated: str, chos
             return "on" if v else "off"
         return esc(v if v not in (None, "") else ("none" if key == "mllm_model" else "n/a"))
 
-    body = [f"<tr><th>{esc(run)}{' (' + esc(chosen_as) + ')' if run == evaluated else ''}</th>"
+    body = [f"<tr><th>{esc(run)}{' (evaluated)' if run == evaluated else ''}</th>"
             + "".join(f'<td class="text">{value(k, p.get(k))}</td>' for k, _ in PROVENANCE_COLUMNS) + "</tr>"
             for run, p in provenance.items()]
     return _table(["run", *(esc(label) for _, label in PROVENANCE_COLUMNS)], body, css="wide provenance")

@@ -141,11 +141,15 @@ def verdict(m: dict[str, Any]) -> tuple[str, str]:
     if not mllm["calls"]:
         return (f"The MLLM was not asked about any of the {n} images: the final verdict is the expert's "
                 f"(accuracy {format_value(m['expert']['accuracy'])}, F1 {format_value(m['expert']['f1'])})."), ""
-    net = _net(change)
-    said = ("the MLLM helped" if net > 0 else "the MLLM made it worse" if net < 0
-            else "the MLLM changed nothing on balance")
-    tone = "good" if net > 0 else "bad" if net < 0 else ""
-    return (f"Verdict: {said}, net {net:+d} errors (fixed {change['fixed']}, introduced {change['introduced']}) · "
+    net, f1_before, f1_after = _net(change), m["expert"]["f1"], m["final"]["f1"]
+    df1 = f1_after - f1_before if f1_before is not None and f1_after is not None else 0.0
+    if net > 0 and df1 < 0 or net < 0 and df1 > 0:  # accuracy and F1 disagree: say so, no colour
+        said, tone = f"mixed, accuracy {'rose' if net > 0 else 'fell'} but F1 {'fell' if df1 < 0 else 'rose'}", ""
+    else:
+        said = ("the MLLM helped" if net > 0 else "the MLLM made it worse" if net < 0
+                else "the MLLM changed nothing on balance")
+        tone = "good" if net > 0 else "bad" if net < 0 else ""
+    return (f"Verdict: {said}: net {net:+d} errors (fixed {change['fixed']}, introduced {change['introduced']}) · "
             f"accuracy {format_value(m['expert']['accuracy'])} → {format_value(m['final']['accuracy'])} · "
             f"F1 {format_value(m['expert']['f1'])} → {format_value(m['final']['f1'])} · MLLM cost per image: "
             f"{format_value(mllm['calls_per_image'])} calls, {format_value(mllm['ms_per_image'])} ms"), tone
@@ -194,8 +198,13 @@ def parse_alarm(evaluation: Evaluation) -> str:
 def coverage(o: dict[str, Any]) -> str:
     """What was scored and what was not: rows without ground truth, test images without a row, error rows."""
     return (f'<p class="coverage" id="coverage"><b>Coverage:</b> {o["n_images"]} of {o["n_test_images"]} test '
-            f"images scored · {o['n_unmatched']} rows without ground truth (outside the test set, not scored) · "
-            f"{o['n_missing']} test images without a row · {o['n_errors']} error rows (not scored)</p>")
+            f"images scored · {_n(o['n_unmatched'], 'row')} without ground truth (outside the test set, not "
+            f"scored) · {_n(o['n_missing'], 'test image')} without a row · {_n(o['n_errors'], 'error row')} (not "
+            f"scored)</p>")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def one_line(m: dict[str, Any]) -> str:
@@ -301,11 +310,15 @@ def product_section(result: ProductResult, train: tuple[list[float], str] | None
               f"{metrics_table({result.product: m})}</details></details>")
 
 
+def _chosen(how: str) -> str:
+    return "" if how == "given" else f" ({esc(how)})"
+
+
 def render(evaluation: Evaluation, train: TrainScores, cfg: StorageConfig | None = None) -> str:
     """The whole report page."""
     line, tone = verdict(evaluation.overall)
     header = (f'<h1 class="verdict {tone}" id="verdict">{esc(line)}</h1><p class="kicker">EAGLE audit evaluation · '
-              f"run <b>{esc(evaluation.run_id)}</b> ({esc(evaluation.chosen_as)}) · output "
+              f"run <b>{esc(evaluation.run_id)}</b>{_chosen(evaluation.chosen_as)} · output "
               f"{esc(evaluation.output_uri)} · data {esc(evaluation.data_root)} · generated "
               f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p>{parse_alarm(evaluation)}{coverage(evaluation.overall)}"
               f'<div class="scroll" id="provenance">'

@@ -65,6 +65,9 @@ def init_ray(cfg: JobConfig) -> None:
 def _connect(cfg: JobConfig) -> None:
     import ray
 
+    global _started_local
+    _started_local = False
+
     env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
     secrets = [k for k in SECRET_ENV_VARS if os.environ.get(k)]
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -103,7 +106,6 @@ def _connect(cfg: JobConfig) -> None:
 
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")
-    global _started_local
     _started_local = True
     # Workers of a Ray this job starts inherit its environment, credentials included: no runtime env needed.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,

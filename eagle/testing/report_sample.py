@@ -177,11 +177,11 @@ def simulate_rows(root: str, runs: Sequence[Run] = RUNS) -> list[dict[str, Any]]
         rows += [dict(run_id=run.run_id, audited_at=whens[run.run_id], product=product, status="error",
                       error_stage="decode", image_uri=os.path.join(root, product, "test", "good", "truncated.png"),
                       error="corrupt or truncated image", audit_date=START.date().isoformat()) for run in runs]
-    # coverage: the first run also audited two images outside the test set (rows without ground truth) and has
-    # no row of the first product's last normal test image
-    first = runs[0].run_id
-    for product in sorted({r["product"] for r in rows})[:1]:
-        ours = [r for r in rows if r["product"] == product and r["run_id"] == first and r["status"] == "ok"]
+    # coverage: every run also audited two images outside the test set (rows without ground truth) and has no
+    # row of the first product's last normal test image
+    product = min(r["product"] for r in rows)
+    for run in runs:
+        ours = [r for r in rows if r["product"] == product and r["run_id"] == run.run_id and r["status"] == "ok"]
         good = [r for r in ours if "/test/good/" in r["image_uri"]]
         rows.remove(max(good, key=lambda r: r["image_uri"]))
         rows += [ours[0] | {"image_uri": os.path.join(root, product, "incoming", f"unlabelled_{k}.png")}
