@@ -4,9 +4,11 @@
     ray job submit --working-dir . -- python jobs/inspect.py --config audit.yaml [section.key=value ...]
     python jobs/inspect.py            # no arguments: the embedded offline demo (synthetic data, tiny MLLM)
 
-Before Ray starts, the job checks its inputs (each prefix exists and holds images), output, model store and MLLM
-(a local folder, an s3:// prefix, or a hub id in the local cache; a model over 4 GiB needs a GPU unless
---force-cpu-mllm). The summary goes to stdout (and as JSON to --summary-json); logs go to stderr.
+Before Ray starts, the job checks its inputs (each prefix exists and holds images; a manifest has a 'uri'
+column), output, model store (an expert of the configured model for at least one listed product), credentials
+for s3://, an Iceberg catalog for s3:// output, and MLLM (a local folder, an s3:// prefix, or a hub id in the
+local cache; a model over 4 GiB needs a GPU unless --force-cpu-mllm). The summary goes to stdout (and as JSON
+to --summary-json); logs go to stderr.
 """
 
 from __future__ import annotations
