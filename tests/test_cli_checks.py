@@ -190,6 +190,7 @@ def test_a_model_some_listed_products_lack_stays_a_warning(site):
         preflight.check_experts_for(str(site / "models"), {"grid", "screw"}, cfg)
     with pytest.raises(ConfigError, match="no fitted expert for any listed product"):  # listed, but not in the store
         preflight.check_experts_for(str(site / "models"), {"bolt"}, cfg)
+    preflight.check_experts_for(str(site / "models"), set(), cfg)  # an empty input (--allow-empty) needs none
     manifest = site / "m.csv"
     manifest.write_text(f"uri,product\n{site}/data/grid/test/000.png,grid\n{site}/x/1.png,cable\n")
     assert preflight.listed_products(InputConfig(manifest=str(manifest)), None) == {"grid", "cable"}

@@ -240,6 +240,8 @@ def check_experts_for(uri: str, products: set[str] | None, cfg: JobConfig) -> No
     if products is None:
         products = {posixpath.basename(f.rstrip("/")) for f in storage.list_folders(uri, store)}
     products = {p for p in products or () if _safe(p)}  # unsafe names: the listing reports them
+    if not products:
+        return  # nothing listed (an empty input allowed by --allow-empty): no expert needed
     models = list(cfg.expert.ensemble) or [cfg.expert.model]
     for model in models:
         if any(_has_expert(uri, p, model, store) for p in sorted(products)):
