@@ -1,4 +1,4 @@
-"""Every user mistake of issue 16's table, run as the user runs it: exit 2 before Ray starts, one message that
+"""Every user mistake of issues 16's and 28's tables, run as the user runs it: exit 2 before Ray starts, one message that
 names the problem and says what to do, no traceback, and nothing written."""
 
 from __future__ import annotations
@@ -27,9 +27,17 @@ def site(tmp_path: Path) -> Path:
     belongs, a local MLLM folder too large for a CPU, and an empty hub cache."""
     (tmp_path / "data" / "grid" / "test").mkdir(parents=True)
     (tmp_path / "data" / "grid" / "test" / "000.png").write_bytes(b"png")
+    (tmp_path / "data" / "grid" / "train" / "good").mkdir(parents=True)
+    (tmp_path / "data" / "grid" / "train" / "good" / "000.png").write_bytes(b"png")
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    (tmp_path / "list.csv").write_text(f"path,product\n{tmp_path}/data/grid/test/000.png,grid\n")
     (tmp_path / "empty" / "grid").mkdir(parents=True)
     (tmp_path / "empty" / "grid" / "notes.txt").write_text("no images here")
-    (tmp_path / "models" / "grid").mkdir(parents=True)
+    (tmp_path / "models" / "grid" / "v1").mkdir(parents=True)  # a PatchCore expert fitted with random weights
+    (tmp_path / "models" / "grid" / "LATEST").write_text("v1\n")
+    (tmp_path / "models" / "grid" / "LATEST.patchcore").write_text("v1\n")
+    (tmp_path / "models" / "grid" / "v1" / "meta.json").write_text(
+        '{"backbone": {"name": "resnet18", "weights": "random"}}')
     (tmp_path / "no-models").mkdir()
     (tmp_path / "imagenet-models" / "grid" / "v1").mkdir(parents=True)  # an expert fitted with ImageNet weights
     (tmp_path / "imagenet-models" / "grid" / "LATEST").write_text("v1\n")
@@ -50,7 +58,12 @@ def site(tmp_path: Path) -> Path:
 INSPECT = ["--input", "{t}/data", "--model-store", "{t}/models", "--output", "{t}/out"]
 FIT = ["--data", "{t}/data", "--model-store", "{t}/models-out", "--weights", "random"]
 
-# (job, arguments, message that must appear); each exits 2.
+NO_AWS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None,
+          "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials", "AWS_CONFIG_FILE": "/nonexistent/config",
+          "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": None,
+          "AWS_CONTAINER_CREDENTIALS_FULL_URI": None, "AWS_WEB_IDENTITY_TOKEN_FILE": None}
+
+# (job, arguments, message that must appear[, environment changes]); each exits 2.
 MISTAKES = {
     "mllm left out: the 7B default, not cached, offline": ("inspect", INSPECT, "HF_HUB_OFFLINE is set"),
     "mistyped input": ("inspect", [*INSPECT, "--mllm", "none", "--input", "/data/nope"],
@@ -80,13 +93,40 @@ MISTAKES = {
                                          "'{t}/wrn50.safetensors': no such file"),
     "fit without a model store": ("fit", FIT[:2], "no model store: pass --model-store"),
     "fit with a missing data root": ("fit", ["--data", "{t}/nope", *FIT[2:]], "data root {t}/nope does not exist"),
+    # issue 28
+    "a text file as input": ("inspect", ["--input", "{t}/notes.txt", *INSPECT[2:], "--mllm", "none"],
+                             "input {t}/notes.txt is neither an image folder"),
+    "CSV manifest without a uri column": ("inspect", ["--input", "{t}/list.csv", *INSPECT[2:], "--mllm", "none"],
+                                          "manifest {t}/list.csv has no 'uri' column (its columns: path, product)"),
+    "model store pointing at the data folder": (
+        "inspect", [*INSPECT[:2], "--model-store", "{t}/data", *INSPECT[4:], "--mllm", "none"],
+        "model store {t}/data has no fitted expert for any listed product (grid) (it looks like an image folder"),
+    "expert model fitted for no listed product": ("inspect", [*INSPECT, "--mllm", "none", "expert.model=padim"],
+                                                  "expert.model=padim: no listed product (grid) has a fitted padim "
+                                                  "expert in {t}/models (fitted there: patchcore)"),
+    "ensemble member fitted for no listed product": (
+        "inspect", [*INSPECT, "--mllm", "none", "expert.ensemble=[patchcore,padim]"],
+        "expert.ensemble member padim: no listed product (grid) has a fitted padim expert"),
+    "fit of a product that does not exist": ("fit", [*FIT, "--products", "grid,bolt"],
+                                             "--products bolt: no such product under {t}/data"),
+    "fit with an unknown timm backbone": ("fit", [*FIT, "expert.backbone=resnet181"],
+                                          "expert.backbone 'resnet181' is not a timm model (did you mean resnet18"),
+    "Iceberg output on s3:// without a catalog": (
+        "inspect", [*INSPECT[:4], "--output", "s3://audit-bucket/out", "--mllm", "none", "output.format=iceberg"],
+        "output.format iceberg with an s3:// output needs output.catalog"),
+    "s3:// output with no credentials anywhere": (
+        "inspect", [*INSPECT[:4], "--output", "s3://audit-bucket/out", "--mllm", "none"],
+        "no S3 credentials were found for s3://audit-bucket/out", NO_AWS),
 }
 
 
 @pytest.mark.parametrize("case", list(MISTAKES))
 def test_each_mistake_exits_2_with_a_message_and_writes_nothing(case, site, repo_root):
-    job, args, message = MISTAKES[case]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(site / "hf"), "HF_HUB_CACHE": str(site / "hf")}
+    job, args, message, *changes = MISTAKES[case]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(site / "hf"), "HF_HUB_CACHE": str(site / "hf"),
+           "PYICEBERG_HOME": str(site / "hf")}
+    for name, value in (changes[0] if changes else {}).items():
+        env.pop(name, None) if value is None else env.__setitem__(name, value)
     before = _tree(site)
     proc = subprocess.run([sys.executable, str(repo_root / "jobs" / f"{job}.py"),
                            *[a.format(t=site) for a in args]], cwd=site, env=env, capture_output=True, text=True,
@@ -113,7 +153,7 @@ def test_an_empty_input_passes_only_when_allowed(site):
     check_inputs(InputConfig(uris=[str(site / "empty")], allow_empty=True), None)
     check_inputs(InputConfig(uris=[str(site / "data")]), None)
     with pytest.raises(ConfigError, match="holds no images"):  # its only image is excluded
-        check_inputs(InputConfig(uris=[str(site / "data")], exclude=["*/test/*"]), None)
+        check_inputs(InputConfig(uris=[str(site / "data")], exclude=["*/test/*", "*/train/*"]), None)
 
 
 def test_a_hub_mllm_is_found_in_the_cache_and_sized(site, monkeypatch):
@@ -131,3 +171,49 @@ def test_a_hub_mllm_is_found_in_the_cache_and_sized(site, monkeypatch):
                            env={}), force_cpu=False)
     with pytest.raises(ConfigError, match="not in the local hub cache and HF_HUB_OFFLINE is set"):
         check_mllm(load_config(overrides={"mllm": {"model": "org/absent"}}, env={}), force_cpu=False)
+
+
+def test_a_model_some_listed_products_lack_stays_a_warning(site):
+    """Only a model that no listed product has is refused; one product without it becomes error rows later."""
+    (site / "data" / "screw" / "test").mkdir(parents=True)
+    (site / "data" / "screw" / "test" / "000.png").write_bytes(b"png")
+    (site / "models" / "screw").mkdir()
+    (site / "models" / "screw" / "LATEST.padim").write_text("v2\n")
+    inputs = InputConfig(uris=[str(site / "data")])
+    assert preflight.listed_products(inputs, None) == {"grid", "screw"}
+    for override in ({"model": "padim"}, {"ensemble": ["patchcore", "padim"]}, {"model": "auto"}):
+        cfg = load_config(overrides={"model_store": str(site / "models"), "expert": override}, env={})
+        preflight.check_experts_for(str(site / "models"), {"grid", "screw"}, cfg)
+    cfg = load_config(overrides={"model_store": str(site / "models"), "expert": {"model": "stfpm"}}, env={})
+    with pytest.raises(ConfigError, match=r"no listed product \(grid, screw\) has a fitted stfpm expert .*"
+                                          r"fitted there: padim, patchcore"):
+        preflight.check_experts_for(str(site / "models"), {"grid", "screw"}, cfg)
+    with pytest.raises(ConfigError, match="no fitted expert for any listed product"):  # listed, but not in the store
+        preflight.check_experts_for(str(site / "models"), {"bolt"}, cfg)
+    preflight.check_experts_for(str(site / "models"), set(), cfg)  # an empty input (--allow-empty) needs none
+    manifest = site / "m.csv"
+    manifest.write_text(f"uri,product\n{site}/data/grid/test/000.png,grid\n{site}/x/1.png,cable\n")
+    assert preflight.listed_products(InputConfig(manifest=str(manifest)), None) == {"grid", "cable"}
+
+
+def test_the_summary_json_says_mode_status_models_and_config_hash(tmp_path):
+    from eagle.cli.inspect_cmd import summary_doc
+    from eagle.config import config_hash
+    from eagle.pipeline.inspection import Summary
+
+    (tmp_path / "mllm").mkdir()
+    (tmp_path / "mllm" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    cfg = load_config(overrides={"run_id": "r1", "mode": "incremental", "mllm": {"model": str(tmp_path / "mllm")},
+                                 "routing": {"policy": "uncertain"}, "expert": {"ensemble": ["patchcore", "padim"]},
+                                 "output": {"uri": str(tmp_path / "out")}}, env={})
+    summary = Summary(run_id="r1", output=str(tmp_path / "out"), listed=3, skipped=0, audited=3, seconds=1.0,
+                      status={"ok": 2, "error": 1})
+    doc = summary_doc(cfg, "completed", summary)
+    assert doc["mode"] == "incremental" and doc["final_status"] == "completed" and doc["audited"] == 3
+    assert doc["counts_by_status"] == {"error": 1, "ok": 2} and doc["config_hash"] == config_hash(cfg)
+    assert doc["models"]["expert"]["ensemble"] == ["patchcore", "padim"]
+    assert doc["models"]["mllm"] == {"model": str(tmp_path / "mllm"), "family": "qwen2_5_vl", "routing": "uncertain",
+                                     "guidance": cfg.guidance.enabled}
+    failed = summary_doc(cfg, "failed", error="error rate 100%")
+    assert failed["final_status"] == "failed" and failed["error"] == "error rate 100%"
+    assert failed["run_id"] == "r1" and failed["counts_by_status"] == {}

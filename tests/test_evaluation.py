@@ -359,7 +359,7 @@ def section(html: str, ident: str) -> str:
 
 def galleries(html: str) -> dict[str, list[str]]:
     """Gallery title -> the image paths of its cards, in order."""
-    parts = re.split(r"<h3>(.*?)</h3>", html)[1:]
+    parts = re.split(r"<h3>(.*?)(?: <span class=\"count\">.*?</span>)?</h3>", html)[1:]
     return {title: re.findall(r'<p class="path">(.*?)</p>', body) for title, body in zip(parts[::2], parts[1::2])
             if title != "Examples"}
 
@@ -395,6 +395,7 @@ def test_end_to_end(workspace, repo_root):
     assert (mllm["calls"], mllm["yes"], mllm["no"], mllm["unparsed"], mllm["correct"], mllm["wrong"]) == (5, 1, 3, 1, 2, 2)
     assert mllm["parse_rate"] == pytest.approx(4 / 5) and mllm["accuracy"] == pytest.approx(2 / 4)
     assert mllm["expert_accuracy_on_asked"] == pytest.approx(4 / 5)  # wrong only on good/002
+    assert mllm["expert_accuracy_on_answered"] == pytest.approx(3 / 4)  # the same without hole (unparsed)
     assert mllm["calls_per_image"] == pytest.approx(5 / 6) and mllm["guided_share"] == pytest.approx(1 / 5)
     assert mllm["ms_per_image"] == pytest.approx(500 / 6) and mllm["ms_per_call"] == pytest.approx(100)
     assert mllm["attention_share"] == {"correct": pytest.approx(0.7), "wrong": pytest.approx(0.25),
@@ -453,8 +454,9 @@ def test_end_to_end(workspace, repo_root):
     assert "training scores: 5 from" in section(html, "product-grid")
     assert "training scores: not available" in section(html, "product-nut")
     assert galleries(section(html, "gallery-grid")) == {
-        "False positives": ["grid/test/good/001.png"],
-        "False negatives": ["grid/test/stain/000.png", "grid/test/scratch/000.png"],  # lowest score first
+        "Errors introduced by the MLLM": ["grid/test/scratch/000.png", "grid/test/good/001.png"],  # surest first
+        "False positives the expert made too": [],
+        "False negatives the expert made too": ["grid/test/stain/000.png"],
         "Errors fixed by the MLLM": ["grid/test/good/002.png"],
         "Correct: defects found closest to the threshold": ["grid/test/hole/000.png"],
         "Correct: normal images scored highest": ["grid/test/good/000.png"]}
@@ -462,12 +464,19 @@ def test_end_to_end(workspace, repo_root):
     assert galleries(nut_gallery)["Correct: normal images scored highest"] == ["nut/test/good/003.png",
                                                                                "nut/test/good/002.png"]
     assert "No false positives" in nut_gallery
+    assert re.findall(r'<span class="count">\((\d+ of \d+) shown\)', section(html, "gallery-grid")) == [
+        "2 of 2", "0 of 0", "1 of 1", "1 of 1", "1 of 1", "1 of 1"]
+    assert galleries(section(html, "introduced"))["Errors the MLLM introduced"] == [
+        "grid/test/scratch/000.png", "grid/test/good/001.png"]
+    first = re.search(r'<h1 class="verdict bad" id="verdict">(.*?)</h1>', html)[1]
+    assert first.startswith("Verdict: the MLLM made it worse: net -1 errors (fixed 1, introduced 2) · accuracy "
+                            "0.800 → 0.700")
     sources = re.findall(r'<img[^>]*src="([^"]*)"', html)
     pngs = [s for s in sources if s.startswith("data:image/png;base64,")]
     jpegs = [s for s in sources if s.startswith("data:image/jpeg;base64,")]
     assert len(pngs) == 3 + 2 + 2  # summary: 2×2 grid, ROC; comparison: 2×2 grid; per product: histogram, ROC
     # cards: picture, map (the hole image has none) and crop: grid 6 + 5 + 6, nut 2 + 2 + 2
-    assert len(jpegs) == 17 + 6 and len(sources) == len(pngs) + len(jpegs)
+    assert len(jpegs) == 17 + 6 + 6 and len(sources) == len(pngs) + len(jpegs)
     for src in pngs:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     for src in jpegs:
@@ -495,7 +504,8 @@ def test_on_s3(s3_bucket, tmp_path):
     assert metrics["products"]["grid"]["image_auroc"] == pytest.approx(6 / 9)
     assert metrics["products"]["grid"]["aupro"] == pytest.approx(1.0)
     html = storage.read_bytes(report_uri).decode()
-    assert html.count('<article class="card"') == 6 and "image unavailable" not in html  # pictures read from S3
+    # pictures read from S3: grid's 6 cards and the summary's 2 introduced errors
+    assert html.count('<article class="card"') == 6 + 2 and "image unavailable" not in html
 
 
 def test_without_run_id_the_latest_full_run_is_evaluated_and_the_log_says_so(workspace, tmp_path, repo_root):
@@ -515,3 +525,13 @@ def test_without_run_id_the_latest_full_run_is_evaluated_and_the_log_says_so(wor
     seen = result.overall["n_test_images_with_rows"]
     assert f"evaluating run old (the latest full run): it has rows for {seen} of the {total} ground-truth" \
         in proc.stderr
+
+
+def test_provenance_read_off_the_rows_when_no_manifest_says():
+    from eagle.evaluation.scorecard import infer_routing
+
+    assert infer_routing({"uncertain"}, {"confident_normal", "confident_anomalous"}) == "uncertain"
+    assert infer_routing({"uncertain", "confident_anomalous"}, {"confident_normal"}) == "not-confident-normal"
+    assert infer_routing({"uncertain", "confident_normal", "confident_anomalous"}, set()) == "all"
+    assert infer_routing(set(), {"uncertain"}) is None  # no call: the rows do not tell
+    assert infer_routing({"uncertain"}, {"uncertain"}) is None  # some asked, some not: not a policy

@@ -20,11 +20,13 @@ def test_fit_job_end_to_end(tmp_path: Path, s3_bucket: str, repo_root: Path):
     from eagle.testing.synth import generate
 
     generate(str(tmp_path), products=("grid", "nut"), n_train=5, n_test_good=1, n_test_defect=1, size=64)
+    (tmp_path / "absent" / "train" / "good").mkdir(parents=True)  # a product folder without images
     store = f"{s3_bucket}/models"
     cmd = [sys.executable, "jobs/fit.py", "--data", str(tmp_path), "--model-store", store,
            "--products", "grid,nut,absent", "--backbone", "resnet18", "--weights", "random",
            "--threshold-method", "mad", "--coreset-ratio", "0.2",
            "expert.resize=64", "expert.crop=64", "threshold.min_unselected_patches=4", "ray.num_cpus=4",
+           "routing.policy=uncertain",  # the policy that uses the band: its advice is printed
            "--summary-json", str(tmp_path / "fit.json")]
     proc = subprocess.run(cmd, cwd=repo_root, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}

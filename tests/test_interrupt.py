@@ -91,5 +91,7 @@ def test_sigint_marks_the_run_interrupted_and_prints_a_working_resume_command(tm
     assert rows == [(uri, 1) for uri in images]  # every image exactly once across the two attempts
     summary = json.loads(summary_json.read_text())
     assert summary["run_id"] == run_id and summary["listed"] == len(images)
+    assert summary["final_status"] == "completed" and summary["mode"] == "full" and summary["config_hash"]
+    assert set(summary["counts_by_status"]) == {"ok"} and summary["models"]["mllm"]["model"] is None
     assert summary["skipped"] + summary["audited"] == len(images)
     assert f"run {run_id}: {len(images)} images listed" in done.stdout  # the summary, on stdout

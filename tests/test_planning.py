@@ -223,7 +223,8 @@ def test_a_routing_policy_that_can_route_nothing_says_so_up_front(tmp_path, capl
     assert [(r.levelname, r.getMessage().split(":")[0]) for r in caplog.records] == [("WARNING", "grid")]
     assert "routing.policy=uncertain sends none of its images" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, "eagle.pipeline.inspection"):  # guidance only: a note, not a warning
-        say_unreachable_band(cfg.model_copy(update={"routing": RoutingConfig(policy="all")}),
-                             pinned_metas(store, {"grid": "v1"}))
-    assert [r.levelname for r in caplog.records] == ["INFO"]
+    for policy in ("all", "not-confident-normal"):  # policies that do not use the band: no advice
+        with caplog.at_level(logging.INFO, "eagle.pipeline.inspection"):
+            say_unreachable_band(cfg.model_copy(update={"routing": RoutingConfig(policy=policy)}),
+                                 pinned_metas(store, {"grid": "v1"}))
+        assert caplog.records == []

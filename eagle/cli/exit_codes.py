@@ -12,8 +12,9 @@ JOB_FAILED = 3
 SIGINT = 130
 SIGTERM = 143
 
-_MISTAKE = ("a mistake found before any work (arguments, config file, missing or empty input, unwritable output, "
-            "missing model store, MLLM or weights): one message says what to do; nothing is written")
+_MISTAKE = ("a mistake found before any work (arguments, config file, missing, empty or unreadable input, "
+            "unwritable output, missing model store, expert, MLLM, weights, backbone or credentials): one message "
+            "says what to do; nothing is written")
 _INTERRUPTED = "interrupted by {signal}; the run manifest says interrupted and the last line is the resume command"
 
 EXIT_CODES: dict[str, dict[int, str]] = {

@@ -11,8 +11,8 @@ resources.expert; each writes {model-store}/{product}/{version}/ and moves {prod
 the first model of --expert (default: expert.model, 'auto' = patchcore) also moves {product}/LATEST, the
 product's default expert that inspect uses with expert.model auto. --weights imagenet
 (the default) needs timm's pretrained weights from the hub or its local cache; random is for trials.
-A product whose threshold lies at or above its largest training score (an empty uncertain band) is reported
-with the setting that widens the band.
+With routing.policy=uncertain (the policy that uses the band), a product whose threshold lies at or above its
+largest training score (an empty uncertain band) is reported with the setting that widens the band.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import logging
 
 from eagle.cli.exit_codes import OK, SOME_FAILED, USAGE, failed, help_text
 from eagle.cli.interrupts import catch_signals
-from eagle.cli.preflight import StorageUnreachable, check_fit
+from eagle.cli.preflight import StorageUnreachable, check_fit, check_requested_products
 from eagle.config import ConfigError, load_config
 from eagle.io import storage
 from eagle.io.layouts import LAYOUTS, detect_layout
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = [f"{key}={getattr(args, name)}" for name, key in _FLAGS.items() if getattr(args, name) is not None]
     try:
         cfg = load_config(args.config, args.overrides + flags)
+        requested = [s.strip() for s in args.products.split(",") if s.strip()] if args.products else None
         check_fit(cfg, args.data)
         from eagle.expert.experts import parse_models
 
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         layout = args.layout or detect_layout(args.data, cfg.storage)
-        products = [s.strip() for s in args.products.split(",") if s.strip()] if args.products else \
-            list_products(args.data, cfg.storage, layout)
+        available = list_products(args.data, cfg.storage, layout)
+        products = check_requested_products(args.data, requested, available) if requested else available
     except (ConfigError, ValueError, RuntimeError) as exc:  # anomalib's parsers: RuntimeError, MisMatchError
         return failed(exc, log)
     if not products:
@@ -106,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             n_failed += 1
             which = f"{model}: " if len(models) > 1 else ""
             print(f"{product:<16} FAILED: {which}{type(res).__name__}: {res}")
+    uses_band = cfg.routing.policy == "uncertain"  # the band's advice only where the routing policy uses it
     for (_, model), res in results.items():
-        if isinstance(res, FitSummary) and (advice := empty_band_advice(res.product, res.threshold, res.score_max,
-                                                                        cfg.confidence)):
+        if uses_band and isinstance(res, FitSummary) and (advice := empty_band_advice(
+                res.product, res.threshold, res.score_max, cfg.confidence)):
             log.warning("%s", advice if len(models) == 1 else f"({model}) {advice}")
     if args.summary_json:
         def of(model: str) -> dict:

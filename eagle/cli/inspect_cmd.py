@@ -4,9 +4,11 @@
     ray job submit --working-dir . -- python jobs/inspect.py --config audit.yaml [section.key=value ...]
     python jobs/inspect.py            # no arguments: the embedded offline demo (synthetic data, tiny MLLM)
 
-Before Ray starts, the job checks its inputs (each prefix exists and holds images), output, model store and MLLM
-(a local folder, an s3:// prefix, or a hub id in the local cache; a model over 4 GiB needs a GPU unless
---force-cpu-mllm). The summary goes to stdout (and as JSON to --summary-json); logs go to stderr.
+Before Ray starts, the job checks its inputs (each prefix exists and holds images; a manifest has a 'uri'
+column), output, model store (an expert of the configured model for at least one listed product), credentials
+for s3://, an Iceberg catalog for s3:// output, and MLLM (a local folder, an s3:// prefix, or a hub id in the
+local cache; a model over 4 GiB needs a GPU unless --force-cpu-mllm). The summary goes to stdout (and as JSON
+to --summary-json); logs go to stderr.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_inspect
 from eagle.config import ConfigError, JobConfig, deep_merge, load_config, parse_overrides
 from eagle.io import storage
-from eagle.io.runs import new_run_id
+from eagle.io.runs import mllm_family, new_run_id, run_settings
 from eagle.logs import quiet_job, setup_logging
 from eagle.testing.tiny_mllm import FAMILIES as TINY_FAMILIES
 
@@ -106,11 +108,39 @@ def resume_command(argv: list[str], run_id: str) -> str:
     return shlex.join([sys.executable, script, *kept, "--run-id", run_id])
 
 
+def summary_doc(cfg: JobConfig, final_status: str, summary: Summary | None = None, error: str | None = None
+                ) -> dict:
+    """What ``--summary-json`` holds: the run's summary (`Summary.as_dict`, its ``status`` being the rows per
+    status) with the mode, how the run ended (``final_status``: completed, failed or interrupted, and the
+    ``error``), the models (expert and MLLM, routing and guidance) and the config hash."""
+    from eagle.config import config_hash
+
+    settings = run_settings(cfg)
+    doc = summary.as_dict() if summary is not None else {"run_id": cfg.run_id, "output": cfg.output.uri}
+    doc.setdefault("status", {})
+    return {**doc, "mode": cfg.mode, "final_status": final_status, **({"error": error} if error else {}),
+            "counts_by_status": dict(sorted(doc["status"].items())), "config_hash": config_hash(cfg),
+            "models": {"expert": {"model": cfg.expert.model, "ensemble": list(cfg.expert.ensemble),
+                                  "model_store": cfg.model_store},
+                       "mllm": {"model": cfg.mllm.model, "family": mllm_family(cfg.mllm.model),
+                                "routing": cfg.routing.policy, "guidance": settings["guidance"]}}}
+
+
+def _write_summary(args: argparse.Namespace, cfg: JobConfig, doc: dict) -> None:
+    if not args.summary_json:
+        return
+    try:
+        storage.write_bytes(args.summary_json, json.dumps(doc, indent=2).encode(), cfg.storage)
+    except Exception as exc:  # noqa: BLE001 - a failed run's summary must not hide why it failed
+        if doc["final_status"] == "completed":
+            raise
+        log.error("could not write --summary-json %s: %s", args.summary_json, exc)
+
+
 def _report(summary: Summary, args: argparse.Namespace, cfg: JobConfig) -> None:
     """The summary on stdout (for schedulers and people), and as JSON when asked."""
     print("\n".join(summary.lines()), flush=True)
-    if args.summary_json:
-        storage.write_bytes(args.summary_json, json.dumps(summary.as_dict(), indent=2).encode(), cfg.storage)
+    _write_summary(args, cfg, summary_doc(cfg, "completed", summary))
 
 
 def _demo_only(argv: list[str], args: argparse.Namespace) -> bool:
@@ -144,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init_ray(cfg)
         result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose)
-    except (ConfigError, JobFailed) as exc:
+    except ConfigError as exc:
         return failed(exc, log)
+    except JobFailed as exc:
+        code = failed(exc, log)
+        if not args.dry_run:
+            _write_summary(args, cfg, summary_doc(cfg, "failed", error=str(exc)))
+        return code
     except KeyboardInterrupt:
         import ray
 
@@ -154,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             log.warning("dry run interrupted by %s; nothing was written", name)
             return signals.exit_code()
+        _write_summary(args, cfg, summary_doc(cfg, "interrupted", error=f"interrupted by {name}"))
         log.warning("run %s interrupted by %s; its manifest says interrupted. Resume it (only images without a "
                     "row of this run are audited) with:", cfg.run_id, name)
         print(resume_command(argv, cfg.run_id), file=sys.stderr, flush=True)

@@ -1,16 +1,21 @@
 """Checks a job makes before Ray starts, so that every user mistake ends in seconds with one paragraph that says
 what to do (exit 2), and nothing is written: inputs, output and model store, the MLLM and the expert weights.
 
-Cheap by design: at most a LIST or two per prefix and a look into the local hub cache; no model is loaded,
-torch and timm are not imported.
+Static mistakes (what an input names, a catalog for Iceberg on S3, an unknown timm backbone, no credentials
+for s3://) are found before any storage request. Then cheap by design: a LIST or two per prefix, a HEAD per
+listed product and expert model, a manifest's distinct products, and a look into the local hub cache: the cost
+grows with the products and this run's listing, never with the history. No model is loaded; timm is imported
+only by fit, for its list of models.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import glob
 import json
 import os
+import posixpath
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +67,29 @@ def _has_image(folder: str, cfg: InputConfig) -> bool:
     return False
 
 
+_MANIFESTS = (".parquet", ".csv")
+# Files an input is never meant to be: refused on s3:// too (locally every file that is neither an image nor a
+# manifest is refused; an s3:// key with another dot in its name may still be a prefix).
+_NOT_INPUTS = (".txt", ".md", ".log", ".yaml", ".yml", ".json", ".jsonl", ".tsv", ".zip", ".tar", ".gz", ".xlsx",
+               ".pdf", ".html", ".py", ".sh")
+
+
+def check_input_kinds(cfg: InputConfig) -> None:
+    """Static: each ``--input`` is a prefix, an image or a manifest (.parquet, .csv, manifest.json): a text or
+    YAML file given as input is a mistake found here, before any request. A local stat at most."""
+    exts = tuple(e.lower() for e in cfg.extensions)
+    for uri in [*cfg.uris, *([cfg.manifest] if cfg.manifest else [])]:
+        name = posixpath.basename(storage.strip_scheme(uri).rstrip("/")).lower()
+        if name.endswith((*exts, *_MANIFESTS)) or name == "manifest.json":
+            continue
+        local_file = not storage.is_remote(uri) and os.path.isfile(storage.strip_scheme(uri))
+        if local_file or name.endswith(_NOT_INPUTS):
+            raise ConfigError(f"input {uri} is neither an image folder, an image ({', '.join(cfg.extensions)}) nor "
+                              f"a manifest (.parquet or .csv with a 'uri' column, or an S3 Inventory "
+                              f"manifest.json): give --input the folder or prefix that holds the images, or a "
+                              f"manifest")
+
+
 def check_inputs(cfg: InputConfig, store: StorageConfig | None) -> None:
     """Every input prefix exists and (unless ``allow_empty``) holds images; the manifest exists."""
     allow_empty = cfg.allow_empty
@@ -83,6 +111,83 @@ def check_inputs(cfg: InputConfig, store: StorageConfig | None) -> None:
                               f"--allow-empty if an empty input is expected (the run then audits nothing)")
     if cfg.manifest and not storage.exists(cfg.manifest, store):
         raise ConfigError(f"input manifest {cfg.manifest} does not exist: check the path given to --input")
+    if cfg.manifest:
+        manifest_products(cfg, store)  # reads its header: a manifest without a 'uri' column ends here
+
+
+def manifest_products(cfg: InputConfig, store: StorageConfig | None) -> set[str] | None:
+    """The distinct products of ``inputs.manifest`` (a Parquet/CSV manifest: one DuckDB scan of this run's
+    listing); None for an S3 Inventory report (not read before Ray). Raises ConfigError for a manifest without
+    a 'uri' column."""
+    from eagle.io.inputs import is_inventory, manifest_sql
+    from eagle.io.querying import connect, sql_str
+
+    uri = cfg.manifest
+    if not uri or is_inventory(uri):
+        return None
+    con = connect(store)
+    reader = "read_parquet" if uri.lower().endswith(".parquet") else "read_csv"
+    columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {reader}({sql_str(uri)})").fetchall()]
+    if "uri" not in columns:
+        raise ConfigError(f"manifest {uri} has no 'uri' column (its columns: {', '.join(columns)}): a manifest "
+                          f"lists one image per row in a column named uri (optionally product, image_version, "
+                          f"image_size_bytes); rename the column or give --input the image folder instead")
+    return {r[0] for r in con.execute(f"SELECT DISTINCT product FROM ({manifest_sql(uri, columns, cfg)})").fetchall()}
+
+
+def listed_products(cfg: InputConfig, store: StorageConfig | None) -> set[str] | None:
+    """The products this run's inputs hold, as the listing derives them (`eagle.io.inputs.products_below`), from
+    one non-recursive LIST per prefix and the manifest's distinct products; None when they cannot be known
+    before Ray (a single image given as input, an S3 Inventory report)."""
+    from eagle.io.inputs import _NOT_PRODUCTS, _SPLITS, _prefix_product
+
+    products: set[str] = set()
+    for uri in cfg.uris:
+        base = storage.strip_scheme(uri).rstrip("/")
+        if not storage.is_remote(uri) and os.path.isfile(base):
+            return None
+        if posixpath.basename(base) in _SPLITS:
+            products.add(_prefix_product(base))
+            continue
+        names = [posixpath.basename(f.rstrip("/")) for f in storage.list_folders(uri, store)]
+        products.update(n for n in names if n not in _NOT_PRODUCTS)
+        if any(n in _NOT_PRODUCTS for n in names) or storage.list_files(uri, cfg.extensions, store, recursive=False):
+            products.add(_prefix_product(base))
+    if cfg.manifest:
+        found = manifest_products(cfg, store)
+        if found is None:
+            return None
+        products |= found
+    return products
+
+
+def credentials_found(store: StorageConfig | None) -> bool:
+    """Whether S3 credentials exist anywhere boto would look (the storage section, AWS_* variables, a profile
+    in ~/.aws, a container or instance role), or storage.anon is set. Looks only: nothing is printed or
+    returned of them, no S3 request is made."""
+    import botocore.exceptions
+    import botocore.session
+
+    s = storage.s3_settings(store)
+    if s.anon or (s.key and s.secret):
+        return True
+    try:
+        return botocore.session.Session(profile=s.profile).get_credentials() is not None
+    except botocore.exceptions.ProfileNotFound:
+        raise ConfigError(f"AWS profile {s.profile!r} (storage.profile / AWS_PROFILE) is not in ~/.aws/config or "
+                          f"~/.aws/credentials: check its name") from None
+    except Exception:  # noqa: BLE001 - a broken credential source: let the request say what fails
+        return True
+
+
+def check_credentials(uris: list[str], store: StorageConfig | None) -> None:
+    """Static: an s3:// input, output or model store needs credentials from somewhere."""
+    remote = [u for u in uris if u and storage.is_remote(u)]
+    if remote and not credentials_found(store):
+        raise ConfigError(f"no S3 credentials were found for {', '.join(remote)}: none in the storage section, in "
+                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, in an AWS profile (~/.aws/credentials, "
+                          f"AWS_PROFILE) or from a container or instance role; set one of them (or storage.anon="
+                          f"true for a public bucket)")
 
 
 def check_writable(uri: str, what: str, store: StorageConfig | None) -> None:
@@ -101,6 +206,61 @@ def check_writable(uri: str, what: str, store: StorageConfig | None) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {uri} is not writable: {existing} does not let this user write; choose "
                           f"another folder or fix its permissions")
+
+
+def _has_expert(uri: str, product: str, model: str, store: StorageConfig | None) -> bool:
+    """Whether `product` has a fitted `model` expert ('auto': a default expert) in the store: one HEAD (two
+    for PatchCore in a store written before there were several models)."""
+    from eagle.expert.artifact import LATEST_FILE, latest_file
+    from eagle.expert.experts import DEFAULT_MODEL
+
+    if storage.exists(storage.join(uri, product, latest_file(model)), store):
+        return True
+    return model == DEFAULT_MODEL and storage.exists(storage.join(uri, product, LATEST_FILE), store)
+
+
+def _safe(name: str) -> bool:
+    try:
+        return storage.safe_segment(name, "product") == name
+    except ValueError:
+        return False
+
+
+def _names(products: set[str] | list[str], at_most: int = 8) -> str:
+    names = sorted(products)
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
+def check_experts_for(uri: str, products: set[str] | None, cfg: JobConfig) -> None:
+    """Each expert model the run needs (expert.model, or every expert.ensemble member) is fitted for at least
+    one listed product (`products`; None: unknown, then any product of the store): a model no listed product
+    has is a mistake; a product that lacks it becomes error rows with a warning, as before."""
+    from eagle.expert.experts import EXPERTS
+
+    store = cfg.storage
+    if products is None:
+        products = {posixpath.basename(f.rstrip("/")) for f in storage.list_folders(uri, store)}
+    products = {p for p in products or () if _safe(p)}  # unsafe names: the listing reports them
+    if not products:
+        return  # nothing listed (an empty input allowed by --allow-empty): no expert needed
+    models = list(cfg.expert.ensemble) or [cfg.expert.model]
+    for model in models:
+        if any(_has_expert(uri, p, model, store) for p in sorted(products)):
+            continue
+        fitted = sorted({m for m in EXPERTS for p in sorted(products)[:5] if _has_expert(uri, p, m, store)})
+        if model == "auto" or not fitted and not any(_has_expert(uri, p, "auto", store) for p in products):
+            images = any(storage.exists(storage.join(uri, p, "train"), store) or
+                         storage.exists(storage.join(uri, p, "test"), store) for p in sorted(products)[:3])
+            looks = " (it looks like an image folder: train/ and test/ folders, no LATEST pointers)" if images else ""
+            raise ConfigError(f"model store {uri} has no fitted expert for any listed product ({_names(products)})"
+                              f"{looks}: give --model-store the prefix jobs/fit.py wrote to, or run jobs/fit.py "
+                              f"--model-store {uri} first")
+        setting = "expert.ensemble member" if cfg.expert.ensemble else "expert.model="
+        raise ConfigError(f"{setting}{' ' if cfg.expert.ensemble else ''}{model}: no listed product "
+                          f"({_names(products)}) has a fitted {model} expert in {uri} (fitted there: "
+                          f"{', '.join(fitted) or 'none'}): fit it with jobs/fit.py --expert {model}, or "
+                          + ("drop it from expert.ensemble" if cfg.expert.ensemble else
+                             f"use expert.model={fitted[0] if len(fitted) == 1 else 'auto'}"))
 
 
 def check_model_store(uri: str, store: StorageConfig | None) -> None:
@@ -235,22 +395,59 @@ def check_weights(cfg: JobConfig) -> None:
                           f"imagenet, random or the path of a safetensors checkpoint of the backbone")
 
 
-def check_inspect(cfg: JobConfig, force_cpu_mllm: bool = False) -> None:
-    """Everything an inspect run needs before Ray starts; raises ConfigError with what to do, or
-    StorageUnreachable."""
+def check_backbone(name: str) -> None:
+    """Static: expert.backbone is a timm model (imports timm for its registry; no weights are touched)."""
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.75)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(f"expert.backbone {name!r} is not a timm model{hint}: give a name from timm.list_models(), "
+                      f"e.g. wide_resnet50_2 or resnet18")
+
+
+def check_static_inspect(cfg: JobConfig) -> None:
+    """The inspect run's mistakes that need no storage request."""
     if not cfg.output.uri:
         raise ConfigError("no output: pass --output PREFIX (local or s3://) or set output.uri in the config")
     if not cfg.model_store:
         raise ConfigError("no model store: pass --model-store PREFIX (where jobs/fit.py wrote the experts) or set "
                           "model_store in the config")
+    check_input_kinds(cfg.inputs)
+    if cfg.output.format == "iceberg" and storage.is_remote(cfg.output.uri):
+        from eagle.io.iceberg import catalog_properties
+
+        catalog_properties(cfg.output, cfg.storage)  # no catalog for an s3:// warehouse: ConfigError
+    check_credentials([*cfg.inputs.uris, cfg.inputs.manifest or "", cfg.output.uri, cfg.model_store], cfg.storage)
+
+
+def check_inspect(cfg: JobConfig, force_cpu_mllm: bool = False) -> None:
+    """Everything an inspect run needs before Ray starts; raises ConfigError with what to do, or
+    StorageUnreachable."""
+    check_static_inspect(cfg)
     with _reaching(", ".join(cfg.inputs.uris) or str(cfg.inputs.manifest)):
         check_inputs(cfg.inputs, cfg.storage)
     with _reaching(cfg.output.uri):
         check_writable(cfg.output.uri, "output", cfg.storage)
     with _reaching(cfg.model_store):
         check_model_store(cfg.model_store, cfg.storage)
+        check_experts_for(cfg.model_store, listed_products(cfg.inputs, cfg.storage), cfg)
     with _reaching(str(cfg.mllm.model)):
         check_mllm(cfg, force_cpu_mllm)
+
+
+def check_requested_products(data: str, requested: list[str], available: list[str]) -> list[str]:
+    """``--products`` when each has training images under the data root (`available`, in its layout); else
+    ConfigError naming the missing ones and the closest products there."""
+    missing = [p for p in requested if p not in available]
+    if not missing:
+        return requested
+    close = {p: difflib.get_close_matches(p, available, n=1) for p in missing}
+    hints = "; ".join(f"{p}: did you mean {c[0]}?" for p, c in close.items() if c)
+    raise ConfigError(f"--products {', '.join(missing)}: no such product under {data} (no training images)"
+                      f"{' (' + hints + ')' if hints else ''}; products there: {_names(available) or 'none'}. "
+                      f"Fix --products, or leave it out to fit every product")
 
 
 def check_fit(cfg: JobConfig, data: str) -> None:
@@ -259,6 +456,9 @@ def check_fit(cfg: JobConfig, data: str) -> None:
     if not cfg.model_store:
         raise ConfigError("no model store: pass --model-store PREFIX (where the experts go) or set model_store in "
                           "the config")
+    check_backbone(cfg.expert.backbone)
+    check_credentials([data, cfg.model_store, cfg.expert.weights if "/" in cfg.expert.weights else ""],
+                      cfg.storage)
     with _reaching(data):
         if not storage.exists(data, cfg.storage):
             raise ConfigError(f"data root {data} does not exist: check --data (a dataset root, e.g. MVTec AD's "

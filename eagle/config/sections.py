@@ -61,8 +61,10 @@ class StageResources(Section):
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100' or 'A10G'.")
     device: str = Field("auto", description="'auto' (cuda when num_gpus > 0, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     max_restarts: int | None = Field(
-        None, ge=-1, description="Ray actor restarts after a crash (-1: unlimited); None keeps Ray Data's default "
-        "(unlimited, the actor's tasks retried). A value is passed as Ray Data's deprecated ray_remote_args.")
+        None, ge=-1, description="Ray actor restarts after a crash (-1: unlimited). None: the MLLM pool and, on a "
+        "cluster, Ray Data's actor stages restart without limit (their tasks retried); on a local Ray the job starts "
+        "itself a Ray Data actor stage does not restart (the run fails; its --run-id resumes it). A value is passed "
+        "as Ray Data's deprecated ray_remote_args.")
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> StageResources:

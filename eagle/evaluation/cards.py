@@ -33,7 +33,8 @@ RED, GREEN, WHITE = (255, 0, 0), (0, 230, 0), (255, 255, 255)
 Pair = tuple[dict[str, Any], Truth]
 
 # (title, how many) in gallery order; see pick_examples.
-QUOTAS = (("false positives", 3), ("false negatives", 3), ("errors fixed by the MLLM", 2),
+QUOTAS = (("errors introduced by the MLLM", 2), ("false positives the expert made too", 2),
+          ("false negatives the expert made too", 2), ("errors fixed by the MLLM", 2),
           ("correct: defects found closest to the threshold", 2), ("correct: normal images scored highest", 2))
 
 
@@ -45,20 +46,31 @@ def _score(pair: Pair) -> float:
     return pair[0]["expert_score"]
 
 
-def pick_examples(result: ProductResult) -> dict[str, list[Pair]]:
-    """Errors of the final verdict (false positives highest score first, false negatives lowest first), expert
-    errors the MLLM fixed (furthest from the threshold first), and correct images of both kinds nearest to a
-    mistake; at most QUOTAS of each."""
+def _margin(pair: Pair) -> float:
+    return -abs(_score(pair) - pair[0]["threshold"])
+
+
+def introduced(pairs: list[Pair]) -> list[Pair]:
+    """Errors the MLLM introduced (the expert right, the final verdict wrong), the expert's surest first."""
+    return sorted((p for p in pairs if _anomalous(p[0], "expert_verdict") == p[1].anomalous
+                   != _anomalous(p[0], "verdict")), key=_margin)
+
+
+def pick_examples(result: ProductResult) -> dict[str, tuple[list[Pair], int]]:
+    """Per gallery (QUOTAS): the examples shown and how many there are. Errors the MLLM introduced (the expert's
+    surest first); errors of the final verdict the expert made too (false positives highest score first, false
+    negatives lowest first); expert errors the MLLM fixed (furthest from the threshold first); and correct
+    images of both kinds nearest to a mistake."""
     pairs = list(zip(result.rows, result.truths))
-    fp = [p for p in pairs if not p[1].anomalous and _anomalous(p[0], "verdict")]
-    fn = [p for p in pairs if p[1].anomalous and not _anomalous(p[0], "verdict")]
-    fixed = [p for p in pairs if _anomalous(p[0], "expert_verdict") != p[1].anomalous == _anomalous(p[0], "verdict")]
+    expert_wrong = [p for p in pairs if _anomalous(p[0], "expert_verdict") != p[1].anomalous]
+    fp = [p for p in expert_wrong if not p[1].anomalous and _anomalous(p[0], "verdict")]
+    fn = [p for p in expert_wrong if p[1].anomalous and not _anomalous(p[0], "verdict")]
+    fixed = [p for p in expert_wrong if _anomalous(p[0], "verdict") == p[1].anomalous]
     right = [p for p in pairs if _anomalous(p[0], "expert_verdict") == p[1].anomalous == _anomalous(p[0], "verdict")]
-    chosen = [sorted(fp, key=lambda p: -_score(p)), sorted(fn, key=_score),
-              sorted(fixed, key=lambda p: -abs(_score(p) - p[0]["threshold"])),
-              sorted((p for p in right if p[1].anomalous), key=_score),
+    chosen = [introduced(pairs), sorted(fp, key=lambda p: -_score(p)), sorted(fn, key=_score),
+              sorted(fixed, key=_margin), sorted((p for p in right if p[1].anomalous), key=_score),
               sorted((p for p in right if not p[1].anomalous), key=lambda p: -_score(p))]
-    return {title: found[:n] for (title, n), found in zip(QUOTAS, chosen)}
+    return {title: (found[:n], len(found)) for (title, n), found in zip(QUOTAS, chosen)}
 
 
 def jpeg_uri(rgb: np.ndarray, budget: int) -> str:
@@ -200,10 +212,15 @@ def card(row: dict[str, Any], truth: Truth, ident: str, map_scale: float, cfg: S
              ("score", f"{row['expert_score']:.4g} (threshold {format_value(row['threshold'])}"
                        + (f", {band})" if band else ")")),
              ("expert", row["expert_verdict"]), ("MLLM", answer), ("final", row["verdict"])]
+    said = ""
+    if row.get("mllm_reply"):  # the MLLM's own words when they were not a clear yes/no
+        said = f'<p class="reply"><span class="muted">MLLM raw reply:</span> <q>{esc(row["mllm_reply"])}</q></p>'
+    source = "MLLM reply" if row.get("explanation_source") == "mllm" else "expert"
     return (f'<article class="card" id="card-{ident}">{picture}<p class="path">{esc(truth.path)}</p>'
             f'<p>{_right(row, "expert_verdict", truth)} {_right(row, "verdict", truth)}</p>'
-            f'<dl>{"".join(f"<dt>{k}</dt><dd>{esc(v)}</dd>" for k, v in facts)}</dl>'
-            f'<p class="explanation">{esc(row["explanation"] or "")}</p></article>')
+            f'<dl>{"".join(f"<dt>{k}</dt><dd>{esc(v)}</dd>" for k, v in facts)}</dl>{said}'
+            f'<p class="explanation"><span class="muted">{source}:</span> {esc(row["explanation"] or "")}</p>'
+            f"</article>")
 
 
 def map_scale(result: ProductResult) -> float:
@@ -213,13 +230,33 @@ def map_scale(result: ProductResult) -> float:
     return 2 * float(np.median(thresholds)) if thresholds else 1.0
 
 
+def shown(n: int, total: int) -> str:
+    return f'<span class="count">({n} of {total} shown)</span>'
+
+
 def gallery(result: ProductResult, cfg: StorageConfig | None = None) -> str:
-    """Every example group of a product as a titled grid of cards."""
+    """Every example group of a product as a titled grid of cards, each title with "n of m shown"."""
     parts, scale, prefix = [], map_scale(result), slug(result.product)
     with ThreadPoolExecutor(max_workers=8) as pool:  # images read from S3: overlap the GETs
-        for g, (title, pairs) in enumerate(pick_examples(result).items()):
+        for g, (title, (pairs, total)) in enumerate(pick_examples(result).items()):
             idents = [f"{prefix}-{g}-{i}" for i in range(len(pairs))]
             cards = list(pool.map(lambda pair, ident: card(*pair, ident, scale, cfg), pairs, idents))
             body = f'<div class="gallery">{"".join(cards)}</div>' if cards else f'<p class="muted">No {title}.</p>'
-            parts.append(f"<h3>{esc(title[0].upper() + title[1:])}</h3>{body}")
+            parts.append(f"<h3>{esc(title[0].upper() + title[1:])} {shown(len(pairs), total)}</h3>{body}")
     return "".join(parts)
+
+
+def introduced_gallery(results: list[ProductResult], k: int = 4, cfg: StorageConfig | None = None) -> str:
+    """The errors the MLLM introduced over every product (the expert's surest first), `k` at most, each with
+    what the MLLM said."""
+    found = [(pair, result) for result in results for pair in introduced(list(zip(result.rows, result.truths)))]
+    found.sort(key=lambda x: _margin(x[0]))
+    picked = found[:k]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        cards = list(pool.map(lambda i: card(*picked[i][0], f"introduced-{i}", map_scale(picked[i][1]), cfg),
+                              range(len(picked))))
+    body = (f'<div class="gallery">{"".join(cards)}</div>' if cards
+            else '<p class="muted">The MLLM introduced no errors.</p>')
+    return (f'<div id="introduced"><h3>Errors the MLLM introduced {shown(len(picked), len(found))}</h3>'
+            f'<p class="note">The expert was right and the MLLM overrode it; each card shows what the MLLM '
+            f"replied.</p>{body}</div>")

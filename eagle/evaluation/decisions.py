@@ -51,14 +51,17 @@ def attention_by_correctness(rows: list[dict[str, Any]], anomalous: np.ndarray) 
 
 
 def mllm_metrics(rows: list[dict[str, Any]], anomalous: np.ndarray) -> dict[str, Any]:
-    """The MLLM's answers (counts, parse rate, accuracy), the expert's accuracy on the same images, and cost:
-    calls and MLLM milliseconds per scored image (rows not asked cost nothing) and per call."""
+    """The MLLM's answers (counts, parse rate, accuracy), the expert's accuracy on exactly the images the MLLM
+    answered yes or no (the ones its accuracy is measured on; also on all it was asked about), and cost: calls
+    and MLLM milliseconds per scored image (rows not asked cost nothing) and per call."""
     asked = flags(rows, "mllm_ran")
+    answered = asked & np.array([r["answer"] in ("yes", "no") for r in rows], bool)
     called = [r for r, a in zip(rows, asked) if a]
     expert_right = flags(rows, "expert_verdict", "anomalous") == anomalous
     ms = sum(r["mllm_ms"] or 0.0 for r in called)
     return {
         **metrics.answer_stats(anomalous[asked], [r["answer"] for r in called]),
+        "expert_accuracy_on_answered": mean(expert_right[answered]),
         "expert_accuracy_on_asked": mean(expert_right[asked]),
         "failed": sum(1 for r in rows if r["error_stage"] == "mllm"),
         "calls_per_image": mean(asked), "guided_share": mean(bool(r["guided"]) for r in called),

@@ -14,14 +14,17 @@ from eagle.evaluation.decisions import BANDS, GUIDANCE
 
 Rows = list[tuple[str, str]]  # (path into a metrics dict, label)
 
-# The summary's key figures, one column each, a product (or the pool) per row.
+# The summary's key figures, one column each, a product (or the pool) per row: what the MLLM changed and cost
+# first, so that a narrow window (800 px) shows them without scrolling; then accuracy and F1 before → after.
 KEY_COLUMNS: Rows = [
-    ("n_images", "images"), ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
-    ("expert.f1", "expert F1"), ("final.f1", "final F1"), ("mllm.calls_per_image", "MLLM calls / image"),
-    ("mllm.parse_rate", "parse rate"), ("mllm.accuracy", "MLLM accuracy"),
-    ("mllm.expert_accuracy_on_asked", "expert accuracy, same images"), ("verdict_change.fixed", "fixed"),
-    ("verdict_change.introduced", "introduced"), ("mllm.ms_per_image", "MLLM ms / image"),
+    ("n_images", "images"), ("verdict_change.fixed", "fixed"), ("verdict_change.introduced", "introduced"),
+    ("mllm.ms_per_image", "MLLM ms / image"), ("expert.accuracy", "expert accuracy"),
+    ("final.accuracy", "final accuracy"), ("expert.f1", "expert F1"), ("final.f1", "final F1"),
+    ("mllm.calls_per_image", "MLLM calls / image"), ("mllm.parse_rate", "parse rate"),
+    ("mllm.accuracy", "MLLM accuracy"), ("mllm.expert_accuracy_on_answered", "expert accuracy, same images"),
+    ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
 ]
+KEY_VISIBLE = ("verdict_change.fixed", "verdict_change.introduced", "mllm.ms_per_image")  # seen at 800 px
 
 # Every metric of a group, for the collapsed full tables.
 ALL_ROWS: Rows = [
@@ -39,16 +42,17 @@ ALL_ROWS: Rows = [
 MLLM_COLUMNS: Rows = [
     ("mllm.calls", "calls"), ("mllm.calls_per_image", "per image"), ("mllm.yes", "yes"), ("mllm.no", "no"),
     ("mllm.unparsed", "unparsed"), ("mllm.parse_rate", "parse rate"), ("mllm.correct", "right"),
-    ("mllm.wrong", "wrong"), ("mllm.accuracy", "MLLM accuracy"), ("mllm.expert_accuracy_on_asked", "expert accuracy"),
+    ("mllm.wrong", "wrong"), ("mllm.accuracy", "MLLM accuracy"),
+    ("mllm.expert_accuracy_on_answered", "expert accuracy, same images"),
     ("mllm.failed", "failed"), ("mllm.guided_share", "guided"), ("mllm.ms_per_image", "ms / image"),
     ("mllm.ms_per_call", "ms / call"), ("mllm.attention_share.correct", "attention, right"),
     ("mllm.attention_share.wrong", "attention, wrong"),
 ]
 MLLM_NOTE = ("Per product: MLLM calls, per scored image; answers yes (defect), no, unparsed; parse rate = yes/no "
              "answers per call; right and wrong yes/no answers; MLLM accuracy = right per yes/no answer; expert "
-             "accuracy on the same images; calls that failed (the expert's verdict kept); guided share of calls; "
-             "MLLM milliseconds per scored image and per call; mean share of image attention inside the expert's "
-             "region for right and for wrong answers.")
+             "accuracy on exactly the images the MLLM answered yes or no; calls that failed (the expert's verdict "
+             "kept); guided share of calls; MLLM milliseconds per scored image and per call; mean share of image "
+             "attention inside the expert's region for right and for wrong answers.")
 
 # Routing efficiency: one row per policy (eagle.evaluation.routing_efficiency), judged on the same scores.
 ROUTING_COLUMNS: Rows = [
@@ -65,8 +69,9 @@ ROUTING_NOTE = ("Each policy on this run's scores: the share of images it would 
 
 # Several runs side by side.
 COMPARISON_ROWS: Rows = [
-    ("n_images", "images (common to all runs)"), ("expert.f1", "expert F1"), ("final.precision", "final precision"),
-    ("final.recall", "final recall"), ("final.f1", "final F1"), ("final.accuracy", "final accuracy"),
+    ("n_images", "images (common to all runs)"), ("expert.accuracy", "expert accuracy"),
+    ("final.accuracy", "final accuracy"), ("expert.f1", "expert F1"), ("final.precision", "final precision"),
+    ("final.recall", "final recall"), ("final.f1", "final F1"),
     ("mllm.calls_per_image", "MLLM calls / image"), ("mllm.guided_share", "guided share of calls"),
     ("mllm.parse_rate", "parse rate"), ("mllm.accuracy", "MLLM accuracy"),
     ("verdict_change.fixed", "errors fixed by the MLLM"), ("verdict_change.introduced", "errors introduced"),
@@ -146,7 +151,27 @@ def key_figures_table(products: dict[str, dict[str, Any]], pooled: dict[str, Any
     body.append(_wide_row("all products (pooled)", pooled, KEY_COLUMNS, "pooled"))
     body.append(_wide_row("mean over products", pooled["product_mean"], KEY_COLUMNS, "pooled",
                           set(pooled["product_mean"])))
-    return _table(["product", *(esc(label) for _, label in KEY_COLUMNS)], body, css="wide")
+    head = ["product", *(f'<span class="key">{esc(label)}</span>' if path in KEY_VISIBLE else esc(label)
+                         for path, label in KEY_COLUMNS)]
+    return _table(head, body, css="wide")
+
+
+PROVENANCE_COLUMNS = (("routing", "routing"), ("mllm_model", "MLLM"), ("mllm_family", "family"),
+                      ("guidance", "guidance"), ("expert", "expert"), ("config_hash", "config hash"),
+                      ("mode", "mode"), ("status", "status"), ("source", "from"))
+
+
+def provenance_table(provenance: dict[str, dict[str, Any]], evaluated: str, chosen_as: str) -> str:
+    """Every evaluated run (the first is the one the report is about), a row each: what produced its rows."""
+    def value(key: str, v: Any) -> str:
+        if key == "guidance":
+            return "on" if v else "off"
+        return esc(v if v not in (None, "") else ("none" if key == "mllm_model" else "n/a"))
+
+    body = [f"<tr><th>{esc(run)}{' (evaluated)' if run == evaluated else ''}</th>"
+            + "".join(f'<td class="text">{value(k, p.get(k))}</td>' for k, _ in PROVENANCE_COLUMNS) + "</tr>"
+            for run, p in provenance.items()]
+    return _table(["run", *(esc(label) for _, label in PROVENANCE_COLUMNS)], body, css="wide provenance")
 
 
 def _change_class(path: str, value: Any) -> str:

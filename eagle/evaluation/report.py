@@ -1,8 +1,12 @@
 """The evaluation as one self-contained HTML page, plus ``metrics.json``.
 
-Inline images only (plots as PNG, photos as JPEG data URIs), no scripts, no external styles. Order: contents;
-a summary that answers "did the MLLM help, where, at what cost" (key figures per product, the expert vs final
-2×2 as small multiples, confusion matrices, changes by confidence band and guidance, recall per defect type);
+Inline images only (plots as PNG, photos as JPEG data URIs), no scripts, no external styles. Order: the verdict
+as the first line (net errors the MLLM fixed and introduced, accuracy and F1 before → after, its cost per
+image); a loud warning when the MLLM's parse rate is low, with its raw replies; coverage (what was and was not
+scored) and the provenance of every run evaluated (routing, MLLM and family, guidance, expert, config hash);
+contents; a summary that answers "did the MLLM help, where, at what cost" (key figures per product, the expert
+vs final 2×2 as small multiples, confusion matrices, changes by confidence band and guidance, recall per
+defect type);
 runs side by side when several were evaluated; then one collapsible section per product: plots, tables,
 example cards, and the full metric table last.
 """
@@ -16,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from eagle.config import StorageConfig
-from eagle.evaluation.cards import gallery
+from eagle.evaluation.cards import gallery, introduced_gallery
 from eagle.evaluation.figures import change_grid_figure, histogram_figure, roc_figure
 from eagle.evaluation.markup import (
     COMPARISON_ROWS,
@@ -30,6 +34,7 @@ from eagle.evaluation.markup import (
     format_value,
     key_figures_table,
     metrics_table,
+    provenance_table,
     routing_table,
     slug,
     wide_table,
@@ -68,6 +73,19 @@ figure img { max-width: 100%; height: auto; }
 figcaption { display: table-caption; caption-side: bottom; }
 figcaption, .note, .muted { color: #666; font-size: 0.85em; max-width: 60em; }
 .lead { font-size: 1.05em; max-width: 60em; }
+h1.verdict { font-size: 1.35em; margin: 0 0 0.3em; padding: 0.4em 0.6em; border-left: 6px solid #888;
+             background: #f6f7f9; }
+h1.verdict.good { border-color: #2e7d32; background: #eef7ee; }
+h1.verdict.bad { border-color: #c62828; background: #fdeeee; }
+.kicker { color: #666; margin: 0 0 0.6em; font-size: 0.9em; overflow-wrap: anywhere; }
+.alarm { border: 2px solid #c62828; background: #fdeeee; color: #7f1010; padding: 0.5em 0.9em; margin: 0.6em 0;
+         font-weight: 600; }
+.alarm q { font-weight: normal; font-style: italic; overflow-wrap: anywhere; }
+.alarm ul { margin: 0.3em 0; }
+.coverage { margin: 0.4em 0; }
+table.provenance td.text { text-align: left; overflow-wrap: break-word; max-width: 22em; }
+th .key { font-weight: 700; }
+.count { color: #666; font-weight: normal; font-size: 0.85em; }
 details > summary { cursor: pointer; }
 details.product { border: 1px solid #ccc; border-radius: 4px; margin: 0.6em 0; padding: 0 1em; }
 details.product > summary { padding: 0.5em 0; }
@@ -92,6 +110,12 @@ details.product[open] > summary { border-bottom: 1px solid #ddd; margin-bottom: 
                    position: fixed; inset: 0; z-index: 10; background: rgba(0, 0, 0, 0.94); color: #eee; padding: 1em; }
 .lightbox img { height: 86vh; max-width: 96vw; object-fit: contain; image-rendering: pixelated; }  /* magnified */
 .lightbox .close { color: #fff; align-self: flex-end; font-size: 1.2em; }
+@media (max-width: 900px) {  /* 800 px: the key figures' first columns (fixed, introduced, ms) stay in view */
+  body { padding: 0.8em 0.6em; }
+  table.wide { font-size: 0.78em; }
+  th, td { padding: 2px 4px; }
+  table.wide thead th { max-width: 6.5em; }
+}
 @media print {
   body { max-width: none; padding: 0; font-size: 10pt; }
   nav.toc, .lightbox, .lightbox:target { display: none; }
@@ -103,6 +127,35 @@ details.product[open] > summary { border-bottom: 1px solid #ddd; margin-bottom: 
 """
 
 
+LOW_PARSE_RATE = 0.5  # below this share of clear yes/no replies the MLLM barely acts: a loud warning
+REPLY_EXAMPLES = 3
+
+
+def _net(change: dict[str, Any]) -> int:
+    return change["fixed"] - change["introduced"]
+
+
+def verdict(m: dict[str, Any]) -> tuple[str, str]:
+    """The report's first line and its tone (good, bad or ''): net errors (fixed / introduced), accuracy and F1
+    before → after, and what the MLLM cost per image."""
+    mllm, change, n = m["mllm"], m["verdict_change"], m["n_images"]
+    if not mllm["calls"]:
+        return (f"The MLLM was not asked about any of the {n} images: the final verdict is the expert's "
+                f"(accuracy {format_value(m['expert']['accuracy'])}, F1 {format_value(m['expert']['f1'])})."), ""
+    net, f1_before, f1_after = _net(change), m["expert"]["f1"], m["final"]["f1"]
+    df1 = f1_after - f1_before if f1_before is not None and f1_after is not None else 0.0
+    if net > 0 and df1 < 0 or net < 0 and df1 > 0:  # accuracy and F1 disagree: say so, no colour
+        said, tone = f"mixed, accuracy {'rose' if net > 0 else 'fell'} but F1 {'fell' if df1 < 0 else 'rose'}", ""
+    else:
+        said = ("the MLLM helped" if net > 0 else "the MLLM made it worse" if net < 0
+                else "the MLLM changed nothing on balance")
+        tone = "good" if net > 0 else "bad" if net < 0 else ""
+    return (f"Verdict: {said}: net {net:+d} errors (fixed {change['fixed']}, introduced {change['introduced']}) · "
+            f"accuracy {format_value(m['expert']['accuracy'])} → {format_value(m['final']['accuracy'])} · "
+            f"F1 {format_value(m['expert']['f1'])} → {format_value(m['final']['f1'])} · MLLM cost per image: "
+            f"{format_value(mllm['calls_per_image'])} calls, {format_value(mllm['ms_per_image'])} ms"), tone
+
+
 def headline(m: dict[str, Any]) -> str:
     """The answer in two sentences: what the MLLM was asked and said, and what that did to the verdicts."""
     mllm, change, n = m["mllm"], m["verdict_change"], m["n_images"]
@@ -111,17 +164,55 @@ def headline(m: dict[str, Any]) -> str:
                 f"(F1 {format_value(m['expert']['f1'])}).")
     return (f"The MLLM was asked about {mllm['calls']} of {n} images; {mllm['yes'] + mllm['no']} answers were a "
             f"clear yes/no (parse rate {format_value(mllm['parse_rate'])}), {mllm['correct']} of them right (MLLM "
-            f"accuracy {format_value(mllm['accuracy'])}, the expert's on the same images "
-            f"{format_value(mllm['expert_accuracy_on_asked'])}). It fixed {change['fixed']} expert errors and "
-            f"introduced {change['introduced']} (net {change['fixed'] - change['introduced']:+d}): final F1 "
-            f"{format_value(m['final']['f1'])} against the expert's {format_value(m['expert']['f1'])}, at "
+            f"accuracy {format_value(mllm['accuracy'])}; the expert's on exactly those images "
+            f"{format_value(mllm['expert_accuracy_on_answered'])}). It fixed {change['fixed']} expert errors and "
+            f"introduced {change['introduced']} (net {_net(change):+d}): accuracy "
+            f"{format_value(m['expert']['accuracy'])} → {format_value(m['final']['accuracy'])}, F1 "
+            f"{format_value(m['expert']['f1'])} → {format_value(m['final']['f1'])}, at "
             f"{format_value(mllm['ms_per_image'])} ms of MLLM time per image.")
+
+
+def raw_replies(evaluation: Evaluation, k: int = REPLY_EXAMPLES) -> list[tuple[str, str]]:
+    """Up to `k` (image, raw reply) of calls without a clear yes/no: ``mllm_reply``, else the explanation."""
+    found = []
+    for result in evaluation.products.values():
+        for row, truth in zip(result.rows, result.truths):
+            if row["mllm_ran"] and row["answer"] not in ("yes", "no"):
+                found.append((truth.path, row.get("mllm_reply") or row["explanation"] or "(empty reply)"))
+    return sorted(found)[:k]
+
+
+def parse_alarm(evaluation: Evaluation) -> str:
+    """A loud warning when few MLLM replies were a clear yes/no: the MLLM then barely changed anything, which
+    'fixed 0, introduced 0' alone would hide; with examples of the raw replies."""
+    mllm = evaluation.overall["mllm"]
+    rate = mllm["parse_rate"]
+    if not mllm["calls"] or rate is None or rate >= LOW_PARSE_RATE:
+        return ""
+    examples = "".join(f"<li>{esc(path)}: <q>{esc(reply[:300])}</q></li>" for path, reply in raw_replies(evaluation))
+    return (f'<div class="alarm" id="parse-alarm">Warning: low parse rate {format_value(rate)}: only '
+            f"{mllm['yes'] + mllm['no']} of {mllm['calls']} MLLM replies said yes or no, so the MLLM had almost no "
+            f"effect on the verdicts (the rest keep the expert's). Check the prompt, mllm.max_new_tokens and the "
+            f"model. Raw replies:<ul>{examples}</ul></div>")
+
+
+def coverage(o: dict[str, Any]) -> str:
+    """What was scored and what was not: rows without ground truth, test images without a row, error rows."""
+    return (f'<p class="coverage" id="coverage"><b>Coverage:</b> {o["n_images"]} of {o["n_test_images"]} test '
+            f"images scored · {_n(o['n_unmatched'], 'row')} without ground truth (outside the test set, not "
+            f"scored) · {_n(o['n_missing'], 'test image')} without a row · {_n(o['n_errors'], 'error row')} (not "
+            f"scored)</p>")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def one_line(m: dict[str, Any]) -> str:
     change = m["verdict_change"]
-    return (f"{m['n_images']} images · F1 expert {format_value(m['expert']['f1'])} → final "
-            f"{format_value(m['final']['f1'])} · MLLM fixed {change['fixed']}, introduced {change['introduced']}")
+    return (f"{m['n_images']} images · MLLM fixed {change['fixed']}, introduced {change['introduced']} · accuracy "
+            f"{format_value(m['expert']['accuracy'])} → {format_value(m['final']['accuracy'])} · F1 "
+            f"{format_value(m['expert']['f1'])} → {format_value(m['final']['f1'])}")
 
 
 def _figure(ident: str, uri: str, caption: str) -> str:
@@ -169,7 +260,7 @@ def contents(evaluation: Evaluation) -> str:
     return f'<nav class="toc" id="contents"><h2>Contents</h2><ol>{"".join(items)}</ol></nav>'
 
 
-def summary_section(evaluation: Evaluation) -> str:
+def summary_section(evaluation: Evaluation, cfg: StorageConfig | None = None) -> str:
     products = dict(sorted(evaluation.products.items()))
     o = evaluation.overall
     changes = {p: r.metrics["verdict_change"] for p, r in products.items()} | {"all products": o["verdict_change"]}
@@ -178,6 +269,7 @@ def summary_section(evaluation: Evaluation) -> str:
     return (f'<section id="summary"><h2>Summary</h2><p class="lead">{esc(headline(o))}</p>'
             f'<div class="scroll" id="key-figures">{key_figures_table({p: r.metrics for p, r in products.items()}, o)}'
             f'</div><p class="note">{esc(POOLED_NOTE)}</p>'
+            + introduced_gallery(list(products.values()), cfg=cfg)
             + _figure("changes-overall", change_grid_figure(changes),
                       "Expert verdict vs final verdict, each right or wrong against the ground truth: green = expert "
                       "errors the MLLM fixed, red = errors it introduced; darker = a larger share of the images.")
@@ -221,12 +313,20 @@ def product_section(result: ProductResult, train: tuple[list[float], str] | None
               f"{metrics_table({result.product: m})}</details></details>")
 
 
+def _chosen(how: str) -> str:
+    return "" if how == "given" else f" ({esc(how)})"
+
+
 def render(evaluation: Evaluation, train: TrainScores, cfg: StorageConfig | None = None) -> str:
     """The whole report page."""
-    header = (f"<h1>EAGLE audit evaluation</h1><p>run <b>{esc(evaluation.run_id)}</b> · output "
+    line, tone = verdict(evaluation.overall)
+    header = (f'<h1 class="verdict {tone}" id="verdict">{esc(line)}</h1><p class="kicker">EAGLE audit evaluation · '
+              f"run <b>{esc(evaluation.run_id)}</b>{_chosen(evaluation.chosen_as)} · output "
               f"{esc(evaluation.output_uri)} · data {esc(evaluation.data_root)} · generated "
-              f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p>")
-    sections = [summary_section(evaluation)]
+              f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC</p>{parse_alarm(evaluation)}{coverage(evaluation.overall)}"
+              f'<div class="scroll" id="provenance">'
+              f"{provenance_table(evaluation.provenance, evaluation.run_id, evaluation.chosen_as)}</div>")
+    sections = [summary_section(evaluation, cfg)]
     if evaluation.comparison:
         sections.append(comparison_section(evaluation.comparison))
     sections += [product_section(r, train.get(p), cfg) for p, r in sorted(evaluation.products.items())]

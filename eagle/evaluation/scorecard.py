@@ -26,12 +26,13 @@ from eagle.evaluation.decisions import decision_metrics, mean
 from eagle.evaluation.ground_truth import Truth, load_ground_truth, read_mask, relative_path
 from eagle.expert.artifact import ArtifactError, read_meta
 from eagle.expert.regions import decode_gray_png
-from eagle.io.runs import read_rows, read_runs
+from eagle.io.runs import RunInfo, mllm_family, read_rows, read_runs
 
 ROW_COLUMNS = ["run_id", "audited_at", "image_uri", "product", "width", "height", "status", "error", "error_stage",
                "expert_score", "threshold", "score_max", "expert_verdict", "confidence", "boxes", "mask_png",
                "anomaly_map_png", "map_max", "mllm_ran", "guided", "answer", "verdict", "explanation",
-               "image_attention_share", "mllm_ms", "expert_model_version"]
+               "image_attention_share", "mllm_ms", "expert_model_version", "explanation_source", "mllm_reply",
+               "mllm_model", "config_hash"]
 
 
 class EvaluationError(ValueError):
@@ -59,9 +60,11 @@ class Evaluation:
     overall: dict[str, Any] = field(default_factory=dict)
     comparison: dict[str, Any] | None = None  # compare_runs(), when other runs were named
     chosen_as: str = "given"  # how the run was chosen: given, the latest full run, or the newest rows
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # run -> run_provenance(), this run first
 
     def to_json(self) -> dict[str, Any]:
-        doc = {"run_id": self.run_id, "output": self.output_uri, "data": self.data_root, "overall": self.overall,
+        doc = {"run_id": self.run_id, "chosen_as": self.chosen_as, "output": self.output_uri, "data": self.data_root,
+               "provenance": self.provenance, "overall": self.overall,
                "products": {p: r.metrics for p, r in sorted(self.products.items())}}
         return doc | ({"comparison": self.comparison} if self.comparison else {})
 
@@ -82,6 +85,54 @@ def latest_full_run(output_uri: str, table: pa.Table, cfg: StorageConfig | None 
     with_rows = set(pc.unique(table.column("run_id")).to_pylist())
     full = [r.run_id for r in read_runs(output_uri, cfg) if r.mode == "full" and r.run_id in with_rows]
     return full[-1] if full else None
+
+
+def infer_routing(asked: set[str], not_asked: set[str]) -> str | None:
+    """The routing policy the rows show (which expert confidence bands were sent to the MLLM), None when they
+    do not tell (no call at all, or bands both asked and not)."""
+    if not asked or asked & not_asked:
+        return None
+    if "confident_normal" in asked:
+        return "all"
+    return "not-confident-normal" if "confident_anomalous" in asked else "uncertain"
+
+
+def _distinct(rows: pa.Table, column: str) -> list[Any]:
+    return sorted(v for v in pc.unique(rows.column(column)).to_pylist() if v not in (None, ""))
+
+
+def _expert_models(versions: list[str]) -> str:
+    """Expert models from the rows' ``expert_model_version``: an ensemble's 'model:version+…' names its
+    members; a single model's content hash is shown as such."""
+    models = sorted({part.split(":", 1)[0] for v in versions if ":" in v for part in v.split("+")})
+    if models:
+        return "ensemble " + " + ".join(models)
+    return f"{len(versions)} artifact version{'s' if len(versions) != 1 else ''}" if versions else "n/a"
+
+
+def run_provenance(rows: pa.Table, info: RunInfo | None) -> dict[str, Any]:
+    """What produced one run's rows: routing policy, MLLM model and family, guidance, expert models, config
+    hash, mode and status; from the run manifest's settings where it has them, else read off the rows
+    (``source`` says which)."""
+    settings = info.settings if info else {}
+    ok = rows.filter(pc.equal(rows.column("status"), "ok"))
+    ran = ok.column("mllm_ran").fill_null(False)
+    asked, not_asked = set(_distinct(ok.filter(ran), "confidence")), set(_distinct(ok.filter(pc.invert(ran)),
+                                                                                   "confidence"))
+    models = _distinct(ok, "mllm_model")
+    model = settings.get("mllm_model") or ", ".join(models) or None
+    expert = settings.get("expert_ensemble") or settings.get("expert_model")
+    hashes = _distinct(rows, "config_hash")
+    return {
+        "routing": settings.get("routing") or infer_routing(asked, not_asked) or ("none" if not model else "unknown"),
+        "mllm_model": model,
+        "mllm_family": settings.get("mllm_family") or (mllm_family(models[0]) if models else None),
+        "guidance": settings["guidance"] if "guidance" in settings else bool(pc.any(ok.column("guided")).as_py()),
+        "expert": (" + ".join(expert) if isinstance(expert, list) else expert or "") + (" · " if expert else "")
+        + _expert_models(_distinct(ok, "expert_model_version")),
+        "config_hash": ", ".join(hashes) or "n/a", "mode": info.mode if info else "unknown",
+        "status": info.status if info else "unknown", "source": "run manifest" if settings else "rows",
+    }
 
 
 def select_run(table: pa.Table, run_id: str | None) -> tuple[str, pa.Table]:
@@ -181,6 +232,9 @@ def evaluate(output_uri: str, data_root: str, run_id: str | None = None, cfg: St
                                  for k in ("image_auroc", "pixel_auroc", "aupro")})
     result.overall = overall
     others = [r for r in dict.fromkeys(compare) if r != run_id]
+    manifests = {r.run_id: r for r in read_runs(output_uri, cfg)}
+    result.provenance = {run_id: run_provenance(run_rows, manifests.get(run_id))}
+    result.provenance |= {r: run_provenance(select_run(table, r)[1], manifests.get(r)) for r in others}
     if others:
         runs = {run_id: _flat(matched)} | {r: _flat(match_rows(select_run(table, r)[1], truth, data_root))
                                            for r in others}

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eagle.config import JobConfig
 from eagle.io import storage
 from eagle.io.storage import StorageConfig
 
@@ -49,10 +50,31 @@ class RunInfo:
     attempts: list[str] = field(default_factory=list)
     mode: str = "unknown"  # full or incremental, as the last attempt ran ("unknown" in older manifests)
     status: str = "unknown"  # one of RUN_STATUSES
+    settings: dict = field(default_factory=dict)  # run_settings() of the last attempt (empty in older manifests)
 
     @property
     def attempt(self) -> int:
         return len(self.attempts)
+
+
+def mllm_family(model: str | None) -> str | None:
+    """The model family (config.json's model_type) of a local MLLM folder; None for a hub id or an s3:// prefix
+    (not read here) and without an MLLM."""
+    if not model or storage.is_remote(model):
+        return None
+    try:
+        with open(posixpath.join(posixpath.expanduser(model), "config.json")) as fh:
+            return json.load(fh).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def run_settings(cfg: JobConfig) -> dict:
+    """What a run was asked to do, for its manifest, its summary and the evaluation's provenance: the routing
+    policy, the MLLM (model, family) and guidance, the expert models."""
+    return {"routing": cfg.routing.policy, "mllm_model": cfg.mllm.model, "mllm_family": mllm_family(cfg.mllm.model),
+            "guidance": bool(cfg.mllm.model) and cfg.guidance.enabled, "expert_model": cfg.expert.model,
+            "expert_ensemble": list(cfg.expert.ensemble)}
 
 
 def new_run_id() -> str:
@@ -65,7 +87,7 @@ def manifest_uri(output_uri: str, run_id: str) -> str:
 
 
 def begin_run(output_uri: str, run_id: str, config_hash: str, cfg: StorageConfig | None = None,
-              mode: str = "full") -> RunInfo:
+              mode: str = "full", settings: dict | None = None) -> RunInfo:
     """Create the run manifest, or load it and register a new attempt when the run id already exists; the
     manifest says ``running`` until `end_run`."""
     uri = manifest_uri(output_uri, run_id)
@@ -80,6 +102,7 @@ def begin_run(output_uri: str, run_id: str, config_hash: str, cfg: StorageConfig
                        config_hash=config_hash)
     info.attempts.append(now.isoformat())
     info.mode, info.status = mode, "running"
+    info.settings = settings or info.settings
     storage.write_bytes(uri, json.dumps(asdict(info), indent=2).encode(), cfg)
     return info
 

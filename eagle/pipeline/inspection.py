@@ -26,7 +26,7 @@ from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.expert.ensemble import pinned_metas
 from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
-from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id
+from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id, run_settings
 from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.progress import progress_callback
@@ -109,20 +109,20 @@ def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
 
 
 def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
-    """Say up front which products have an empty uncertain band: a warning when the routing policy then sends
-    none of their images to the MLLM, a note when only guidance (apply_to=uncertain) never applies. `metas`:
-    each product's pinned artifact metadata (`eagle.expert.ensemble.pinned_metas`)."""
+    """Say up front which products have an empty uncertain band, only where the routing policy uses the band
+    (routing.policy=uncertain then sends none of their images to the MLLM): a warning. Under other policies
+    the advice is at DEBUG (guidance with apply_to=uncertain then never applies to them). `metas`: each
+    product's pinned artifact metadata (`eagle.expert.ensemble.pinned_metas`)."""
     from eagle.expert.ensemble import band_of
     from eagle.expert.threshold import empty_band_advice
 
     routes = cfg.routing.policy == "uncertain"
-    guides = cfg.guidance.enabled and cfg.guidance.apply_to == "uncertain"
-    if not cfg.mllm.model or not (routes or guides):
+    if not cfg.mllm.model:
         return
     for product, product_metas in sorted(metas.items()):
         band = band_of(product_metas, cfg.expert.combine)
         if advice := empty_band_advice(product, band.threshold, band.score_max, cfg.confidence):
-            log.log(logging.WARNING if routes else logging.INFO, "%s", advice)
+            log.log(logging.WARNING if routes else logging.DEBUG, "%s", advice)
 
 
 def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False) -> Summary | Plan:
@@ -175,7 +175,7 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
             run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
             out_dir = storage.join(cfg.output.uri, RUNS_DIR, f"_dry-run-{uuid.uuid4().hex[:8]}")
         else:
-            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode)
+            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode, settings=run_settings(cfg))
             out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
         cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
         plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),

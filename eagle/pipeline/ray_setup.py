@@ -37,6 +37,9 @@ _FORWARDED_ENV = (*SETTING_ENV_VARS, "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_
 _SUBMITTED_JOB_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
+_started_local = False  # this driver started the local Ray it runs on (see ray_options)
+
+
 def running_local_cluster() -> str | None:
     """Address of a live Ray started on this machine (``ray start``), or None.
 
@@ -61,6 +64,9 @@ def init_ray(cfg: JobConfig) -> None:
 
 def _connect(cfg: JobConfig) -> None:
     import ray
+
+    global _started_local
+    _started_local = False
 
     env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
     secrets = [k for k in SECRET_ENV_VARS if os.environ.get(k)]
@@ -92,6 +98,15 @@ def _connect(cfg: JobConfig) -> None:
     num_cpus = cfg.ray.num_cpus or max(8, os.cpu_count() or 1)
     log.info("starting a local Ray with %d logical CPUs on %d cores (ray.num_cpus; fractional stages share "
              "them)", num_cpus, os.cpu_count() or 1)
+    # Ray 2.60 turns token authentication on for a local cluster and warns about it when RAY_AUTH_MODE is unset;
+    # saying so explicitly keeps it on (a token is made in ~/.ray/auth_token if missing) without the WARNING.
+    # Ray reads the mode into its cached config, refreshed here as Ray does when it turns the mode on itself.
+    if "RAY_AUTH_MODE" not in os.environ:
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")
+    _started_local = True
     # Workers of a Ray this job starts inherit its environment, credentials included: no runtime env needed.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
              runtime_env={"env_vars": env} if env else None, logging_level=ray_logging_level())
@@ -108,9 +123,15 @@ def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
         args["accelerator_type"] = res.accelerator_type
     if actor:
         args["compute"] = ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors)
-        if res.max_restarts is not None:  # Ray Data takes these only as (deprecated) ray_remote_args
-            args["max_restarts"] = res.max_restarts
-            args["max_task_retries"] = -1 if res.max_restarts else 0
+        # Ray Data hands every actor of a pool its function and context as object-store references; with
+        # restarts on, Ray logs an `E ... core_worker.cc` line about them (a false alarm, ray-project/ray#57733:
+        # Ray Data holds those references for the pool's life). On a local Ray of the job's own a dead actor is
+        # not restarted unless max_restarts says so (the run fails and its --run-id resumes it); on a cluster,
+        # where nodes come and go, Ray Data's default (unlimited restarts) stays, and so does that line.
+        restarts = res.max_restarts if res.max_restarts is not None else 0 if _started_local else None
+        if restarts is not None:  # Ray Data takes these only as (deprecated) ray_remote_args
+            args["max_restarts"] = restarts
+            args["max_task_retries"] = -1 if restarts else 0
     return args
 
 

@@ -4,7 +4,7 @@ console errors, broken images and text overflowing its card, and takes the scree
 The report has no scripts; the checks run in a copy with one script put first in its head, which opens every
 collapsed section, measures, and writes its findings into the DOM that ``--dump-dom`` prints.
 
-    python -m eagle.testing.browser check report.html
+    python -m eagle.testing.browser check report.html [--width 800]
     python -m eagle.testing.browser screenshots report.html docs/ [--product grid]
 """
 
@@ -65,6 +65,19 @@ window.addEventListener("load", () => {
     if (!img.complete || img.naturalWidth === 0) out.broken.push(img.alt);
   }
   out.pageOverflow = document.documentElement.scrollWidth - window.innerWidth;
+  // what the first screen says: the first line of text, where the top blocks sit, and whether the key figures'
+  // key columns (fixed, introduced, MLLM ms) are in view without scrolling
+  out.firstLine = document.body.innerText.trim().split(String.fromCharCode(10))[0];
+  out.top = {};
+  for (const id of ["verdict", "parse-alarm", "coverage", "provenance", "key-figures", "introduced"]) {
+    const el = document.getElementById(id);
+    if (el) out.top[id] = Math.round(el.getBoundingClientRect().top + window.scrollY);
+  }
+  out.keyColumns = [...document.querySelectorAll("#key-figures th .key")].map(k => {
+    const r = k.closest("th").getBoundingClientRect();
+    return {label: k.textContent, right: Math.round(r.right), visible: r.right <= window.innerWidth};
+  });
+  out.width = window.innerWidth;
   const pre = document.createElement("pre");
   pre.id = "__check";
   pre.textContent = JSON.stringify(out);
@@ -77,32 +90,34 @@ def available() -> bool:
     return os.access(CHROMIUM, os.X_OK)
 
 
-def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], timeout: float = 120, width: int = WINDOW[0]) -> subprocess.CompletedProcess[str]:
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}", *args]
+        cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{WINDOW[1]}", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def check_page(html: str) -> dict[str, Any]:
-    """Load `html` (a whole page) with CHECK_SCRIPT and return its findings: ``errors`` (console errors and
-    warnings, error events), ``overflow`` (card text outside its card), ``broken`` (images), ``cards`` and
-    ``pageOverflow`` (pixels of horizontal scrolling at the window width)."""
+def check_page(html: str, width: int = WINDOW[0]) -> dict[str, Any]:
+    """Load `html` (a whole page) at `width` pixels with CHECK_SCRIPT and return its findings: ``errors``
+    (console errors and warnings, error events), ``overflow`` (card text outside its card), ``broken`` (images),
+    ``cards``, ``pageOverflow`` (pixels of horizontal scrolling at the window width), ``firstLine`` (the page's
+    first line of text), ``top`` (page offsets of the top blocks by id) and ``keyColumns`` (the key figures'
+    key columns: whether each is in view without scrolling)."""
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp, "check.html")
         page.write_text(html.replace("<head>", "<head>" + CHECK_SCRIPT, 1))
-        proc = _run(["--virtual-time-budget=30000", "--dump-dom", page.as_uri()])
+        proc = _run(["--virtual-time-budget=30000", "--dump-dom", page.as_uri()], width=width)
     found = re.search(r'<pre id="__check">(.*?)</pre>', proc.stdout, re.S)
     if not found:
         raise RuntimeError(f"chromium printed no check result (exit {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(found.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
 
 
-def screenshot(html: str, png: str, height: int = WINDOW[1], colours: int = 256) -> None:
-    """The top `height` pixels of `html` at the window width, as a palette PNG (docs stay small)."""
+def screenshot(html: str, png: str, height: int = WINDOW[1], colours: int = 256, width: int = WINDOW[0]) -> None:
+    """The top `height` pixels of `html` at `width`, as a palette PNG (docs stay small)."""
     with tempfile.TemporaryDirectory() as tmp:
         page, shot = Path(tmp, "page.html"), Path(tmp, "shot.png")
         page.write_text(html)
-        _run([f"--window-size={WINDOW[0]},{height}", f"--screenshot={shot}", page.as_uri()])
+        _run([f"--window-size={width},{height}", f"--screenshot={shot}", page.as_uri()], width=width)
         image = Image.open(shot).convert("RGB").quantize(colors=colours)
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
@@ -121,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="Console errors, broken images, text overflowing cards.")
     check.add_argument("report")
-    shots = sub.add_parser("screenshots", help="report-summary.png and report-product.png into a folder.")
+    check.add_argument("--width", type=int, default=WINDOW[0], help="Window width, pixels (default 1280).")
+    shots = sub.add_parser("screenshots", help="report-first-screen.png (1280×800), report-summary.png and "
+                                               "report-product.png into a folder.")
     shots.add_argument("report")
     shots.add_argument("folder")
     shots.add_argument("--product", help="Product section to show (default: the first).")
@@ -130,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{CHROMIUM} not found: apt-get install chromium")
     html = Path(args.report).read_text()
     if args.command == "check":
-        result = check_page(html)
+        result = check_page(html, args.width)
         print(json.dumps(result, indent=2))
         return 1 if result["errors"] or result["overflow"] or result["broken"] else 0
     product = f"product-{args.product}" if args.product else re.search(r'class="product" id="([^"]+)"', html)[1]
+    screenshot(html, os.path.join(args.folder, "report-first-screen.png"), height=800)
     screenshot(html, os.path.join(args.folder, "report-summary.png"))
     screenshot(product_only(html, product), os.path.join(args.folder, "report-product.png"))
     return 0

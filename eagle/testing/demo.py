@@ -53,7 +53,7 @@ def run_demo(root: str = "demo", family: str = DEFAULT_FAMILY) -> int:
     from eagle.testing.tiny_mllm import build_tiny_mllm
 
     root = os.path.abspath(root)
-    log.warning("%s", BANNER)
+    log.info("%s", BANNER)  # INFO: a normal run logs no WARNING; the banner closes stdout too
     cfg = demo_config(root, family)
     data = os.path.join(root, "data")
     if not storage.exists(os.path.join(data, "labels.csv")):

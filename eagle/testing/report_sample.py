@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
+import json
 import os
 import shutil
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import cv2
@@ -34,6 +35,7 @@ from eagle.expert.regions import find_regions, png_shape
 from eagle.expert.threshold import classify
 from eagle.findings import Box, final_verdict
 from eagle.io import storage
+from eagle.io.runs import RunInfo, manifest_uri
 from eagle.io.schema import to_table
 from eagle.pipeline.routing import expert_explanation, needs_mllm
 from eagle.testing.synth import generate
@@ -127,7 +129,8 @@ def _mllm(row: dict[str, Any], path: str, defect: str, run: Run) -> dict[str, An
     """The MLLM's columns: routed by the run's policy, answering at the run's rates."""
     if not needs_mllm(row["confidence"], run.policy):
         return dict(mllm_ran=False, guided=False, verdict=row["expert_verdict"], explanation_source="expert",
-                    explanation=expert_explanation(row, [Box(**b) for b in row["boxes"]]))
+                    explanation=expert_explanation(row, [Box(**b) for b in row["boxes"]]),
+                    config_hash=f"cfg-{run.run_id}")
     rng = _rng("mllm", run.run_id, path)
     truth = "no" if defect == "good" else "yes"
     if rng.random() < run.unparsed:
@@ -142,9 +145,13 @@ def _mllm(row: dict[str, Any], path: str, defect: str, run: Run) -> dict[str, An
     if rng.random() < 0.3:
         said += f" Compare with {LONG_WORD}."
     share = float(rng.uniform(0.45, 0.8) if run.guided else rng.uniform(0.1, 0.4))
-    return dict(mllm_ran=True, guided=run.guided, answer=answer, explanation=said, explanation_source="mllm",
+    mllm = dict(mllm_ran=True, guided=run.guided, answer=answer, explanation=said, explanation_source="mllm",
                 verdict=final_verdict(answer, row["expert_verdict"]), image_attention_share=share,
-                mllm_ms=float(rng.uniform(700, 1100)), mllm_model="sample-mllm")
+                mllm_ms=float(rng.uniform(700, 1100)), mllm_model="sample-mllm", config_hash=f"cfg-{run.run_id}")
+    if answer == "unparsed":  # as the pipeline writes it: the raw reply kept, the expert's explanation used
+        mllm.update(mllm_reply=said, explanation_source="expert",
+                    explanation=expert_explanation(row, [Box(**b) for b in row["boxes"]]))
+    return mllm
 
 
 def simulate_rows(root: str, runs: Sequence[Run] = RUNS) -> list[dict[str, Any]]:
@@ -170,6 +177,15 @@ def simulate_rows(root: str, runs: Sequence[Run] = RUNS) -> list[dict[str, Any]]
         rows += [dict(run_id=run.run_id, audited_at=whens[run.run_id], product=product, status="error",
                       error_stage="decode", image_uri=os.path.join(root, product, "test", "good", "truncated.png"),
                       error="corrupt or truncated image", audit_date=START.date().isoformat()) for run in runs]
+    # coverage: every run also audited two images outside the test set (rows without ground truth) and has no
+    # row of the first product's last normal test image
+    product = min(r["product"] for r in rows)
+    for run in runs:
+        ours = [r for r in rows if r["product"] == product and r["run_id"] == run.run_id and r["status"] == "ok"]
+        good = [r for r in ours if "/test/good/" in r["image_uri"]]
+        rows.remove(max(good, key=lambda r: r["image_uri"]))
+        rows += [ours[0] | {"image_uri": os.path.join(root, product, "incoming", f"unlabelled_{k}.png")}
+                 for k in range(2)]
     return rows
 
 
@@ -184,12 +200,24 @@ def write_output(out: str, rows: list[dict[str, Any]]) -> None:
                             buf.getvalue())
 
 
+def write_manifests(out: str, runs: Sequence[Run]) -> None:
+    """A run manifest per run, as a completed inspect run leaves it (with its settings: the provenance)."""
+    for k, run in enumerate(runs):
+        when = (START - dt.timedelta(hours=k)).isoformat()
+        info = RunInfo(run_id=run.run_id, started_at=when, audit_date=START.date().isoformat(),
+                       config_hash=f"cfg-{run.run_id}", attempts=[when], mode="full", status="completed",
+                       settings={"routing": run.policy, "mllm_model": "sample-mllm", "mllm_family": "qwen2_5_vl",
+                                 "guidance": run.guided, "expert_model": "patchcore", "expert_ensemble": []})
+        storage.write_bytes(manifest_uri(out, run.run_id), json.dumps(asdict(info), indent=2).encode())
+
+
 def build_sample(out: str, products: Sequence[str] = MVTEC_PRODUCTS, size: int = 512, n_good: int = 12,
                  n_defect: int = 4, runs: Sequence[Run] = RUNS) -> tuple[str, str]:
     """Data under ``{out}/data`` and the runs' rows under ``{out}/audit``; returns (data root, output URI)."""
     data, audit = os.path.join(out, "data"), os.path.join(out, "audit")
     build_data(data, products, size, n_good, n_defect)
     write_output(audit, simulate_rows(data, runs))
+    write_manifests(audit, runs)
     return data, audit
 
 

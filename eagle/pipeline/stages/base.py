@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -172,7 +173,9 @@ class Stage:
         args = {**ray_options(res, cls.actor), "batch_format": "numpy",
                 "batch_size": None if cls.whole_blocks else res.batch_size}
         if cls.actor:
-            return ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg, **kwargs}, **args)
+            with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 (ray_options)
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                return ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg, **kwargs}, **args)
         return ds.map_batches(_task_of(cls), fn_kwargs={"cfg": cfg, "kwargs": kwargs}, **args)
 
 
