@@ -25,12 +25,12 @@ def _tree(root: Path) -> set[str]:
 def site(tmp_path: Path) -> Path:
     """Inputs with one image, an empty input folder, a model store with one product, a file where a folder
     belongs, a local MLLM folder too large for a CPU, and an empty hub cache."""
-    (tmp_path / "data" / "grid" / "test").mkdir(parents=True)
-    (tmp_path / "data" / "grid" / "test" / "000.png").write_bytes(b"png")
+    (tmp_path / "data" / "grid" / "test" / "good").mkdir(parents=True)
+    (tmp_path / "data" / "grid" / "test" / "good" / "000.png").write_bytes(b"png")
     (tmp_path / "data" / "grid" / "train" / "good").mkdir(parents=True)
     (tmp_path / "data" / "grid" / "train" / "good" / "000.png").write_bytes(b"png")
     (tmp_path / "notes.txt").write_text("not a manifest")
-    (tmp_path / "list.csv").write_text(f"path,product\n{tmp_path}/data/grid/test/000.png,grid\n")
+    (tmp_path / "list.csv").write_text(f"path,product\n{tmp_path}/data/grid/test/good/000.png,grid\n")
     (tmp_path / "empty" / "grid").mkdir(parents=True)
     (tmp_path / "empty" / "grid" / "notes.txt").write_text("no images here")
     (tmp_path / "models" / "grid" / "v1").mkdir(parents=True)  # a PatchCore expert fitted with random weights
@@ -192,7 +192,7 @@ def test_a_model_some_listed_products_lack_stays_a_warning(site):
         preflight.check_experts_for(str(site / "models"), {"bolt"}, cfg)
     preflight.check_experts_for(str(site / "models"), set(), cfg)  # an empty input (--allow-empty) needs none
     manifest = site / "m.csv"
-    manifest.write_text(f"uri,product\n{site}/data/grid/test/000.png,grid\n{site}/x/1.png,cable\n")
+    manifest.write_text(f"uri,product\n{site}/data/grid/test/good/000.png,grid\n{site}/x/1.png,cable\n")
     assert preflight.listed_products(InputConfig(manifest=str(manifest)), None) == {"grid", "cable"}
 
 
