@@ -46,7 +46,9 @@ IAM = ROOT / "infra" / "iam"
 RUN_RAY_JOB = "infra/run_ray_job.py"
 CRDS = ROOT / "tests" / "data" / "kuberay"  # KubeRay's CRDs, version in its README.md
 KUBERAY_CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests are checked against (CronJob timeZone, job-name label)
+# The oldest Kubernetes the manifests are checked against, and the minimum the README states: CronJob timeZone
+# (GA), the batch.kubernetes.io/job-name label and podFailurePolicy (beta, on by default) all need 1.27.
+K8S_VERSION = "1.27"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 KNOWN_ACCELERATORS = {v for k, v in vars(ray_accelerators).items() if k.isupper() and isinstance(v, str)}
 SENSITIVE_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
@@ -955,6 +957,62 @@ def test_cronjob_submits_to_the_raycluster():
     token_secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
     assert token_secret == cluster["spec"]["authOptions"]["secretName"]
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+
+
+def _pod_failure_action(policy: dict, exit_code: int | None = None, conditions: tuple[str, ...] = ()) -> str:
+    """What Kubernetes does with a failed pod under `policy` (batch/v1 podFailurePolicy): the first rule that
+    matches decides (FailJob, Ignore, Count); none matches: Count (retried while backoffLimit allows)."""
+    for rule in policy["rules"]:
+        if "onExitCodes" in rule and exit_code is not None:
+            req = rule["onExitCodes"]
+            hit = exit_code in req["values"]
+            if (hit if req["operator"] == "In" else not hit) and exit_code != 0:
+                return rule["action"]
+        for cond in rule.get("onPodConditions", []):
+            if cond["type"] in conditions and cond.get("status", "True") == "True":
+                return rule["action"]
+    return "Count"
+
+
+def test_cronjob_retries_job_failures_but_not_mistakes():
+    """A retry resumes the same run (the run id is the Job's name, which the CronJob derives from the scheduled
+    time); podFailurePolicy: exit 2 (a mistake) and 4 (attempts used up) fail the Job at once, 3 (a job failure),
+    a killed driver and 5 (no answer from the job server) are retried, a disrupted pod is retried uncounted."""
+    _, cron = _one("CronJob")
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy: Never"
+    policy = job["podFailurePolicy"]
+    containers = {c["name"] for c in pod["containers"]}
+    assert all(r["onExitCodes"]["containerName"] in containers for r in policy["rules"] if "onExitCodes" in r)
+    actions = {code: _pod_failure_action(policy, code) for code in (1, 2, 3, 4, 5, 130, 137, 143)}
+    assert actions == {1: "Count", 2: "FailJob", 3: "Count", 4: "FailJob", 5: "Count", 130: "Count",
+                       137: "Count", 143: "Count"}
+    assert _pod_failure_action(policy, 137, ("DisruptionTarget",)) == "Ignore"
+    assert job["backoffLimit"] >= 1
+    script = "\n".join(pod["containers"][0]["args"])
+    assert '--run-id "$JOB_NAME"' in script and '--submission-id "$JOB_NAME"' in script
+    # the exit codes the policy names are the wrapper's and the driver's own
+    wrapper = _load_job_module(RUN_RAY_JOB)
+    from eagle.cli.exit_codes import EXIT_CODES, USAGE
+
+    assert USAGE == 2 and 2 in EXIT_CODES["inspect"] and wrapper.EXIT_EXHAUSTED == 4
+
+
+def test_pod_failure_rule_check_bites():
+    policy = {"rules": [{"action": "FailJob", "onExitCodes": {"containerName": "c", "operator": "NotIn",
+                                                             "values": [3]}}]}
+    assert _pod_failure_action(policy, 2) == "FailJob" and _pod_failure_action(policy, 3) == "Count"
+    assert _pod_failure_action(policy, None, ("DisruptionTarget",)) == "Count"
+
+
+def test_rayjob_retries_resume_its_run():
+    """KubeRay retries a failed RayJob (backoffLimit) on a new cluster with the same entrypoint: its fixed
+    --run-id (the RayJob's name) makes the retry resume the run."""
+    _, rayjob = _one("RayJob")
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[argv.index("--run-id") + 1] == rayjob["metadata"]["name"]
+    assert rayjob["spec"]["backoffLimit"] >= 1
 
 
 def test_cron_validator():
