@@ -279,11 +279,233 @@ def _boot_commands(cfg: dict) -> list[str]:
 
 
 def _check_token_auth(cfg: dict) -> None:
-    assert "~/.ray/auth_token" in cfg["cluster_synced_files"]
+    assert cfg["file_mounts"].get("~/ray-auth") == "infra/ray-auth" and (ROOT / "infra" / "ray-auth").is_dir()
     assert any("ray get-auth-token --generate" in c for c in cfg["head_setup_commands"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in cfg[key] if "ray start" in c)
-        assert "RAY_AUTH_MODE=token" in start, key
+        assert "RAY_AUTH_MODE=token" in start and "RAY_AUTH_TOKEN_PATH=$HOME/ray-auth/auth_token" in start, key
+
+
+# ------------------------------------------------------------------ Ray's own NodeUpdater, on a simulated node
+TOKEN = "f" * 32  # what the head generated
+_HOME = "/home/ray"  # the image's HOME (rayproject/ray's user)
+
+
+class _SimulatedNode:
+    """A worker node as Ray's NodeUpdater sees it through a fake process runner (`check_call`/`check_output`):
+    the host's files (what rsync and ssh put there), the container started by `docker run` (its bind mounts) and
+    files copied into it (`docker cp`, `rsync -e 'docker exec -i'`). Every command is recorded."""
+
+    DEVNULL = subprocess.DEVNULL
+
+    def __init__(self) -> None:
+        self.host: dict[str, bytes] = {}
+        self.container: dict[str, bytes] = {}
+        self.mounts: list[tuple[str, str]] = []  # (host folder, container folder)
+        self.running = False
+        self.commands: list[str] = []  # remote commands, in order
+        self.container_commands: list[str] = []
+
+    # the process-runner interface
+    def check_call(self, cmd, **_: Any) -> int:
+        self._run(cmd)
+        return 0
+
+    def check_output(self, cmd, **_: Any) -> bytes:
+        return self._run(cmd).encode()
+
+    def _run(self, cmd: list[str]) -> str:
+        if cmd[0] == "rsync":  # local (the head's container) -> this node's host
+            source, target = cmd[-2], cmd[-1].split(":", 1)[1]
+            self._copy_local(source, target)
+            return ""
+        assert cmd[0] in ("ssh", "scp"), cmd
+        remote = _unwrap_login_shell(cmd[cmd.index("bash"):] if "bash" in cmd else cmd[-1:])
+        self.commands.append(remote)
+        return self._remote(remote)
+
+    def _copy_local(self, source: str, target: str) -> None:
+        src = Path(source)
+        if src.is_dir():
+            for f in src.rglob("*"):
+                if f.is_file():
+                    self.host[posix_join(target, str(f.relative_to(src)))] = f.read_bytes()
+        else:
+            self.host[target.rstrip("/")] = src.read_bytes()
+
+    def _remote(self, remote: str) -> str:
+        body = re.sub(r"^(export [^;]*; )+", "", remote)
+        if body.startswith("command -v docker"):
+            return "/usr/bin/docker"
+        if body.startswith("cat /proc/meminfo"):
+            return "MemAvailable: 16000000 kB"
+        if body.startswith("docker info"):
+            return "map[runc:{...}]"
+        if body.startswith("docker inspect -f '{{json .Config.Env}}'"):
+            return json.dumps([f"HOME={_HOME}", "PATH=/usr/bin"])
+        if body.startswith("docker inspect"):
+            if not self.running:
+                return "Error: No such object: ray_container"
+            if ".State.Running" in body:
+                return "true"
+            if ".Mounts" in body:
+                return json.dumps([{"Source": s, "Destination": d} for s, d in self.mounts])
+            return "registry.example.com/eagle-audit:0.1.0"
+        if body.startswith("docker run"):
+            for src, dst in re.findall(r"-v (\S+):(\S+)", body):
+                self.mounts.append((src, dst.replace("~/", _HOME + "/")))
+            self.running = True
+            return ""
+        if body.startswith("docker exec ray_container printenv HOME"):
+            return _HOME
+        m = re.match(r"(?:mkdir -p \S+ && )?rsync -e '\w+ exec -i' -avz (\S+) ray_container:(\S+)$", body) or \
+            re.match(r"docker cp (\S+) ray_container:(\S+)$", body)
+        if m:  # host -> container
+            src, dst = m.group(1).removesuffix("/."), m.group(2)
+            for path, data in list(self.host.items()):
+                if path == src or path.startswith(src.rstrip("/") + "/"):
+                    self.container[posix_join(dst, path[len(src):].lstrip("/")) if path != src else dst] = data
+            return ""
+        if body.startswith("docker exec"):
+            argv = shlex.split(body)
+            inner = argv[argv.index("-c") + 1]
+            self.container_commands.append(_unwrap_login_shell(shlex.split(inner)) if inner.startswith("bash ")
+                                           else inner)
+            return ""
+        return ""  # uptime, mkdir/chown on the host, docker pull, ...
+
+    def read_in_container(self, path: str) -> bytes | None:
+        """A file as a process in the container sees it: copied in, or under a bind mount."""
+        path = path.replace("$HOME", _HOME).replace("~/", _HOME + "/")
+        if path in self.container:
+            return self.container[path]
+        for src, dst in self.mounts:
+            if path.startswith(dst.rstrip("/") + "/"):
+                found = self.host.get(posix_join(src, path[len(dst.rstrip("/")) + 1:]))
+                if found is not None:
+                    return found
+        return None
+
+
+_LOGIN = re.compile(r"^source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore && \((.*)\)$", re.S)
+
+
+def _unwrap_login_shell(argv: list[str]) -> str:
+    """The command inside Ray's login-shell wrapper (`bash --login -c -i 'source ~/.bashrc; ... && (CMD)'`)."""
+    if argv[:4] == ["bash", "--login", "-c", "-i"]:
+        text = " ".join(argv[4:])
+        text = shlex.split(text)[0] if text.startswith("'") else text
+        m = _LOGIN.match(text)
+        return m.group(1) if m else text
+    return argv[-1]
+
+
+def posix_join(*parts: str) -> str:
+    import posixpath
+
+    return posixpath.join(*parts)
+
+
+def _head_home(tmp_path: Path, cfg: dict) -> Path:
+    """The head container's home after `ray up`: file_mounts synced there, then head_setup_commands run (with a
+    fake `ray` whose `get-auth-token --generate` writes ~/.ray/auth_token as Ray's does)."""
+    home = tmp_path / "head-home"
+    for remote, local in cfg["file_mounts"].items():
+        dest = home / remote.removeprefix("~/")
+        src = ROOT / local
+        if src.is_dir() and local != ".":
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                (dest / f.name).write_bytes(f.read_bytes())
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f"#!/bin/bash\n[ \"$1 $2\" = 'get-auth-token --generate' ] || exit 2\nmkdir -p ~/.ray\n"
+                    f"test -s ~/.ray/auth_token || printf {TOKEN} > ~/.ray/auth_token\ncat ~/.ray/auth_token\n")
+    fake.chmod(0o755)
+    for command in cfg["head_setup_commands"]:
+        subprocess.run(["bash", "-ec", command], env={"HOME": str(home), "PATH": f"{fake.parent}:/usr/bin:/bin"},
+                       check=True, timeout=30)
+    return home
+
+
+def _update_worker(cfg: dict, head_home: Path, monkeypatch) -> _SimulatedNode:
+    """Ray's NodeUpdater for a new worker, as the head's autoscaler runs it (StandardAutoscaler.spawn_updater:
+    the bootstrap config's file_mounts, remapped to the head's own copies, and cluster_synced_files)."""
+    from ray.autoscaler._private.updater import NodeUpdater
+    from ray.autoscaler.node_provider import NodeProvider
+    from ray.autoscaler.tags import STATUS_UP_TO_DATE, TAG_RAY_NODE_STATUS
+
+    class Provider(NodeProvider):
+        def __init__(self):
+            super().__init__({"type": "fake"}, cfg["cluster_name"])
+            self.tags: dict[str, str] = {}
+
+        def node_tags(self, node_id):
+            return dict(self.tags)
+
+        def set_node_tags(self, node_id, tags):
+            self.tags.update(tags)
+
+        def internal_ip(self, node_id):
+            return "10.0.0.5"
+
+        def external_ip(self, node_id):
+            return "10.0.0.5"
+
+        def is_terminated(self, node_id):
+            return False
+
+        def is_running(self, node_id):
+            return True
+
+    from ray.autoscaler._private.util import with_head_node_ip
+
+    monkeypatch.setenv("HOME", str(head_home))  # the head container's home: the sources of every sync
+    node, provider = _SimulatedNode(), Provider()
+    updater = NodeUpdater(
+        node_id="i-worker", provider_config={"type": "fake"}, provider=provider,
+        auth_config={"ssh_user": "ubuntu", "ssh_private_key": "~/ray_bootstrap_key.pem"},
+        cluster_name=cfg["cluster_name"], file_mounts={remote: remote for remote in cfg["file_mounts"]},
+        initialization_commands=cfg["initialization_commands"],
+        setup_commands=cfg["setup_commands"] + cfg["worker_setup_commands"],
+        ray_start_commands=with_head_node_ip(cfg["worker_start_ray_commands"], "10.0.0.1"),
+        runtime_hash="h1", file_mounts_contents_hash="f1", is_head_node=False,
+        cluster_synced_files=cfg["cluster_synced_files"],
+        rsync_options={"rsync_exclude": cfg.get("rsync_exclude"), "rsync_filter": cfg.get("rsync_filter")},
+        process_runner=node, use_internal_ip=True, docker_config=cfg["docker"])
+    updater.run()
+    assert provider.tags.get(TAG_RAY_NODE_STATUS) == STATUS_UP_TO_DATE, node.commands[-5:]
+    return node
+
+
+def _token_the_worker_reads(node: _SimulatedNode) -> bytes | None:
+    start = next(c for c in node.container_commands if "ray start" in c)
+    assert "RAY_AUTH_MODE=token" in start
+    m = re.search(r"RAY_AUTH_TOKEN_PATH=([^;\s]+)", start)
+    return node.read_in_container(m.group(1) if m else "~/.ray/auth_token")
+
+
+def test_a_new_worker_container_gets_the_heads_auth_token(tmp_path, monkeypatch):
+    """`ray up` in docker mode: Ray's own NodeUpdater sets up a worker the head's autoscaler launches; the token
+    the head generated must be readable inside the worker's container where its `ray start` looks for it."""
+    cfg = prepare_config(yaml.safe_load(CLUSTER_YAML.read_text()))
+    home = _head_home(tmp_path, cfg)
+    assert (home / "ray-auth" / "auth_token").read_text() == TOKEN == (home / ".ray" / "auth_token").read_text()
+    node = _update_worker(cfg, home, monkeypatch)
+    assert node.running and any(c.startswith("docker run") for c in node.commands)
+    assert _token_the_worker_reads(node) == TOKEN.encode()
+    # The check bites: the token only in cluster_synced_files (rsynced to the worker's host, never into the
+    # container, which bind-mounts file_mounts folders only) leaves the container without it.
+    old = copy.deepcopy(cfg)
+    old["file_mounts"].pop("~/ray-auth")
+    old["cluster_synced_files"] = ["~/.ray/auth_token"]
+    old["worker_start_ray_commands"] = [c.replace(" RAY_AUTH_TOKEN_PATH=$HOME/ray-auth/auth_token", "")
+                                        for c in old["worker_start_ray_commands"]]
+    node = _update_worker(old, home, monkeypatch)
+    assert any(path.endswith("/.ray/auth_token") for path in node.host), "synced to the host ..."
+    assert _token_the_worker_reads(node) is None, "... but not into the container"
 
 
 def test_cluster_yaml_boots_the_image_and_installs_nothing():
