@@ -9,6 +9,7 @@ OK = 0
 SOME_FAILED = 1
 USAGE = 2
 JOB_FAILED = 3
+BUSY = 4
 SIGINT = 130
 SIGTERM = 143
 
@@ -38,6 +39,13 @@ EXIT_CODES: dict[str, dict[int, str]] = {
         JOB_FAILED: "storage failure",
     },
     "latest": {OK: "success", USAGE: "bad arguments (--to inside --output)"},
+    "maintain": {
+        OK: "compacted, expired and cleaned (or nothing to do)",
+        USAGE: "bad arguments or config, or the output does not exist",
+        JOB_FAILED: "storage or catalog failure, or the output's lease lost; nothing is lost, the next run finishes",
+        BUSY: "a driver holds the output (after waiting output.lease_wait_s): nothing was changed; run it later",
+        SIGINT: "interrupted; nothing is lost, the next run finishes what it left",
+    },
 }
 
 

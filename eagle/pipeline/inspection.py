@@ -27,6 +27,7 @@ from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.expert.ensemble import pinned_metas
 from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, LeaseLost, OutputLease
+from eagle.io.maintenance import finish_compactions
 from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id
 from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
@@ -178,11 +179,17 @@ def take_output_lease(cfg: JobConfig, run_id: str) -> OutputLease:
     lease = OutputLease(cfg.output.uri, run_id, cfg.output.lease_ttl_s, cfg.storage, wait_s=cfg.output.lease_wait_s,
                         on_lost=_thread.interrupt_main)
     try:
-        return lease.acquire()
+        lease.acquire()
     except LeaseHeld:
         raise
     except Exception as exc:  # noqa: BLE001 - the output store is unreachable (after retries)
         raise JobFailed(f"cannot take the output's lease in {cfg.output.uri}: {type(exc).__name__}: {exc}") from exc
+    try:  # a maintenance run killed mid-compaction: finish it before reading results (eagle.io.maintenance)
+        finish_compactions(cfg.output.uri, cfg.storage)
+    except Exception as exc:  # noqa: BLE001 - the output store is unreachable (after retries)
+        lease.release()
+        raise JobFailed(f"cannot finish an interrupted compaction in {cfg.output.uri}: {exc}") from exc
+    return lease
 
 
 def _tally_since(tally: object, before: dict[str, int]) -> dict[str, int]:
