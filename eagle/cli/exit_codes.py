@@ -20,8 +20,9 @@ _INTERRUPTED = "interrupted by {signal}; the run manifest says interrupted and t
 EXIT_CODES: dict[str, dict[int, str]] = {
     "inspect": {
         OK: "success (individual bad images are error rows, not failures)",
-        USAGE: _MISTAKE,
-        JOB_FAILED: "job-level failure: storage unreachable, or an error rate above output.max_error_rate",
+        USAGE: _MISTAKE + "; or another driver still holds the output after output.lease_wait_s",
+        JOB_FAILED: "job-level failure: storage unreachable, an error rate above output.max_error_rate, or the "
+                    "output's lease lost to another driver (this one stalled past output.lease_ttl_s)",
         SIGINT: _INTERRUPTED.format(signal="SIGINT (Ctrl-C)"),
         SIGTERM: _INTERRUPTED.format(signal="SIGTERM"),
     },
