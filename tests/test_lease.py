@@ -248,3 +248,31 @@ def test_run_inspect_takes_the_lease_before_it_connects_to_ray(tmp_path):
         with pytest.raises(LeaseHeld):
             run_inspect(cfg, connect=lambda: connected.append(1))
     assert connected == [] and not ray.is_initialized()
+
+
+def test_a_driver_whose_lease_is_taken_over_stops_and_fails(tmp_path, monkeypatch):
+    """Mid-run, another driver takes the lease over (this one stalled): the renewal thread interrupts the run,
+    which fails (exit 3 from the command line) without writing its manifest."""
+    from eagle.config import load_config
+    from eagle.pipeline import inspection
+
+    output = str(tmp_path / "out")
+    cfg = load_config(overrides={"inputs": {"uris": [str(tmp_path)]}, "model_store": str(tmp_path),
+                                 "output": {"uri": output, "lease_ttl_s": 0.6}, "run_id": "stalled"}, env={})
+    wrote = []
+
+    def stalled_run(cfg, run_id, verbose, check_lease):
+        uri = lease_uri(output)
+        found = storage.read_versioned(uri)
+        successor = Holder("other-host", 2, "successor", "now", dt.datetime.now(dt.UTC).isoformat(), "night-2", 60)
+        assert storage.write_if(uri, json.dumps(successor.__dict__).encode(), found[1]) is not None
+        time.sleep(10)  # the next renewal finds the successor and interrupts this
+        wrote.append("rows")  # never reached
+
+    monkeypatch.setattr(inspection, "_run", stalled_run)
+    monkeypatch.setattr(inspection, "end_run", lambda *a, **k: wrote.append("manifest"))
+    started = time.monotonic()
+    with pytest.raises(inspection.JobFailed, match="another driver took over the lease"):
+        inspection.run_inspect(cfg)
+    assert time.monotonic() - started < 5 and wrote == []
+    assert Holder.parse(storage.read_bytes(lease_uri(output))).token == "successor"  # left to its new holder

@@ -11,9 +11,10 @@ in iceberg format, into the `latest` table).
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -177,7 +178,7 @@ def take_output_lease(cfg: JobConfig, run_id: str) -> OutputLease:
     output.lease_wait_s for a holder to finish or its lease to expire; LeaseHeld (exit 2) after that. Losing it
     later interrupts the main thread, so a driver that stalled stops writing as soon as it runs again."""
     lease = OutputLease(cfg.output.uri, run_id, cfg.output.lease_ttl_s, cfg.storage, wait_s=cfg.output.lease_wait_s,
-                        on_lost=_thread.interrupt_main)
+                        on_lost=_interrupt_main)
     try:
         lease.acquire()
     except LeaseHeld:
@@ -190,6 +191,11 @@ def take_output_lease(cfg: JobConfig, run_id: str) -> OutputLease:
         lease.release()
         raise JobFailed(f"cannot finish an interrupted compaction in {cfg.output.uri}: {exc}") from exc
     return lease
+
+
+def _interrupt_main() -> None:
+    """Interrupt the main thread as a SIGINT would: a real signal, so that a blocking call there returns too."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def _tally_since(tally: object, before: dict[str, int]) -> dict[str, int]:
