@@ -473,6 +473,11 @@ def _local_write_if(path: str, data: bytes, version: str | None) -> str | None:
                 os.link(tmp, path)  # atomic, and fails if the name exists: create-if-absent
             except FileExistsError:
                 return None
+            except OSError:  # a file system without hard links: check and rename under the lock instead
+                with _local_lock(path):
+                    if os.path.exists(path):
+                        return None
+                    os.replace(tmp, path)
             return _local_version(data)
         with _local_lock(path):
             try:
