@@ -214,9 +214,12 @@ def test_a_lost_answer_to_our_own_renewal_keeps_the_lease(s3_server, s3_bucket):
 def test_the_lease_is_checked_before_ray_starts(tmp_path):
     """A second driver over a held output exits 2 naming the holder, without starting Ray."""
     images, models, output = tmp_path / "in", tmp_path / "models", str(tmp_path / "out")
-    images.mkdir()
-    (images / "a.png").write_bytes(b"not really a png")
-    (models / "bottle").mkdir(parents=True)
+    (images / "bottle").mkdir(parents=True)
+    (images / "bottle" / "a.png").write_bytes(b"not really a png")
+    (models / "bottle" / "v1").mkdir(parents=True)  # an expert as preflight sees it: pointers and metadata
+    for pointer in ("LATEST", "LATEST.patchcore"):
+        (models / "bottle" / pointer).write_text("v1\n")
+    (models / "bottle" / "v1" / "meta.json").write_text('{"backbone": {"name": "resnet18", "weights": "random"}}')
     holder = OutputLease(output, "night-1", ttl_s=60).acquire()
     try:
         started = time.monotonic()
