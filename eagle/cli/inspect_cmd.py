@@ -139,25 +139,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg.run_id = new_run_id()  # known up front, so an interrupted run can say how to resume it
     signals = catch_signals()
     from eagle.pipeline.inspection import JobFailed, run_inspect
-    from eagle.pipeline.ray_setup import init_ray
+    from eagle.pipeline.ray_setup import RayUnavailable, init_ray, shutdown_ray
 
     try:
         init_ray(cfg)
-        result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose)
-    except (ConfigError, JobFailed) as exc:
+        result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose, stop=signals)
+    except (ConfigError, JobFailed, RayUnavailable) as exc:
         return failed(exc, log)
     except KeyboardInterrupt:
-        import ray
-
-        ray.shutdown()
         name = "SIGTERM" if signals.exit_code() == SIGTERM else "SIGINT"
         if args.dry_run:
             log.warning("dry run interrupted by %s; nothing was written", name)
             return signals.exit_code()
+        # said before Ray stops (a local Ray takes a second or two): `ray job stop` SIGKILLs 3 s after SIGTERM
         log.warning("run %s interrupted by %s; its manifest says interrupted. Resume it (only images without a "
                     "row of this run are audited) with:", cfg.run_id, name)
         print(resume_command(argv, cfg.run_id), file=sys.stderr, flush=True)
         return signals.exit_code()
+    finally:
+        with signals.graceful():  # a second signal must not cut Ray's shutdown short
+            shutdown_ray()
     if args.dry_run:
         print(f"dry run ({cfg.mode}{', run ' + cfg.run_id if cfg.run_id else ''}): nothing was audited or written")
         print("\n".join(result.lines()))

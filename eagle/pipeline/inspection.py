@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import duckdb
 
@@ -36,13 +38,23 @@ from eagle.pipeline.stages.decode_stage import DecodeStage, model_input_sizes
 from eagle.pipeline.stages.expert_stage import ExpertStage
 from eagle.pipeline.stages.finish_stage import FinishStage
 from eagle.pipeline.stages.stamp_stage import StampStage
-from eagle.pipeline.writing import update_latest, write_output
+from eagle.pipeline.writing import update_latest, write_streaming
 
 log = logging.getLogger(__name__)
 
 
 class JobFailed(RuntimeError):
     """A job-level failure (not one image's): the job exits non-zero."""
+
+
+class StopRequest(Protocol):
+    """How the command line stops a run gently (`eagle.cli.interrupts.Signals`): inside `graceful()` a
+    SIGTERM/SIGINT only sets `stop`; the streaming write then writes the rows already finished (within
+    ``output.stop_grace_s``) and the run ends with KeyboardInterrupt, as it does outside."""
+
+    stop: threading.Event
+
+    def graceful(self) -> AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -125,12 +137,13 @@ def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
             log.log(logging.WARNING if routes else logging.INFO, "%s", advice)
 
 
-def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False) -> Summary | Plan:
+def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False,
+                stop: StopRequest | None = None) -> Summary | Plan:
     """Audit every listed image not yet audited in this run (incrementally: not up to date); returns the run's
     summary. With `dry_run`, only plan: returns the plan (per product listed / done / to audit), writes no
     rows, no run manifest and takes no lease. A run is held by one driver at a time (`eagle.io.lease`); its
     manifest ends completed, failed or interrupted. `verbose` keeps Ray Data's progress bars instead of one
-    progress line per 30 s."""
+    progress line per 30 s. `stop`: see `StopRequest`."""
     if not cfg.model_store:
         raise ConfigError("model_store is required (--model-store)")
     if not cfg.output.uri:
@@ -146,7 +159,7 @@ def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False) ->
         raise JobFailed(f"cannot take the run's lease in {cfg.output.uri}: {type(exc).__name__}: {exc}") from exc
     status = "failed"
     try:
-        summary = _run(cfg, run_id, verbose)
+        summary = _run(cfg, run_id, verbose, stop)
         status = "completed"
         return summary
     except KeyboardInterrupt:  # SIGINT, or SIGTERM as the job's command line maps it
@@ -190,7 +203,7 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
     return plan, con
 
 
-def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
+def _run(cfg: JobConfig, run_id: str, verbose: bool, stop: StopRequest | None = None) -> Summary:
     start = time.time()
     tally = start_tally()
     retries_before = read_tally(tally)
@@ -207,7 +220,7 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
         try:
             with mllm_pool(cfg) if cfg.mllm.model else nullcontext() as pool:
                 _stream(cfg, plan, pool, model_input_sizes(metas),
-                        lambda exc: _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)))
+                        lambda exc: _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)), stop)
                 if pool is not None:
                     traffic["mllm"] = list(pool.traffic())
         except PoolFailed as exc:
@@ -231,8 +244,10 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
 
 
 def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict[str, tuple[int, int]],
-            write_failed: Callable[[Exception], JobFailed]) -> None:
-    """Decode → expert → finish (→ MLLM pool for the routed rows) → stamp → write, for the plan's images."""
+            write_failed: Callable[[Exception], JobFailed], stop: StopRequest | None = None) -> None:
+    """Decode → expert → finish (→ MLLM pool for the routed rows) → stamp → write, for the plan's images.
+    Finished rows are written as they come (`write_streaming`); a stop request ends it with KeyboardInterrupt
+    once the rows already finished are written."""
     run = plan.run
     stamp = {"run_id": run.run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
              "eagle_version": __version__, "mllm_model": cfg.mllm.model}
@@ -244,11 +259,14 @@ def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict
         ds = FinishStage.apply(ds, cfg, pool=pool)
         ds = StampStage.apply(ds, cfg, stamp=stamp)
         try:
-            write_output(ds, cfg, run)
+            with stop.graceful() if stop is not None else nullcontext():
+                finished = write_streaming(ds, cfg, run, stop.stop if stop is not None else None)
         except Exception as exc:
             if not isinstance(_root_cause(exc), OSError):
                 raise
             raise write_failed(exc) from exc
+        if not finished:
+            raise KeyboardInterrupt("stop requested")
 
 
 def _abort_leftover_uploads(cfg: JobConfig, run_id: str) -> None:

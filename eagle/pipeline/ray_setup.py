@@ -12,6 +12,11 @@ the job's own.
   machine (``ray start --head``) is joined, and the log says so; else a local Ray is started for this job.
 * ``local``: always start a separate local Ray for this job, even when one is running.
 * ``auto`` or ``HOST:PORT`` / ``ray://…``: that cluster (``auto`` fails when none is running).
+
+A local Ray that does not start (a loaded machine: "The current node timed out during startup") is tried
+``ray.start_attempts`` times with backoff, then `RayUnavailable` says what to do (the job exits 3). The job's
+own SIGINT/SIGTERM handlers are put back after ``ray.init`` (which installs its own: a SIGTERM then aborted the
+driver with exit 134). `shutdown_ray` leaves no process of a Ray the job started.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import time
 from typing import Any
 
 from eagle.config import JobConfig, StageResources
@@ -49,14 +56,143 @@ def running_local_cluster() -> str | None:
     return address if address and address in services.find_gcs_addresses() else None
 
 
+class RayUnavailable(RuntimeError):
+    """Ray could not be started or reached: the job exits 3 with this one line."""
+
+
+# The session folder of the Ray this process started (None: none, or one it joined): `shutdown_ray` reaps it.
+_own_session: str | None = None
+
+_START_BACKOFF_S = (10.0, 20.0, 40.0)
+
+
 def init_ray(cfg: JobConfig) -> None:
     """ray.init once, as the module docstring says; a Ray this job starts gets at least 8 logical CPUs so
-    fractional actors never starve read tasks."""
+    fractional actors never starve read tasks. The caller's SIGINT/SIGTERM handlers stay in place."""
     import ray
 
     if not ray.is_initialized():
-        _connect(cfg)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            _connect(cfg)
+        except SystemExit as exc:  # ray.init's own SIGTERM handler, set while it connects: sys.exit(15)
+            if exc.code != signal.SIGTERM or not callable(handlers[signal.SIGTERM]):
+                raise
+            _restore(handlers)
+            handlers[signal.SIGTERM](signal.SIGTERM, None)  # the caller's: KeyboardInterrupt, exit 143
+            raise
+        finally:
+            _restore(handlers)
     quiet_ray_loggers()
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray; a Ray this process started is stopped, and any of its processes that outlive
+    ``ray.shutdown`` (agents that ignore SIGTERM) are killed. Safe to call more than once."""
+    global _own_session
+    import ray
+
+    ray.shutdown()
+    session, _own_session = _own_session, None
+    if session:
+        reap_session(session)
+
+
+def session_processes(session: str) -> list[Any]:
+    """Live processes whose command line names a Ray session folder (its GCS, raylet, agents and workers)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and any(session in arg for arg in proc.info["cmdline"] or ()):
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def reap_session(session: str, wait_s: float = 2.0) -> int:
+    """Stop what is left of a Ray session this process started: SIGTERM, then SIGKILL after `wait_s`. Returns
+    how many processes were left."""
+    import psutil
+
+    left = session_processes(session)
+    for proc in left:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=wait_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=wait_s)
+    if left:
+        log.debug("stopped %d leftover process(es) of Ray session %s", len(left), session)
+    return len(left)
+
+
+def _start_local(cfg: JobConfig, **kwargs: Any) -> None:
+    """``ray.init`` of a local Ray, tried ``ray.start_attempts`` times; what a failed try left is stopped."""
+    global _own_session
+    import ray
+
+    attempts = cfg.ray.start_attempts
+    for attempt in range(1, attempts + 1):
+        before = _sessions()
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - "timed out during startup" and its kin: retried, then one line
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            ray.shutdown()
+            for session in _sessions() - before:  # a node that failed half-way is not ray.shutdown's to stop
+                reap_session(session)
+            if attempt == attempts:
+                raise RayUnavailable(
+                    f"could not start a local Ray ({attempts} tries; last: {cause}). The machine is probably "
+                    f"overloaded or short of memory, /dev/shm or disk under {_temp_dir()}: free some, or set "
+                    f"ray.address to a running "
+                    f"cluster, then run the same command again (with --run-id, to resume a run)") from None
+            pause = _START_BACKOFF_S[min(attempt, len(_START_BACKOFF_S)) - 1]
+            log.warning("starting a local Ray failed (%s); trying again in %.0f s (try %d of %d, "
+                        "ray.start_attempts)", cause, pause, attempt + 1, attempts)
+            time.sleep(pause)
+        else:
+            _own_session = _session_dir()
+            return
+
+
+def _sessions() -> set[str]:
+    """Session folders under Ray's temp folder ($RAY_TMPDIR/ray, else /tmp/ray)."""
+    import glob
+
+    return {p for p in glob.glob(os.path.join(_temp_dir(), "session_*")) if not p.endswith("_latest")}
+
+
+def _temp_dir() -> str:
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return get_default_ray_temp_dir()
+
+
+def _session_dir() -> str | None:
+    """The session folder of the Ray this process started or joined, if any."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        return node.get_session_dir_path() if node is not None else None
+    except Exception:  # noqa: BLE001 - a node that failed half-way
+        return None
 
 
 def _connect(cfg: JobConfig) -> None:
@@ -83,8 +219,13 @@ def _connect(cfg: JobConfig) -> None:
             log.info("not sending %s to the cluster (Ray would show them in its job table): its workers use "
                      "their own credentials (instance profile, IRSA, a Secret in the pod env, a credentials file "
                      "or AWS_PROFILE); ray.forward_credentials=true sends them anyway", ", ".join(secrets))
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-                 logging_level=ray_logging_level())
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+                     logging_level=ray_logging_level())
+        except (ConnectionError, TimeoutError) as exc:
+            raise RayUnavailable(f"cannot reach the Ray cluster at {address} ({str(exc).splitlines()[0]}): check "
+                                 f"ray.address / RAY_ADDRESS and that the cluster is up, then run the same command "
+                                 f"again") from None
         resources = ray.cluster_resources()
         log.info("connected to Ray at %s: %g CPUs, %g GPUs", address, resources.get("CPU", 0),
                  resources.get("GPU", 0))
@@ -93,8 +234,8 @@ def _connect(cfg: JobConfig) -> None:
     log.info("starting a local Ray with %d logical CPUs on %d cores (ray.num_cpus; fractional stages share "
              "them)", num_cpus, os.cpu_count() or 1)
     # Workers of a Ray this job starts inherit its environment, credentials included: no runtime env needed.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env} if env else None, logging_level=ray_logging_level())
+    _start_local(cfg, address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": env} if env else None, logging_level=ray_logging_level())
 
 
 def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:

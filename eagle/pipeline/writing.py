@@ -1,10 +1,18 @@
 """The write at the end of the inspect pipeline. Parquet: Hive-partitioned files with names that a retried
 write task reproduces, so a retry overwrites its own file instead of adding rows. Iceberg: Ray Data's
-`write_iceberg` appends to the `audits` table in one commit per run attempt (retried tasks' files are never
-committed twice), then `update_latest` upserts the run's rows into `latest`."""
+`write_iceberg` appends to the `audits` table in one commit per flush (retried tasks' files are never
+committed twice), then `update_latest` upserts the run's rows into `latest`.
+
+`write_streaming` bounds what a crash loses: finished rows (blocks out of the last stage) reach storage at least
+every ``output.flush_interval_s`` and every ``output.min_rows_per_file`` rows, and on a stop request (SIGTERM,
+SIGINT) the rows already finished are written within ``output.stop_grace_s`` while no new ones are awaited."""
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
 from typing import Any
 
 from ray.data.datasource import FilenameProvider
@@ -13,6 +21,8 @@ from eagle.config import JobConfig
 from eagle.io import iceberg, storage
 from eagle.io.runs import RunInfo
 from eagle.io.schema import OUTPUT_SCHEMA
+
+log = logging.getLogger(__name__)
 
 
 class RunFilenames(FilenameProvider):
@@ -38,6 +48,126 @@ def write_output(ds: Any, cfg: JobConfig, run: RunInfo) -> None:
     ds.write_parquet(path, filesystem=fs, partition_cols=cfg.output.partition_by,
                      filename_provider=RunFilenames(run.run_id, run.attempt), schema=OUTPUT_SCHEMA,
                      min_rows_per_file=cfg.output.min_rows_per_file)
+
+
+class Flusher:
+    """Finished blocks of a run attempt waiting to be written (object refs only: the rows stay in Ray's object
+    store), and when they are due: ``output.min_rows_per_file`` rows, or ``output.flush_interval_s`` since the
+    oldest of them finished."""
+
+    def __init__(self, cfg: JobConfig, run: RunInfo) -> None:
+        self.cfg, self.run = cfg, run
+        self.refs: list[Any] = []
+        self.rows = 0
+        self.oldest: float | None = None  # when the oldest waiting block arrived (time.monotonic)
+        self.written = 0  # rows written so far
+        self.flushes = 0
+
+    def add(self, bundle: Any) -> None:
+        """Take the blocks of one RefBundle out of the pipeline's last stage."""
+        for ref, meta in bundle.blocks:
+            self.refs.append(ref)
+            self.rows += meta.num_rows or 0
+        if self.refs and self.oldest is None:
+            self.oldest = time.monotonic()
+
+    def seconds_left(self) -> float:
+        """Seconds until the waiting rows are due by time (inf when none wait)."""
+        if self.oldest is None:
+            return float("inf")
+        return max(0.0, self.oldest + self.cfg.output.flush_interval_s - time.monotonic())
+
+    def due(self) -> bool:
+        return bool(self.refs) and (self.rows >= self.cfg.output.min_rows_per_file or self.seconds_left() <= 0)
+
+    def flush(self) -> None:
+        """Write the waiting blocks (one write: per partition one file of them, named as `RunFilenames` says)."""
+        if not self.refs:
+            return
+        import ray
+
+        refs, rows = self.refs, self.rows
+        self.refs, self.rows, self.oldest = [], 0, None
+        ds = ray.data.from_arrow_refs(refs)
+        ds.context.custom_execution_callback_classes = []  # the run's progress line is the pipeline's, not this
+        ds.context.enable_progress_bars = False
+        start = time.monotonic()
+        write_output(ds, self.cfg, self.run)
+        self.written += rows
+        self.flushes += 1
+        log.debug("wrote %d finished rows in %.1f s (%d so far)", rows, time.monotonic() - start, self.written)
+
+
+_END = object()
+
+
+def write_streaming(ds: Any, cfg: JobConfig, run: RunInfo, stop: threading.Event | None = None) -> bool:
+    """Stream `ds` (the stamped rows) to storage as `Flusher` says; returns False when `stop` was set: then
+    the rows already finished were written within ``output.stop_grace_s`` (what did not make it is audited
+    again by the resume) and no more are awaited. A pipeline error is raised here."""
+    results: queue.Queue = queue.Queue()
+
+    def pull() -> None:  # Ray Data's iterator blocks; the flush clock and the stop request must not wait on it
+        try:
+            for bundle in ds.iter_internal_ref_bundles():
+                results.put(bundle)
+            results.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread, raised there
+            results.put(exc)
+
+    threading.Thread(target=pull, name="eagle-results", daemon=True).start()
+    flusher = Flusher(cfg, run)
+    while True:
+        if stop is not None and stop.is_set():
+            _flush_on_stop(flusher, results, cfg.output.stop_grace_s)
+            return False
+        try:
+            item = results.get(timeout=min(0.25, flusher.seconds_left()))
+        except queue.Empty:
+            item = None
+        if item is _END:
+            flusher.flush()
+            return True
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            flusher.add(item)
+        if flusher.due():
+            flusher.flush()
+
+
+def _flush_on_stop(flusher: Flusher, results: queue.Queue, grace_s: float) -> None:
+    """Write the rows already finished (waiting, or queued by the pipeline) within `grace_s` seconds."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            item = results.get_nowait()
+        except queue.Empty:
+            break
+        if item is not _END and not isinstance(item, BaseException):
+            flusher.add(item)
+    if not flusher.refs:
+        return
+    rows = flusher.rows
+    failed: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            flusher.flush()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failed.append(exc)
+
+    writer = threading.Thread(target=flush, name="eagle-last-flush", daemon=True)
+    writer.start()
+    writer.join(max(0.0, deadline - time.monotonic()))
+    if writer.is_alive():
+        log.warning("stopping: %d finished rows were not written within output.stop_grace_s=%g s; the resume "
+                    "audits them again", rows, grace_s)
+    elif failed:
+        log.warning("stopping: writing %d finished rows failed (%s); the resume audits them again", rows,
+                    failed[0])
+    else:
+        log.info("stopping: wrote the %d rows already finished", rows)
 
 
 def update_latest(cfg: JobConfig, run_id: str) -> None:
