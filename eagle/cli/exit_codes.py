@@ -14,13 +14,15 @@ SIGTERM = 143
 
 _MISTAKE = ("a mistake found before any work (arguments, config file, missing or empty input, unwritable output, "
             "missing model store, MLLM or weights): one message says what to do; nothing is written")
-_INTERRUPTED = "interrupted by {signal}; the run manifest says interrupted and the last line is the resume command"
+_INTERRUPTED = ("interrupted by {signal}; rows already finished are written (output.stop_grace_s), the run manifest "
+                "says interrupted and the last line is the resume command")
 
 EXIT_CODES: dict[str, dict[int, str]] = {
     "inspect": {
         OK: "success (individual bad images are error rows, not failures)",
         USAGE: _MISTAKE,
-        JOB_FAILED: "job-level failure: storage unreachable, or an error rate above output.max_error_rate",
+        JOB_FAILED: "job-level failure: storage unreachable, a local Ray that would not start (after "
+                    "ray.start_attempts) or a cluster out of reach, or an error rate above output.max_error_rate",
         SIGINT: _INTERRUPTED.format(signal="SIGINT (Ctrl-C)"),
         SIGTERM: _INTERRUPTED.format(signal="SIGTERM"),
     },
@@ -28,7 +30,7 @@ EXIT_CODES: dict[str, dict[int, str]] = {
         OK: "every product fitted",
         SOME_FAILED: "some products failed (each listed with its error); the others are fitted",
         USAGE: _MISTAKE,
-        JOB_FAILED: "data root or model store unreachable",
+        JOB_FAILED: "data root or model store unreachable, or a local Ray that would not start",
         SIGINT: "interrupted by SIGINT (Ctrl-C); products already fitted stay fitted, the same command fits again",
         SIGTERM: "interrupted by SIGTERM; as for SIGINT",
     },

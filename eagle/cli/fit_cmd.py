@@ -75,11 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE
     signals = catch_signals()
     from eagle.pipeline.fitting import fit_experts
-    from eagle.pipeline.ray_setup import init_ray
+    from eagle.pipeline.ray_setup import RayUnavailable, init_ray
 
     try:
         init_ray(cfg)
         results = fit_experts(args.data, products, cfg, models)
+    except RayUnavailable as exc:  # one line, exit 3 (not a traceback and 1, which means "some products failed")
+        return failed(exc, log)
     except KeyboardInterrupt:
         log.warning("interrupted: products whose LATEST moved are fitted; run the same command again to fit "
                     "the rest")

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     from eagle.pipeline.ray_setup import RayUnavailable, init_ray, shutdown_ray
 
     try:
-        init_ray(cfg)
+        if not args.dry_run:  # a dry run plans in this process: no Ray
+            init_ray(cfg)
         result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose, stop=signals)
     except (ConfigError, JobFailed, RayUnavailable) as exc:
         return failed(exc, log)

@@ -37,8 +37,7 @@ class Signals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = not self.stop.is_set()
-        if first or self.received is None:
-            self.received = signum
+        self.received = signum
         self.stop.set()
         if first and self._graceful:
             return

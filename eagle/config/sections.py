@@ -369,8 +369,9 @@ class OutputConfig(Section):
         "uri, ...). Empty: a SQLite-file SQL catalog at {uri}/_iceberg/catalog.db (local output only). Keep "
         "secrets out of the config: PYICEBERG_CATALOG__EAGLE__<PROPERTY> environment variables or ~/.pyiceberg.yaml.")
     commit_rows: int = Field(
-        100_000, gt=0, description="iceberg: rows per commit to `audits` (one snapshot each; models are loaded "
-        "again per commit): a crash redoes at most this many rows.")
+        100_000, gt=0, description="iceberg: rows per chunk of a run (models are loaded again per chunk); within "
+        "a chunk, finished rows are committed to `audits` as output.min_rows_per_file and "
+        "output.flush_interval_s say, one snapshot each.")
     namespace: str = Field("eagle", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="iceberg: the tables' namespace.")
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -28,7 +28,7 @@ from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.expert.ensemble import pinned_metas
 from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, RunLease
-from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id
+from eagle.io.runs import RunInfo, begin_run, end_run, new_run_id
 from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.progress import progress_callback
@@ -181,25 +181,26 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
 
     chash = config_hash(cfg)
     con = querying.connect(cfg.storage, memory_limit=cfg.output.planning_memory)
+    scratch = tempfile.TemporaryDirectory(prefix="eagle-dry-run-") if dry_run else nullcontext()
     try:
-        results = _results(cfg, listed=True)
-        merge_runs(con, cfg, results, ledger.pending_runs(cfg.output.uri, cfg.storage))
-        if dry_run:
-            run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
-            out_dir = storage.join(cfg.output.uri, RUNS_DIR, f"_dry-run-{uuid.uuid4().hex[:8]}")
-        else:
-            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode)
-            out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
-        cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
-        plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),
-                         results, cpus, write_todo=not dry_run)
+        with scratch as tmp:
+            results = _results(cfg, listed=True)
+            pending = ledger.pending_runs(cfg.output.uri, cfg.storage)
+            if dry_run:  # reads only: the listing goes to a local temporary folder, pending runs merge in memory
+                run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
+                out_dir = tmp
+            else:
+                merge_runs(con, cfg, results, pending)
+                run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode)
+                out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
+            cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
+            plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),
+                             results, cpus, dry_run_pending=pending if dry_run else None)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - any storage failure here (after retries) ends the job
         raise JobFailed(f"cannot list inputs or plan the run (input, output or model store unreachable?): "
                         f"{type(exc).__name__}: {exc}") from exc
-    if dry_run:
-        storage.remove(out_dir, cfg.storage, recursive=True)
     return plan, con
 
 
@@ -251,8 +252,8 @@ def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict
     run = plan.run
     stamp = {"run_id": run.run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
              "eagle_version": __version__, "mllm_model": cfg.mllm.model}
-    # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
-    # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
+    # Finished rows are written (Parquet files; Iceberg: one snapshot each) as `write_streaming` flushes them;
+    # an Iceberg run also goes in chunks of output.commit_rows (the models are loaded again per chunk).
     for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):
         ds = DecodeStage.apply(todo_dataset(files, cfg), cfg, input_sizes=input_sizes)
         ds = ExpertStage.apply(ds, cfg, versions=plan.versions)

@@ -92,12 +92,26 @@ def _restore(handlers: dict[int, Any]) -> None:
             signal.signal(sig, handler)
 
 
+_before_shutdown: list[Any] = []
+
+
+def before_shutdown(stop: Any) -> None:
+    """Have `shutdown_ray` call `stop()` first (a stopped run's Ray Data executor, which would otherwise
+    fail noisily when Ray goes away under it)."""
+    _before_shutdown.append(stop)
+
+
 def shutdown_ray() -> None:
     """Disconnect from Ray; a Ray this process started is stopped, and any of its processes that outlive
     ``ray.shutdown`` (agents that ignore SIGTERM) are killed. Safe to call more than once."""
     global _own_session
     import ray
 
+    while _before_shutdown:
+        try:
+            _before_shutdown.pop(0)()
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.debug("while stopping before Ray's shutdown: %s", exc)
     ray.shutdown()
     session, _own_session = _own_session, None
     if session:

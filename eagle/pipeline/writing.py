@@ -21,6 +21,7 @@ from eagle.config import JobConfig
 from eagle.io import iceberg, storage
 from eagle.io.runs import RunInfo
 from eagle.io.schema import OUTPUT_SCHEMA
+from eagle.pipeline.ray_setup import before_shutdown
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,8 @@ class Flusher:
 
     def add(self, bundle: Any) -> None:
         """Take the blocks of one RefBundle out of the pipeline's last stage."""
-        for ref, meta in bundle.blocks:
-            self.refs.append(ref)
-            self.rows += meta.num_rows or 0
+        self.refs.extend(bundle.block_refs)
+        self.rows += bundle.num_rows() or 0
         if self.refs and self.oldest is None:
             self.oldest = time.monotonic()
 
@@ -106,10 +106,12 @@ def write_streaming(ds: Any, cfg: JobConfig, run: RunInfo, stop: threading.Event
     the rows already finished were written within ``output.stop_grace_s`` (what did not make it is audited
     again by the resume) and no more are awaited. A pipeline error is raised here."""
     results: queue.Queue = queue.Queue()
+    # what ds.iter_internal_ref_bundles() does, keeping the executor: a stop shuts it down before Ray stops
+    executor = ds._create_executor()
 
     def pull() -> None:  # Ray Data's iterator blocks; the flush clock and the stop request must not wait on it
         try:
-            for bundle in ds.iter_internal_ref_bundles():
+            for bundle in ds._build_bundle_iterator(executor):
                 results.put(bundle)
             results.put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread, raised there
@@ -117,23 +119,30 @@ def write_streaming(ds: Any, cfg: JobConfig, run: RunInfo, stop: threading.Event
 
     threading.Thread(target=pull, name="eagle-results", daemon=True).start()
     flusher = Flusher(cfg, run)
-    while True:
-        if stop is not None and stop.is_set():
-            _flush_on_stop(flusher, results, cfg.output.stop_grace_s)
-            return False
-        try:
-            item = results.get(timeout=min(0.25, flusher.seconds_left()))
-        except queue.Empty:
-            item = None
-        if item is _END:
-            flusher.flush()
-            return True
-        if isinstance(item, BaseException):
-            raise item
-        if item is not None:
-            flusher.add(item)
-        if flusher.due():
-            flusher.flush()
+    try:
+        while True:
+            if stop is not None and stop.is_set():
+                _flush_on_stop(flusher, results, cfg.output.stop_grace_s)
+                break
+            try:
+                item = results.get(timeout=min(0.25, flusher.seconds_left()))
+            except queue.Empty:
+                item = None
+            if item is _END:
+                flusher.flush()
+                return True
+            if isinstance(item, BaseException):
+                raise item
+            if item is not None:
+                flusher.add(item)
+            if flusher.due():
+                flusher.flush()
+    except BaseException:
+        before_shutdown(lambda: executor.shutdown(force=True))
+        raise
+    # no new work: the pipeline stops before Ray does (`shutdown_ray`), once the run is marked interrupted
+    before_shutdown(lambda: executor.shutdown(force=True))
+    return False
 
 
 def _flush_on_stop(flusher: Flusher, results: queue.Queue, grace_s: float) -> None:
