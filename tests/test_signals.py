@@ -49,11 +49,12 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"data": str(data), "models": str(models), "images": images}
 
 
-def _args(fitted: dict, out: Path, run_id: str, *extra: str) -> list[str]:
+def _args(fitted: dict, out: Path, run_id: str, *extra: str, ray_address: str | None = "local") -> list[str]:
     """Small blocks and batches, a flush per second: rows finish and reach storage all through the run."""
+    own_ray = ["ray.address=local", "ray.num_cpus=4"] if ray_address == "local" else []
     return [INSPECT, "--input", fitted["data"], "--model-store", fitted["models"], "--output", str(out),
             "--mllm", "none", "--run-id", run_id, "inputs.exclude=['*/ground_truth/*', '*/train/*']",
-            "ray.address=local", "ray.num_cpus=4", "ray.start_attempts=1", "expert.backbone=resnet18",
+            *own_ray, "ray.start_attempts=1", "expert.backbone=resnet18",
             "expert.weights=random", "inputs.rows_per_block=2", "resources.decode.batch_size=2",
             "resources.expert.batch_size=2", "resources.finish.batch_size=2", "output.flush_interval_s=1",
             "output.lease_ttl_s=3", *extra]
@@ -81,19 +82,22 @@ class Driver:
         return self.proc.returncode
 
     def leftovers(self) -> list[str]:
-        """Command lines of live processes that name this driver's Ray temp folder."""
-        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        return [line for line in ps.splitlines() if self.tmp in line and "ps -eo" not in line]
+        """Live processes of this driver's Ray (their command lines name its temp folder, or their parent's
+        does): pid and command line."""
+        out = []
+        for pid in ray_setup.session_processes(self.tmp):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out.append(f"{pid} {cmdline}")
+            except OSError:  # gone meanwhile
+                pass
+        return out
 
     def close(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        for line in self.leftovers():  # only this test's own Ray processes
-            try:
-                os.kill(int(line.split()[0]), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        ray_setup.reap_session(self.tmp)  # only this test's own Ray processes
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -210,6 +214,65 @@ def test_sigkill_loses_at_most_the_rows_of_one_flush_interval(fitted, tmp_path):
     summary = _resume(fitted, out, "kill", tmp_path)
     assert summary["skipped"] == written and summary["audited"] == len(fitted["images"]) - written
     assert _rows(out, "kill") == [(uri, 1) for uri in fitted["images"]]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_stop_interrupts_the_run_and_a_resume_completes_it(fitted, tmp_path):
+    """`ray job submit` then `ray job stop` (SIGTERM, SIGKILL 3 s later) against a head started with `ray start`."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    head_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={head_tmp}",
+                             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    out = tmp_path / "out"
+    try:
+        deadline = time.time() + 300
+        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode:
+            assert head.poll() is None and time.time() < deadline, "the head did not come up"
+            time.sleep(2)
+        submit = subprocess.run([ray_cli, "job", "submit", "--no-wait", "--address", address, "--submission-id",
+                                 "stopped", "--", sys.executable, *_args(fitted, out, "sub", ray_address=None)],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert submit.returncode == 0, submit.stderr
+        deadline = time.time() + 900
+        while not _result_files(out):
+            assert time.time() < deadline
+            time.sleep(0.2)
+        stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "stopped"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stderr
+        logs = subprocess.run([ray_cli, "job", "logs", "--address", address, "stopped"], env=env,
+                              capture_output=True, text=True, timeout=120).stdout
+        print("ray job stop: driver log tail:\n" + "\n".join(logs.strip().splitlines()[-4:]))
+        assert json.loads((out / "_runs" / "sub.json").read_text())["status"] == "interrupted", logs[-3000:]
+        assert "interrupted by SIGTERM" in logs and "--run-id sub" in logs.strip().splitlines()[-1]
+        written = len(_rows(out, "sub"))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: `ray start` stops its own node's processes
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(head_tmp, ignore_errors=True)
+    if (out / "_runs" / "sub.lease").exists():
+        time.sleep(3.5)  # SIGKILLed before it released its lease: it expires
+    summary = _resume(fitted, out, "sub", tmp_path)
+    assert summary["skipped"] == written
+    assert _rows(out, "sub") == [(uri, 1) for uri in fitted["images"]]
 
 
 # --- Ray that does not start ---------------------------------------------------------------------------------

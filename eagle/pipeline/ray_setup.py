@@ -118,41 +118,59 @@ def shutdown_ray() -> None:
         reap_session(session)
 
 
-def session_processes(session: str) -> list[Any]:
-    """Live processes whose command line names a Ray session folder (its GCS, raylet, agents and workers)."""
-    import psutil
-
-    out = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if proc.pid != os.getpid() and any(session in arg for arg in proc.info["cmdline"] or ()):
-                out.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+def session_processes(session: str) -> list[int]:
+    """Live processes of a Ray session (Linux, from /proc): those whose command line names its folder (GCS,
+    raylet, agents, workers) and their descendants."""
+    parents: dict[int, int] = {}
+    found: set[int] = set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
-    return out
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if session in cmdline:
+            found.add(int(entry))
+    grew = True
+    while grew:  # descendants of what was found
+        more = {pid for pid, parent in parents.items() if parent in found and pid not in found}
+        found |= more
+        grew = bool(more)
+    found.discard(os.getpid())
+    return sorted(found)
 
 
 def reap_session(session: str, wait_s: float = 2.0) -> int:
     """Stop what is left of a Ray session this process started: SIGTERM, then SIGKILL after `wait_s`. Returns
     how many processes were left."""
-    import psutil
-
     left = session_processes(session)
-    for proc in left:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(left, timeout=wait_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=wait_s)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(_alive(pid) for pid in left):
+            time.sleep(0.1)
+        if not any(_alive(pid) for pid in left):
+            break
     if left:
         log.debug("stopped %d leftover process(es) of Ray session %s", len(left), session)
     return len(left)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie of ours counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _start_local(cfg: JobConfig, **kwargs: Any) -> None:
