@@ -105,11 +105,21 @@ def _result_files(out: Path) -> list[Path]:
     return [p for p in out.rglob("*.parquet") if "/_runs/" not in str(p) and "/_ledger/" not in str(p)]
 
 
+def _readable(path: Path) -> bool:
+    try:
+        pq.read_metadata(path)
+        return True
+    except Exception:  # noqa: BLE001 - torn by a kill mid-write: the resume deletes it
+        return False
+
+
 def _rows(out: Path, run_id: str) -> list[tuple[str, int]]:
-    if not _result_files(out):
+    """(image, rows) of the run, from the result files a reader can open (DuckDB)."""
+    files = [str(p) for p in _result_files(out) if _readable(p)]
+    if not files:
         return []
-    return duckdb.sql(f"SELECT image_uri, count(*) FROM read_parquet('{out}/**/*.parquet', hive_partitioning = "
-                      f"true) WHERE run_id = '{run_id}' GROUP BY 1 ORDER BY 1").fetchall()
+    return duckdb.sql(f"SELECT image_uri, count(*) FROM read_parquet({files!r}, hive_partitioning = true) "
+                      f"WHERE run_id = '{run_id}' GROUP BY 1 ORDER BY 1").fetchall()
 
 
 def _wait_for_rows(driver: Driver, out: Path, timeout: float = 600) -> None:
@@ -139,6 +149,9 @@ def test_sigterm_mid_run_writes_finished_rows_and_exits_143_then_resumes_exactly
         _wait_for_rows(driver, out)
         driver.proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
+        while "--run-id term" not in driver.stderr and driver.proc.poll() is None:
+            time.sleep(0.05)
+        to_resume_line = time.monotonic() - sent  # what must fit `ray job stop`'s 3 s: rows, manifest, lease
         code = driver.wait(timeout=120)
         took = time.monotonic() - sent
         stderr = driver.stderr
@@ -154,7 +167,9 @@ def test_sigterm_mid_run_writes_finished_rows_and_exits_143_then_resumes_exactly
             time.sleep(0.5)
         assert not driver.leftovers(), driver.leftovers()  # no process of its Ray session remains
         written = len(_rows(out, "term"))
-        print(f"SIGTERM: exit 143 after {took:.1f} s; {written} of {len(fitted['images'])} rows written")
+        print(f"SIGTERM: resume line after {to_resume_line:.1f} s, exit 143 after {took:.1f} s (Ray stopped); "
+              f"{written} of {len(fitted['images'])} rows written")
+        assert to_resume_line < 3 + 10  # `ray job stop`'s 3 s, plus what a loaded test machine adds
         assert 0 < written < len(fitted["images"])
     finally:
         driver.close()
@@ -200,14 +215,15 @@ def test_sigkill_loses_at_most_the_rows_of_one_flush_interval(fitted, tmp_path):
         os.killpg(driver.proc.pid, signal.SIGKILL)
         killed = time.time()
         driver.proc.wait()
-        files = _result_files(out)
+        files = [p for p in _result_files(out) if _readable(p)]
+        torn = len(_result_files(out)) - len(files)
         newest = max(p.stat().st_mtime for p in files)
         written = len(_rows(out, "kill"))
     finally:
         driver.close()
     age = killed - newest
-    print(f"SIGKILL: {written} of {len(fitted['images'])} rows in {len(files)} files; the newest written "
-          f"{age:.1f} s before the kill (output.flush_interval_s=2)")
+    print(f"SIGKILL: {written} of {len(fitted['images'])} rows in {len(files)} files ({torn} torn by the kill); "
+          f"the newest written {age:.1f} s before the kill (output.flush_interval_s=2)")
     assert 0 < written < len(fitted["images"])
     assert age < 2 + 6  # the interval, plus a loaded machine's write and scheduling time
     time.sleep(3.5)  # the dead driver's lease expires
