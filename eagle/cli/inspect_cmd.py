@@ -158,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         print(resume_command(argv, cfg.run_id), file=sys.stderr, flush=True)
         return signals.exit_code()
     finally:
-        with signals.graceful():  # a second signal must not cut Ray's shutdown short
+        try:
             shutdown_ray()
+        except KeyboardInterrupt:  # another signal while Ray stops: the job's outcome is decided already
+            pass
     if args.dry_run:
         print(f"dry run ({cfg.mode}{', run ' + cfg.run_id if cfg.run_id else ''}): nothing was audited or written")
         print("\n".join(result.lines()))
