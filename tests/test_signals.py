@@ -265,9 +265,10 @@ def test_ray_job_stop_interrupts_the_run_and_a_resume_completes_it(fitted, tmp_p
                                 env=env, capture_output=True, text=True, timeout=300)
         assert submit.returncode == 0, submit.stderr
         deadline = time.time() + 900
-        while not _result_files(out):
+        while not (out / "_runs" / "sub.json").exists():  # the run has started (planned; Ray Data starting)
             assert time.time() < deadline
             time.sleep(0.2)
+        time.sleep(5)
         stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "stopped"], env=env,
                               capture_output=True, text=True, timeout=300)
         assert stop.returncode == 0, stop.stderr
