@@ -16,14 +16,16 @@ SIGTERM = 143
 _MISTAKE = ("a mistake found before any work (arguments, config file, missing, empty or unreadable input, "
             "unwritable output, missing model store, expert, MLLM, weights, backbone or credentials): one message "
             "says what to do; nothing is written")
-_INTERRUPTED = "interrupted by {signal}; the run manifest says interrupted and the last line is the resume command"
+_INTERRUPTED = ("interrupted by {signal}; rows already finished are written (output.stop_grace_s), the run manifest "
+                "says interrupted and the last line is the resume command")
 
 EXIT_CODES: dict[str, dict[int, str]] = {
     "inspect": {
         OK: "success (individual bad images are error rows, not failures)",
         USAGE: _MISTAKE + "; or another driver still holds the output after output.lease_wait_s",
-        JOB_FAILED: "job-level failure: storage unreachable, an error rate above output.max_error_rate, or the "
-                    "output's lease lost to another driver (this one stalled past output.lease_ttl_s)",
+        JOB_FAILED: "job-level failure: storage unreachable, a local Ray that would not start (after "
+                    "ray.start_attempts) or a cluster out of reach, an error rate above output.max_error_rate, or "
+                    "the output's lease lost to another driver (this one stalled past output.lease_ttl_s)",
         SIGINT: _INTERRUPTED.format(signal="SIGINT (Ctrl-C)"),
         SIGTERM: _INTERRUPTED.format(signal="SIGTERM"),
     },
@@ -31,7 +33,7 @@ EXIT_CODES: dict[str, dict[int, str]] = {
         OK: "every product fitted",
         SOME_FAILED: "some products failed (each listed with its error); the others are fitted",
         USAGE: _MISTAKE,
-        JOB_FAILED: "data root or model store unreachable",
+        JOB_FAILED: "data root or model store unreachable, or a local Ray that would not start",
         SIGINT: "interrupted by SIGINT (Ctrl-C); products already fitted stay fitted, the same command fits again",
         SIGTERM: "interrupted by SIGTERM; as for SIGINT",
     },

@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("dataset %s: layout %s, products %s", args.data, layout, ", ".join(products))
     signals = catch_signals()
     from eagle.pipeline.fitting import fit_experts
-    from eagle.pipeline.ray_setup import init_ray
+    from eagle.pipeline.ray_setup import RayUnavailable, init_ray
 
     try:
         init_ray(cfg)
         results = fit_experts(args.data, products, cfg, models, layout)
+    except RayUnavailable as exc:  # one line, exit 3 (not a traceback and 1, which means "some products failed")
+        return failed(exc, log)
     except KeyboardInterrupt:
         log.warning("interrupted: products whose LATEST moved are fitted; run the same command again to fit "
                     "the rest")

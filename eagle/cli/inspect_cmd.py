@@ -169,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg.run_id = new_run_id()  # known up front, so an interrupted run can say how to resume it
     signals = catch_signals()
     from eagle.pipeline.inspection import JobFailed, run_inspect
-    from eagle.pipeline.ray_setup import init_ray
+    from eagle.pipeline.ray_setup import RayUnavailable, init_ray, shutdown_ray
 
     try:
-        # The output's lease is taken before Ray starts: a second driver is refused in a second, not after Ray's.
-        result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose, connect=lambda: init_ray(cfg))
-    except ConfigError as exc:
+        # The output's lease is taken before Ray starts (a second driver is refused in a second, not after Ray's
+        # start); a dry run plans in this process and starts no Ray at all.
+        result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose, stop=signals,
+                             connect=None if args.dry_run else lambda: init_ray(cfg))
+    except (ConfigError, RayUnavailable) as exc:
         return failed(exc, log)
     except JobFailed as exc:
         code = failed(exc, log)
@@ -182,18 +184,21 @@ def main(argv: list[str] | None = None) -> int:
             _write_summary(args, cfg, summary_doc(cfg, "failed", error=str(exc)))
         return code
     except KeyboardInterrupt:
-        import ray
-
-        ray.shutdown()
         name = "SIGTERM" if signals.exit_code() == SIGTERM else "SIGINT"
         if args.dry_run:
             log.warning("dry run interrupted by %s; nothing was written", name)
             return signals.exit_code()
-        _write_summary(args, cfg, summary_doc(cfg, "interrupted", error=f"interrupted by {name}"))
+        # said before Ray stops (a local Ray takes a second or two): `ray job stop` SIGKILLs 3 s after SIGTERM
         log.warning("run %s interrupted by %s; its manifest says interrupted. Resume it (only images without a "
                     "row of this run are audited) with:", cfg.run_id, name)
         print(resume_command(argv, cfg.run_id), file=sys.stderr, flush=True)
+        _write_summary(args, cfg, summary_doc(cfg, "interrupted", error=f"interrupted by {name}"))
         return signals.exit_code()
+    finally:
+        try:
+            shutdown_ray()
+        except KeyboardInterrupt:  # another signal while Ray stops: the job's outcome is decided already
+            pass
     if args.dry_run:
         print(f"dry run ({cfg.mode}{', run ' + cfg.run_id if cfg.run_id else ''}): nothing was audited or written")
         print("\n".join(result.lines()))

@@ -405,8 +405,19 @@ class OutputConfig(Section):
     max_error_rate: float = Field(
         0.5, ge=0, le=1, description="Abort the job when the share of error rows exceeds this.")
     min_rows_per_file: int = Field(
-        100_000, gt=0, description="Rows per output file at least (per partition, except a run's last file): "
-        "large files keep LIST, reads and the driver's memory small; a crash redoes at most one file's rows.")
+        100_000, gt=0, description="Finished rows are written once this many wait (per write, one file per "
+        "partition), or after output.flush_interval_s, whichever comes first: large files keep LIST and reads "
+        "cheap; the small files of slow or short runs are compacted later.")
+    flush_interval_s: float = Field(
+        60, gt=0, description="Finished rows reach storage at most this many seconds after they finish, whatever "
+        "the run's size: what a crash (SIGKILL, a lost node) loses is at most this much work plus the batches in "
+        "flight. 60 s: a crash costs about a minute, and a run writes at most about one file per partition per "
+        "minute before compaction.")
+    stop_grace_s: float = Field(
+        2, ge=0, description="On SIGTERM or SIGINT: seconds to write the rows already finished before the job "
+        "marks the run interrupted, releases its lease and exits 143/130 (rows not written in time are audited "
+        "again on resume). 2 s fits `ray job stop` (SIGKILL 3 s after SIGTERM, RAY_JOB_STOP_WAIT_TIME_S); under "
+        "Kubernetes it may go up to a few seconds under terminationGracePeriodSeconds (30 s by default).")
     lease_ttl_s: float = Field(
         45, gt=0, description="One writer per output: the driver (or maintenance run) that writes an output renews "
         "its lease every third of this; a lease not renewed for this long belongs to a dead driver and is taken "
@@ -426,8 +437,9 @@ class OutputConfig(Section):
         "uri, ...). Empty: a SQLite-file SQL catalog at {uri}/_iceberg/catalog.db (local output only). Keep "
         "secrets out of the config: PYICEBERG_CATALOG__EAGLE__<PROPERTY> environment variables or ~/.pyiceberg.yaml.")
     commit_rows: int = Field(
-        100_000, gt=0, description="iceberg: rows per commit to `audits` (one snapshot each; models are loaded "
-        "again per commit): a crash redoes at most this many rows.")
+        100_000, gt=0, description="iceberg: rows per chunk of a run (models are loaded again per chunk); within "
+        "a chunk, finished rows are committed to `audits` as output.min_rows_per_file and "
+        "output.flush_interval_s say, one snapshot each.")
     namespace: str = Field("eagle", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="iceberg: the tables' namespace.")
 
 
@@ -447,6 +459,9 @@ class RayConfig(Section):
     num_cpus: int | None = Field(
         None, gt=0, description="Logical CPUs for a Ray the job starts itself (more than cores is fine); "
         "ignored when joining a running Ray.")
+    start_attempts: int = Field(
+        3, ge=1, description="Tries to start a Ray of the job's own (a loaded machine times out: 'The current node "
+        "timed out during startup'), 10 s apart and then 20 s; after the last the job exits 3 saying what to do.")
 
 
 class JobConfig(Section):

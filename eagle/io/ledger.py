@@ -143,16 +143,24 @@ def pending_runs(output: str, cfg: StorageConfig | None = None) -> dict[str, int
     return {i.run_id: i.attempt for i in read_runs(output, cfg) if merged.get(i.run_id, 0) < i.attempt}
 
 
+def merged_sql(con: duckdb.DuckDBPyConnection, results: Results, runs: dict[str, int]) -> str:
+    """SQL for the ledger with the rows of `runs` merged in (latest row per image wins); reads only."""
+    cols = ", ".join(LEDGER_COLUMNS)
+    ledger = ledger_sql(con, results.output, results.storage)
+    if not runs:
+        return ledger
+    return (f"SELECT {cols} FROM (SELECT {cols} FROM ({ledger}) "
+            f"UNION ALL BY NAME SELECT {cols} FROM ({results.run_rows_sql(con, list(runs), LEDGER_COLUMNS)})) "
+            f"QUALIFY row_number() OVER (PARTITION BY image_uri ORDER BY audited_at DESC, run_id DESC) = 1")
+
+
 def merge_runs(con: duckdb.DuckDBPyConnection, results: Results, runs: dict[str, int]) -> None:
     """Merge the rows of `runs` into the ledger (latest row per image wins).
     The new ledger is written whole and then the state, so a crash in between only repeats the merge."""
     if not runs:
         return
     output, cfg = results.output, results.storage
-    cols = ", ".join(LEDGER_COLUMNS)
-    query = (f"SELECT {cols} FROM (SELECT {cols} FROM ({ledger_sql(con, output, cfg)}) "
-             f"UNION ALL BY NAME SELECT {cols} FROM ({results.run_rows_sql(con, list(runs), LEDGER_COLUMNS)})) "
-             f"QUALIFY row_number() OVER (PARTITION BY image_uri ORDER BY audited_at DESC, run_id DESC) = 1")
+    query = merged_sql(con, results, runs)
     with tempfile.TemporaryDirectory(prefix="eagle-ledger-") as tmp:
         local = os.path.join(tmp, f"ledger{INTERNAL_SUFFIX}")
         con.execute(f"COPY ({query}) TO {sql_str(local)} (FORMAT parquet, COMPRESSION zstd)")

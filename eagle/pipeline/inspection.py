@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import duckdb
 
@@ -29,7 +30,7 @@ from eagle.expert.ensemble import pinned_metas
 from eagle.io import iceberg, ledger, querying, storage
 from eagle.io.lease import LeaseHeld, LeaseLost, OutputLease
 from eagle.io.maintenance import finish_compactions
-from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id, run_settings
+from eagle.io.runs import RunInfo, begin_run, end_run, new_run_id, run_settings
 from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.progress import progress_callback
@@ -39,13 +40,23 @@ from eagle.pipeline.stages.decode_stage import DecodeStage, model_input_sizes
 from eagle.pipeline.stages.expert_stage import ExpertStage
 from eagle.pipeline.stages.finish_stage import FinishStage
 from eagle.pipeline.stages.stamp_stage import StampStage
-from eagle.pipeline.writing import update_latest, write_output
+from eagle.pipeline.writing import update_latest, write_streaming
 
 log = logging.getLogger(__name__)
 
 
 class JobFailed(RuntimeError):
     """A job-level failure (not one image's): the job exits non-zero."""
+
+
+class StopRequest(Protocol):
+    """How the command line stops a run gently (`eagle.cli.interrupts.Signals`): inside `graceful()` a
+    SIGTERM/SIGINT only sets `stop`; the streaming write then writes the rows already finished (within
+    ``output.stop_grace_s``) and the run ends with KeyboardInterrupt, as it does outside."""
+
+    stop: threading.Event
+
+    def graceful(self) -> AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -129,22 +140,20 @@ def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
 
 
 def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False,
-                connect: Callable[[], None] | None = None) -> Summary | Plan:
+                connect: Callable[[], None] | None = None, stop: StopRequest | None = None) -> Summary | Plan:
     """Audit every listed image not yet audited in this run (incrementally: not up to date); returns the run's
-    summary. With `dry_run`, only plan: returns the plan (per product listed / done / to audit), writes no
-    rows, no run manifest and takes no lease. An output is written by one driver at a time (`eagle.io.lease`,
-    taken before `connect` starts or joins Ray); its manifest ends completed, failed or interrupted. A driver
-    that loses the lease (it stalled past output.lease_ttl_s and another took over) stops and fails (JobFailed)
-    without touching the manifest. `verbose` keeps Ray Data's progress bars instead of one progress line per
-    30 s."""
+    summary. With `dry_run`, only plan in this process (no Ray): returns the plan (per product listed / done /
+    to audit), writes nothing and takes no lease. An output is written by one driver at a time
+    (`eagle.io.lease`, taken before `connect` starts or joins Ray); its manifest ends completed, failed or
+    interrupted. A driver that loses the lease (it stalled past output.lease_ttl_s and another took over) stops
+    and fails (JobFailed) without writing again or touching the manifest. `verbose` keeps Ray Data's progress
+    bars instead of one progress line per 30 s. `stop`: see `StopRequest`."""
     if not cfg.model_store:
         raise ConfigError("model_store is required (--model-store)")
     if not cfg.output.uri:
         raise ConfigError("output.uri is required (--output)")
     run_id = cfg.run_id or new_run_id()
     if dry_run:
-        if connect is not None:
-            connect()
         return _plan(cfg, run_id, dry_run=True)[0]
     lease = take_output_lease(cfg, run_id)
     try:
@@ -155,7 +164,7 @@ def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False,
         raise
     status = "failed"
     try:
-        summary = _run(cfg, run_id, verbose, lease.check)
+        summary = _run(cfg, run_id, verbose, lease.check, stop)
         status = "completed"
         return summary
     except KeyboardInterrupt:  # SIGINT, SIGTERM as the job's command line maps it, or the lease lost
@@ -207,29 +216,32 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
 
     chash = config_hash(cfg)
     con = querying.connect(cfg.storage, memory_limit=cfg.output.planning_memory)
+    scratch = tempfile.TemporaryDirectory(prefix="eagle-dry-run-") if dry_run else nullcontext()
     try:
-        results = _results(cfg, listed=True)
-        merge_runs(con, cfg, results, ledger.pending_runs(cfg.output.uri, cfg.storage))
-        if dry_run:
-            run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
-            out_dir = storage.join(cfg.output.uri, RUNS_DIR, f"_dry-run-{uuid.uuid4().hex[:8]}")
-        else:
-            run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode, settings=run_settings(cfg))
-            out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
-        cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
-        plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),
-                         results, cpus, write_todo=not dry_run)
+        with scratch as tmp:
+            results = _results(cfg, listed=True)
+            pending = ledger.pending_runs(cfg.output.uri, cfg.storage)
+            if dry_run:  # reads only: the listing goes to a local temporary folder, pending runs merge in memory
+                run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
+                out_dir = tmp
+            else:
+                merge_runs(con, cfg, results, pending)
+                run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode,
+                                settings=run_settings(cfg))
+                out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
+            cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
+            plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),
+                             results, cpus, dry_run_pending=pending if dry_run else None)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - any storage failure here (after retries) ends the job
         raise JobFailed(f"cannot list inputs or plan the run (input, output or model store unreachable?): "
                         f"{type(exc).__name__}: {exc}") from exc
-    if dry_run:
-        storage.remove(out_dir, cfg.storage, recursive=True)
     return plan, con
 
 
-def _run(cfg: JobConfig, run_id: str, verbose: bool, check_lease: Callable[[], None]) -> Summary:
+def _run(cfg: JobConfig, run_id: str, verbose: bool, check_lease: Callable[[], None],
+         stop: StopRequest | None = None) -> Summary:
     start = time.time()
     tally = start_tally()
     retries_before = read_tally(tally)
@@ -247,7 +259,7 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool, check_lease: Callable[[], N
             with mllm_pool(cfg) if cfg.mllm.model else nullcontext() as pool:
                 _stream(cfg, plan, pool, model_input_sizes(metas),
                         lambda exc: _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)),
-                        check_lease)
+                        check_lease, stop)
                 if pool is not None:
                     traffic["mllm"] = list(pool.traffic())
         except PoolFailed as exc:
@@ -272,25 +284,31 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool, check_lease: Callable[[], N
 
 
 def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict[str, tuple[int, int]],
-            write_failed: Callable[[Exception], JobFailed], check_lease: Callable[[], None] = lambda: None) -> None:
-    """Decode → expert → finish (→ MLLM pool for the routed rows) → stamp → write, for the plan's images."""
+            write_failed: Callable[[Exception], JobFailed], check_lease: Callable[[], None] = lambda: None,
+            stop: StopRequest | None = None) -> None:
+    """Decode → expert → finish (→ MLLM pool for the routed rows) → stamp → write, for the plan's images.
+    Finished rows are written as they come (`write_streaming`), each write after `check_lease` (a driver whose
+    lease was taken over writes nothing more); a stop request ends it with KeyboardInterrupt once the rows
+    already finished are written."""
     run = plan.run
     stamp = {"run_id": run.run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
              "eagle_version": __version__, "mllm_model": cfg.mllm.model}
-    # Parquet commits file by file; an Iceberg write commits once, so the run goes in chunks of
-    # output.commit_rows: one snapshot each, and a crash redoes at most one chunk.
+    # Finished rows are written (Parquet files; Iceberg: one snapshot each) as `write_streaming` flushes them;
+    # an Iceberg run also goes in chunks of output.commit_rows (the models are loaded again per chunk).
     for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):
         ds = DecodeStage.apply(todo_dataset(files, cfg), cfg, input_sizes=input_sizes)
         ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
         ds = FinishStage.apply(ds, cfg, pool=pool)
         ds = StampStage.apply(ds, cfg, stamp=stamp)
-        check_lease()  # a driver whose lease was taken over writes nothing more
         try:
-            write_output(ds, cfg, run)
+            with stop.graceful() if stop is not None else nullcontext():
+                finished = write_streaming(ds, cfg, run, stop.stop if stop is not None else None, check_lease)
         except Exception as exc:
             if not isinstance(_root_cause(exc), OSError):
                 raise
             raise write_failed(exc) from exc
+        if not finished:
+            raise KeyboardInterrupt("stop requested")
 
 
 def _abort_leftover_uploads(cfg: JobConfig, run_id: str) -> None:

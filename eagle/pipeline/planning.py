@@ -117,27 +117,27 @@ def _list_part_task(prefix: str, part: str, recursive: bool, cfg: JobConfig, out
     return out_uri
 
 
-def list_prefixes(cfg: JobConfig, out_dir: str) -> list[str]:
+def list_prefixes(cfg: JobConfig, out_dir: str, in_process: bool = False) -> list[str]:
     """List every input prefix in parallel Ray tasks, one per child folder (in this process when Ray is not
-    running); returns the Parquet parts written under `out_dir`."""
+    running, or `in_process`); returns the Parquet parts written under `out_dir`."""
     import ray
 
     parts = [(prefix, part, recursive, storage.join(out_dir, f"part-{i:06d}{INTERNAL_SUFFIX}"))
              for i, (prefix, part, recursive) in enumerate(
                  (prefix, part, recursive)
                  for prefix in cfg.inputs.uris for part, recursive in parts_of(prefix, cfg.storage))]
-    if not ray.is_initialized():
+    if in_process or not ray.is_initialized():
         return [uri for p in parts if (uri := _list_part_task(*p[:3], cfg, p[3]))]
     task = ray.remote(_list_part_task).options(**ray_options(cfg.resources.decode, actor=False), max_retries=3,
                                                retry_exceptions=True)
     return [uri for uri in ray.get([task.remote(*p[:3], cfg, p[3]) for p in parts]) if uri]
 
 
-def listing_sql(con: duckdb.DuckDBPyConnection, cfg: JobConfig, out_dir: str) -> str:
-    """SQL for this run's whole listing (duplicates not yet removed)."""
+def listing_sql(con: duckdb.DuckDBPyConnection, cfg: JobConfig, out_dir: str, in_process: bool = False) -> str:
+    """SQL for this run's whole listing (duplicates not yet removed); `in_process`: see `list_prefixes`."""
     if not cfg.inputs.uris and not cfg.inputs.manifest:
         raise ConfigError("no inputs: give inputs.uris (--input) or inputs.manifest")
-    parts = list_prefixes(cfg, storage.join(out_dir, "listing")) if cfg.inputs.uris else []
+    parts = list_prefixes(cfg, storage.join(out_dir, "listing"), in_process) if cfg.inputs.uris else []
     sources = [f"SELECT {LISTING_COLUMNS} FROM read_parquet({sql_list(parts)})"] if parts else []
     if cfg.inputs.manifest:
         sources.append(manifest_source_sql(con, cfg.inputs, cfg.storage))
@@ -163,13 +163,15 @@ def _decisions_sql(cfg: JobConfig, chash: str) -> str:
             f"LEFT JOIN ledger g ON g.image_uri = l.image_uri LEFT JOIN versions v ON v.product = g.product")
 
 
-def decide(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run_id: str, chash: str, results: Results) -> str:
+def decide(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run_id: str, chash: str, results: Results,
+           pending: dict[str, int] | None = None) -> str:
     """Table `decided` (the `listing` and `versions` tables with `_decisions_sql`'s flags); returns the SQL
     condition for rows to audit. Torn files of this run (a crash mid-write) are deleted: their images are
-    redone; other runs' files are only read."""
-    mine = results.run_rows_sql(con, [run_id], ["image_uri"], drop_torn=True)
+    redone; other runs' files are only read. `pending` (a dry run): runs the ledger does not hold yet, merged
+    in memory instead, and nothing is deleted."""
+    mine = results.run_rows_sql(con, [run_id], ["image_uri"], drop_torn=pending is None)
     con.execute(f"CREATE OR REPLACE TEMP VIEW mine AS SELECT DISTINCT image_uri FROM ({mine})")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW ledger AS {ledger.ledger_sql(con, cfg.output.uri, cfg.storage)}")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW ledger AS {ledger.merged_sql(con, results, pending or {})}")
     con.execute(f"CREATE OR REPLACE TEMP TABLE decided AS {_decisions_sql(cfg, chash)}")
     return "NOT in_run" + (" AND NOT current" if cfg.mode == "incremental" else "")
 
@@ -182,11 +184,13 @@ def rows_per_block(cfg: JobConfig, todo: int, cpus: float) -> int:
 
 def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chash: str, out_dir: str,
               pin_versions: Callable[[list[str]], dict[str, str]], results: Results, cpus: float,
-              write_todo: bool = True) -> Plan:
-    """Decide what this run attempt audits; writes the rows to audit under ``out_dir/todo`` (unless a dry run
-    only counts them)."""
+              dry_run_pending: dict[str, int] | None = None) -> Plan:
+    """Decide what this run attempt audits; writes the rows to audit under ``out_dir/todo``. A dry run
+    (`dry_run_pending`: the runs the ledger does not hold yet, see `decide`) only counts them: it lists in
+    this process into `out_dir` (a local temporary folder) and writes nothing else."""
+    dry_run = dry_run_pending is not None
     con.execute(f"CREATE OR REPLACE TEMP TABLE listing AS SELECT DISTINCT ON (image_uri) * FROM "
-                f"({listing_sql(con, cfg, out_dir)})")
+                f"({listing_sql(con, cfg, out_dir, in_process=dry_run)})")
     products = [r[0] for r in con.execute("SELECT DISTINCT product FROM listing ORDER BY 1").fetchall()]
     if not products and not cfg.inputs.allow_empty:
         sources = [*cfg.inputs.uris, *([cfg.inputs.manifest] if cfg.inputs.manifest else [])]
@@ -198,12 +202,12 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
     con.execute("CREATE OR REPLACE TEMP TABLE versions (product VARCHAR, version VARCHAR)")
     if versions:
         con.executemany("INSERT INTO versions VALUES (?, ?)", list(versions.items()))
-    redo = decide(con, cfg, run.run_id, chash, results)
+    redo = decide(con, cfg, run.run_id, chash, results, dry_run_pending)
     counts = con.execute(f"SELECT product, count(*), count(*) FILTER (WHERE NOT ({redo})) FROM decided "
                          f"GROUP BY product ORDER BY product").fetchall()
     plan = Plan(run=run, plan_dir=out_dir, todo_dir=None, versions=versions,
                 products=[ProductCounts(p, n, d, n - d) for p, n, d in counts])
-    if plan.todo and write_todo:
+    if plan.todo and not dry_run:
         plan.todo_dir = storage.join(out_dir, "todo")
         block = plan.block_rows = rows_per_block(cfg, plan.todo, cpus)
         query = f"SELECT {LISTING_COLUMNS} FROM decided WHERE {redo} ORDER BY product, image_uri"
