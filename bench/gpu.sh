@@ -15,9 +15,9 @@
 # to change it), plus pytest for the CUDA tests, downloaded with their lock hashes checked (`pip download
 # --require-hashes`; cp311 manylinux x86-64, PYVER=3.11), sdists built into wheels here, SHA256SUMS written; they
 # are checked again and installed with `pip install --no-index --find-links .whl --no-deps` there. About 470 MB
-# (ray 79 MB, opencv 61, pyarrow 55, scipy 35, ...): more than one device call carries (64 MiB), so --fetch also
-# cuts them into .whl/parts/part-* of 60 MiB; carry them one per call (an ignored folder stays between calls while
-# the machine is warm), then this script joins them. With --probe's list, SKIP can leave out what the image has.
+# (ray 79 MB, opencv 61, pyarrow 55, scipy 35, ...): more than one device call carries (64 MiB with the 4.4 MB
+# tree), so --fetch also cuts them into 9 .whl/parts/part-* of 56 MiB (PART_MB); carry them one per call (an
+# ignored folder stays between calls while the machine is warm), then this script joins them. With --probe's list, SKIP can leave out what the image has.
 #
 # Parts (random weights and synthetic images everywhere: the figures are cost, not accuracy):
 #   cuda-tests  the certified search, guidance exactness and MLLM batching tests on CUDA (EAGLE_TEST_DEVICE=cuda)
@@ -55,7 +55,7 @@ fetch() {
     done
     (cd .whl && sha256sum ./*.whl > SHA256SUMS)
     rm -rf .whl/parts && mkdir -p .whl/parts
-    tar -cf - -C .whl SHA256SUMS pins.txt $(cd .whl && ls ./*.whl) | split -b 60m - .whl/parts/part-
+    tar -cf - -C .whl SHA256SUMS pins.txt $(cd .whl && ls ./*.whl) | split -b "${PART_MB:-56}m" - .whl/parts/part-
     du -sh .whl/*.whl | sort -h | tail -5
     echo "$(ls .whl/*.whl | wc -l) wheels, $(du -ch .whl/*.whl | tail -1 | cut -f1); parts to carry: $(ls .whl/parts | tr '\n' ' ')"
 }
