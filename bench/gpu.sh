@@ -37,6 +37,7 @@ case "${1:-}" in
 esac
 out=${1:-gpu-out}
 PYVER=${PYVER:-3.11}
+PY=${PYTHON:-python3}  # the GPU image's Python with torch (PYTHON=... when it is not python3)
 SKIP=${SKIP:-torch,torchvision,triton,nvidia-*,cuda-*}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
@@ -61,12 +62,12 @@ fetch() {
 }
 
 probe() {
-    python3 --version
-    python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
-    python3 -c "import torchvision; print('torchvision', torchvision.__version__)" || echo "torchvision MISSING: the lock's needs torch ${PYVER}"
+    "$PY" --version
+    "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
+    "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" || echo "torchvision MISSING: the lock's needs torch ${PYVER}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    python3 bench/gpu_wheels.py requirements.lock --skip "$SKIP" --pins > /tmp/lock-pins.txt 2>/dev/null
-    python3 - <<'EOF'
+    "$PY" bench/gpu_wheels.py requirements.lock --skip "$SKIP" --pins > /tmp/lock-pins.txt 2>/dev/null
+    "$PY" - <<'EOF'
 import importlib.metadata as md
 missing, other = [], []
 for line in open("/tmp/lock-pins.txt"):
@@ -89,9 +90,9 @@ install() {  # into .gpuvenv, which sees the image's torch (system site packages
     fi
     [ -f .whl/SHA256SUMS ] || { echo "no .whl/: run 'bash bench/gpu.sh --fetch' where PyPI is reachable, carry .whl" >&2; exit 2; }
     (cd .whl && sha256sum --quiet -c SHA256SUMS)
-    local have; have=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    local have; have=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
     [ "$have" = "$PYVER" ] || { echo "python $have here, wheels are for $PYVER: PYVER=$have bash bench/gpu.sh --fetch" >&2; exit 2; }
-    [ -d .gpuvenv ] || python3 -m venv --system-site-packages .gpuvenv
+    [ -d .gpuvenv ] || "$PY" -m venv --system-site-packages .gpuvenv
     # shellcheck disable=SC1091
     . .gpuvenv/bin/activate
     pip install --quiet --no-index --find-links .whl --no-deps -r .whl/pins.txt
