@@ -64,7 +64,7 @@ fetch() {
 probe() {
     "$PY" --version
     "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
-    "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" || echo "torchvision MISSING: the lock's needs torch ${PYVER}"
+    "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" || echo "torchvision MISSING: the image needs one built for its torch (the lock's 0.29.1 is for torch 2.14.1)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$PY" bench/gpu_wheels.py requirements.lock --skip "$SKIP" --pins > /tmp/lock-pins.txt 2>/dev/null
     "$PY" - <<'EOF'
