@@ -96,7 +96,8 @@ install() {  # into .gpuvenv, which sees the image's torch (system site packages
     # shellcheck disable=SC1091
     . .gpuvenv/bin/activate
     pip install --quiet --no-index --find-links .whl --no-deps -r .whl/pins.txt
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    # the project itself, as the README installs it (fits record its version from the package metadata)
+    pip install --quiet --no-index --no-deps --no-build-isolation -e .
     python -c "import torch, ray, pydantic, anomalib, transformers, eagle; print('torch', torch.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__, '| eagle from', eagle.__file__)"
 }
 
@@ -164,8 +165,9 @@ install_check() {  # an image with only torch: a venv that sees this venv's torc
     echo "$venv/image-site" > "$site/gpu-image.pth"
     "$venv/bin/python" -c "import ray" 2>/dev/null && { echo "ray already visible: not a bare image" >&2; exit 1; }
     "$venv/bin/pip" install --quiet --no-index --find-links .whl --no-deps -r .whl/pins.txt
+    "$venv/bin/pip" install --quiet --no-index --no-deps --no-build-isolation -e .
     "$venv/bin/python" -c "import torch; print('image torch', torch.__version__)"  # its deps came from the wheels
-    (export PYTHONPATH=$PWD; cd /tmp && "$venv/bin/python" -c "import ray, pydantic, anomalib, transformers, duckdb, eagle.pipeline.inspection, eagle.expert.search; print('offline install OK: ray', ray.__version__)")
+    (cd /tmp && "$venv/bin/python" -c "import ray, pydantic, anomalib, transformers, duckdb, eagle.pipeline.inspection, eagle.expert.search; print('offline install OK: ray', ray.__version__)")
     "$venv/bin/pip" check || true
 }
 
