@@ -15,9 +15,9 @@
 # to change it), plus pytest for the CUDA tests, downloaded with their lock hashes checked (`pip download
 # --require-hashes`; cp311 manylinux x86-64, PYVER=3.11), sdists built into wheels here, SHA256SUMS written; they
 # are checked again and installed with `pip install --no-index --find-links .whl --no-deps` there. About 470 MB
-# (ray 79 MB, opencv 61, pyarrow 55, scipy 35, ...): more than one device call carries (64 MiB), so --fetch also
-# cuts them into .whl/parts/part-* of 60 MiB; carry them one per call (an ignored folder stays between calls while
-# the machine is warm), then this script joins them. With --probe's list, SKIP can leave out what the image has.
+# (ray 79 MB, opencv 61, pyarrow 55, scipy 35, ...): more than one device call carries (64 MiB with the 4.4 MB
+# tree), so --fetch also cuts them into 9 .whl/parts/part-* of 56 MiB (PART_MB); carry them one per call (an
+# ignored folder stays between calls while the machine is warm), then this script joins them. With --probe's list, SKIP can leave out what the image has.
 #
 # Parts (random weights and synthetic images everywhere: the figures are cost, not accuracy):
 #   cuda-tests  the certified search, guidance exactness and MLLM batching tests on CUDA (EAGLE_TEST_DEVICE=cuda)
@@ -37,6 +37,7 @@ case "${1:-}" in
 esac
 out=${1:-gpu-out}
 PYVER=${PYVER:-3.11}
+PY=${PYTHON:-python3}  # the GPU image's Python with torch (PYTHON=... when it is not python3)
 SKIP=${SKIP:-torch,torchvision,triton,nvidia-*,cuda-*}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_DISABLE=1 PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
@@ -55,18 +56,18 @@ fetch() {
     done
     (cd .whl && sha256sum ./*.whl > SHA256SUMS)
     rm -rf .whl/parts && mkdir -p .whl/parts
-    tar -cf - -C .whl SHA256SUMS pins.txt $(cd .whl && ls ./*.whl) | split -b 60m - .whl/parts/part-
+    tar -cf - -C .whl SHA256SUMS pins.txt $(cd .whl && ls ./*.whl) | split -b "${PART_MB:-56}m" - .whl/parts/part-
     du -sh .whl/*.whl | sort -h | tail -5
     echo "$(ls .whl/*.whl | wc -l) wheels, $(du -ch .whl/*.whl | tail -1 | cut -f1); parts to carry: $(ls .whl/parts | tr '\n' ' ')"
 }
 
 probe() {
-    python3 --version
-    python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
-    python3 -c "import torchvision; print('torchvision', torchvision.__version__)" || echo "torchvision MISSING: the lock's needs torch ${PYVER}"
+    "$PY" --version
+    "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
+    "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)" || echo "torchvision MISSING: the image needs one built for its torch (the lock's 0.29.1 is for torch 2.14.1)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    python3 bench/gpu_wheels.py requirements.lock --skip "$SKIP" --pins > /tmp/lock-pins.txt 2>/dev/null
-    python3 - <<'EOF'
+    "$PY" bench/gpu_wheels.py requirements.lock --skip "$SKIP" --pins > /tmp/lock-pins.txt 2>/dev/null
+    "$PY" - <<'EOF'
 import importlib.metadata as md
 missing, other = [], []
 for line in open("/tmp/lock-pins.txt"):
@@ -89,13 +90,14 @@ install() {  # into .gpuvenv, which sees the image's torch (system site packages
     fi
     [ -f .whl/SHA256SUMS ] || { echo "no .whl/: run 'bash bench/gpu.sh --fetch' where PyPI is reachable, carry .whl" >&2; exit 2; }
     (cd .whl && sha256sum --quiet -c SHA256SUMS)
-    local have; have=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    local have; have=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
     [ "$have" = "$PYVER" ] || { echo "python $have here, wheels are for $PYVER: PYVER=$have bash bench/gpu.sh --fetch" >&2; exit 2; }
-    [ -d .gpuvenv ] || python3 -m venv --system-site-packages .gpuvenv
+    [ -d .gpuvenv ] || "$PY" -m venv --system-site-packages .gpuvenv
     # shellcheck disable=SC1091
     . .gpuvenv/bin/activate
     pip install --quiet --no-index --find-links .whl --no-deps -r .whl/pins.txt
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    # the project itself, as the README installs it (fits record its version from the package metadata)
+    pip install --quiet --no-index --no-deps --no-build-isolation -e .
     python -c "import torch, ray, pydantic, anomalib, transformers, eagle; print('torch', torch.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__, '| eagle from', eagle.__file__)"
 }
 
@@ -163,8 +165,9 @@ install_check() {  # an image with only torch: a venv that sees this venv's torc
     echo "$venv/image-site" > "$site/gpu-image.pth"
     "$venv/bin/python" -c "import ray" 2>/dev/null && { echo "ray already visible: not a bare image" >&2; exit 1; }
     "$venv/bin/pip" install --quiet --no-index --find-links .whl --no-deps -r .whl/pins.txt
+    "$venv/bin/pip" install --quiet --no-index --no-deps --no-build-isolation -e .
     "$venv/bin/python" -c "import torch; print('image torch', torch.__version__)"  # its deps came from the wheels
-    (export PYTHONPATH=$PWD; cd /tmp && "$venv/bin/python" -c "import ray, pydantic, anomalib, transformers, duckdb, eagle.pipeline.inspection, eagle.expert.search; print('offline install OK: ray', ray.__version__)")
+    (cd /tmp && "$venv/bin/python" -c "import ray, pydantic, anomalib, transformers, duckdb, eagle.pipeline.inspection, eagle.expert.search; print('offline install OK: ray', ray.__version__)")
     "$venv/bin/pip" check || true
 }
 

@@ -196,8 +196,8 @@ def _float32_output(vectors: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _pow2_scale(norm: float) -> float:
-    """A power of two s with norm * s <= 1 (exact to apply)."""
-    return 2.0 ** -math.ceil(math.log2(norm)) if norm > 0 else 1.0
+    """A power of two s with norm * s <= 1 (exact to apply; at most 2^1000, so that it stays a float)."""
+    return 2.0 ** min(1000, -math.ceil(math.log2(norm))) if norm > 0 else 1.0
 
 
 def exact_sq(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
