@@ -22,9 +22,13 @@ still runs, and a retried pod that submits again starts a second driver next to 
 * SIGTERM or SIGINT (the Job's activeDeadlineSeconds, deletion, eviction): `ray job stop` the current attempt
   (waiting for it to stop), then exit 143, so no driver outlives its Kubernetes Job.
 
-Exit status: 0 SUCCEEDED, 1 FAILED, 3 STOPPED, 4 attempts used up, 5 no answer from the job server for too long
-(the Ray job may still run: a retried pod reattaches to it) or a submission it keeps refusing, 143 terminated,
-2 usage.
+Exit status: the driver's own exit code when the Ray job ended FAILED (Ray's status message says "failed with
+exit code N": jobs/inspect.py's 2 for a mistake stays 2, so a podFailurePolicy can fail the Job without
+retrying it, 3 for a job failure stays 3 and is retried, 130/143 for an interrupted driver stay; a driver killed
+by signal N gives 128+N), 1 for a FAILED job without a driver exit code (its runtime env could not be set up,
+say), 0 SUCCEEDED, 143 STOPPED (`ray job stop`: the driver was interrupted, the run resumes) or terminated
+itself, 4 attempts used up, 5 no answer from the job server for too long (the Ray job may still run: a retried
+pod reattaches to it) or a submission it keeps refusing; 2 also for the wrapper's own usage errors.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import time
 
 LIVE = ("PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 143}
 EXIT_EXHAUSTED, EXIT_UNREACHABLE, EXIT_TERMINATED = 4, 5, 143
 SUBMIT_TRIES = 5  # a submit the server keeps refusing (a bad runtime env, say) is not worth an hour of retries
 
@@ -52,6 +56,19 @@ _STATUS_LINES = [
     (re.compile(r"Job '(?P<id>[^']*)' failed"), "FAILED"),
     (re.compile(r"Job '(?P<id>[^']*)' was stopped"), "STOPPED"),
 ]
+
+
+# Ray 2.60 (ray/dashboard/modules/job/job_supervisor.py) for a driver that exited non-zero, in the status message.
+_DRIVER_EXIT = re.compile(r"Job entrypoint command failed with exit code (-?\d+)")
+
+
+def driver_exit_code(output: str) -> int | None:
+    """The driver's exit code in a `ray job status` output of a FAILED job (a signal N: 128+N), or None."""
+    m = _DRIVER_EXIT.search(_ANSI.sub("", output))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return 128 - code if code < 0 else code
 
 
 class Terminated(Exception):
@@ -95,6 +112,7 @@ class Runner:
         self.args = args
         self.current: str | None = None  # the attempt this pod submitted or attached to
         self.follower: subprocess.Popen | None = None
+        self.last_status_output = ""  # of the last `ray job status` call (its message holds a driver's exit code)
 
     # ------------------------------------------------------------------ the CLI
     def ray(self, *argv: str, timeout: float = 120) -> tuple[int, str]:
@@ -109,6 +127,7 @@ class Runner:
     def lookup(self, sid: str) -> tuple[str, str | None]:
         rc, out = self.ray("status", sid)
         kind, status = parse_status(sid, rc, out)
+        self.last_status_output = out
         if kind == "error":
             log(f"`ray job status {sid}` failed (rc {rc}): {_last_line(out)}")
         return kind, status
@@ -192,8 +211,9 @@ class Runner:
             time.sleep(self.args.poll_interval)
 
     def finish(self, sid: str, status: str) -> int:
-        log(f"Ray job {sid} ended {status}")
-        return EXIT[status]
+        code = driver_exit_code(self.last_status_output) if status == "FAILED" else None
+        log(f"Ray job {sid} ended {status}" + (f" (driver exit code {code})" if code is not None else ""))
+        return EXIT[status] if code is None or code == 0 else code
 
     def stop_follower(self, grace: float) -> None:
         if self.follower is None or self.follower.poll() is not None:

@@ -46,7 +46,9 @@ IAM = ROOT / "infra" / "iam"
 RUN_RAY_JOB = "infra/run_ray_job.py"
 CRDS = ROOT / "tests" / "data" / "kuberay"  # KubeRay's CRDs, version in its README.md
 KUBERAY_CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests are checked against (CronJob timeZone, job-name label)
+# The oldest Kubernetes the manifests are checked against, and the minimum the README states: CronJob timeZone
+# (GA), the batch.kubernetes.io/job-name label and podFailurePolicy (beta, on by default) all need 1.27.
+K8S_VERSION = "1.27"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 KNOWN_ACCELERATORS = {v for k, v in vars(ray_accelerators).items() if k.isupper() and isinstance(v, str)}
 SENSITIVE_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
@@ -58,10 +60,15 @@ def _docs(path: Path) -> list[dict]:
     return docs
 
 
-def _one(kind: str) -> tuple[Path, dict]:
-    found = [(p, d) for p in MANIFESTS for d in _docs(p) if d.get("kind") == kind]
-    assert len(found) == 1, f"expected one {kind} under infra/kuberay, found {len(found)}"
+def _one(kind: str, name: str | None = None) -> tuple[Path, dict]:
+    found = [(p, d) for p in MANIFESTS for d in _docs(p)
+             if d.get("kind") == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''} under infra/kuberay, found {len(found)}"
     return found[0]
+
+
+REAUDIT, MAINTAIN = "eagle-audit-reaudit", "eagle-audit-maintain"  # the two CronJobs
+CRON_JOBS = {REAUDIT: "jobs/inspect.py", MAINTAIN: "jobs/maintain.py"}
 
 
 def _project() -> dict:
@@ -277,11 +284,233 @@ def _boot_commands(cfg: dict) -> list[str]:
 
 
 def _check_token_auth(cfg: dict) -> None:
-    assert "~/.ray/auth_token" in cfg["cluster_synced_files"]
+    assert cfg["file_mounts"].get("~/ray-auth") == "infra/ray-auth" and (ROOT / "infra" / "ray-auth").is_dir()
     assert any("ray get-auth-token --generate" in c for c in cfg["head_setup_commands"])
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in cfg[key] if "ray start" in c)
-        assert "RAY_AUTH_MODE=token" in start, key
+        assert "RAY_AUTH_MODE=token" in start and "RAY_AUTH_TOKEN_PATH=$HOME/ray-auth/auth_token" in start, key
+
+
+# ------------------------------------------------------------------ Ray's own NodeUpdater, on a simulated node
+TOKEN = "f" * 32  # what the head generated
+_HOME = "/home/ray"  # the image's HOME (rayproject/ray's user)
+
+
+class _SimulatedNode:
+    """A worker node as Ray's NodeUpdater sees it through a fake process runner (`check_call`/`check_output`):
+    the host's files (what rsync and ssh put there), the container started by `docker run` (its bind mounts) and
+    files copied into it (`docker cp`, `rsync -e 'docker exec -i'`). Every command is recorded."""
+
+    DEVNULL = subprocess.DEVNULL
+
+    def __init__(self) -> None:
+        self.host: dict[str, bytes] = {}
+        self.container: dict[str, bytes] = {}
+        self.mounts: list[tuple[str, str]] = []  # (host folder, container folder)
+        self.running = False
+        self.commands: list[str] = []  # remote commands, in order
+        self.container_commands: list[str] = []
+
+    # the process-runner interface
+    def check_call(self, cmd, **_: Any) -> int:
+        self._run(cmd)
+        return 0
+
+    def check_output(self, cmd, **_: Any) -> bytes:
+        return self._run(cmd).encode()
+
+    def _run(self, cmd: list[str]) -> str:
+        if cmd[0] == "rsync":  # local (the head's container) -> this node's host
+            source, target = cmd[-2], cmd[-1].split(":", 1)[1]
+            self._copy_local(source, target)
+            return ""
+        assert cmd[0] in ("ssh", "scp"), cmd
+        remote = _unwrap_login_shell(cmd[cmd.index("bash"):] if "bash" in cmd else cmd[-1:])
+        self.commands.append(remote)
+        return self._remote(remote)
+
+    def _copy_local(self, source: str, target: str) -> None:
+        src = Path(source)
+        if src.is_dir():
+            for f in src.rglob("*"):
+                if f.is_file():
+                    self.host[posix_join(target, str(f.relative_to(src)))] = f.read_bytes()
+        else:
+            self.host[target.rstrip("/")] = src.read_bytes()
+
+    def _remote(self, remote: str) -> str:
+        body = re.sub(r"^(export [^;]*; )+", "", remote)
+        if body.startswith("command -v docker"):
+            return "/usr/bin/docker"
+        if body.startswith("cat /proc/meminfo"):
+            return "MemAvailable: 16000000 kB"
+        if body.startswith("docker info"):
+            return "map[runc:{...}]"
+        if body.startswith("docker inspect -f '{{json .Config.Env}}'"):
+            return json.dumps([f"HOME={_HOME}", "PATH=/usr/bin"])
+        if body.startswith("docker inspect"):
+            if not self.running:
+                return "Error: No such object: ray_container"
+            if ".State.Running" in body:
+                return "true"
+            if ".Mounts" in body:
+                return json.dumps([{"Source": s, "Destination": d} for s, d in self.mounts])
+            return "registry.example.com/eagle-audit:0.1.0"
+        if body.startswith("docker run"):
+            for src, dst in re.findall(r"-v (\S+):(\S+)", body):
+                self.mounts.append((src, dst.replace("~/", _HOME + "/")))
+            self.running = True
+            return ""
+        if body.startswith("docker exec ray_container printenv HOME"):
+            return _HOME
+        m = re.match(r"(?:mkdir -p \S+ && )?rsync -e '\w+ exec -i' -avz (\S+) ray_container:(\S+)$", body) or \
+            re.match(r"docker cp (\S+) ray_container:(\S+)$", body)
+        if m:  # host -> container
+            src, dst = m.group(1).removesuffix("/."), m.group(2)
+            for path, data in list(self.host.items()):
+                if path == src or path.startswith(src.rstrip("/") + "/"):
+                    self.container[posix_join(dst, path[len(src):].lstrip("/")) if path != src else dst] = data
+            return ""
+        if body.startswith("docker exec"):
+            argv = shlex.split(body)
+            inner = argv[argv.index("-c") + 1]
+            self.container_commands.append(_unwrap_login_shell(shlex.split(inner)) if inner.startswith("bash ")
+                                           else inner)
+            return ""
+        return ""  # uptime, mkdir/chown on the host, docker pull, ...
+
+    def read_in_container(self, path: str) -> bytes | None:
+        """A file as a process in the container sees it: copied in, or under a bind mount."""
+        path = path.replace("$HOME", _HOME).replace("~/", _HOME + "/")
+        if path in self.container:
+            return self.container[path]
+        for src, dst in self.mounts:
+            if path.startswith(dst.rstrip("/") + "/"):
+                found = self.host.get(posix_join(src, path[len(dst.rstrip("/")) + 1:]))
+                if found is not None:
+                    return found
+        return None
+
+
+_LOGIN = re.compile(r"^source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore && \((.*)\)$", re.S)
+
+
+def _unwrap_login_shell(argv: list[str]) -> str:
+    """The command inside Ray's login-shell wrapper (`bash --login -c -i 'source ~/.bashrc; ... && (CMD)'`)."""
+    if argv[:4] == ["bash", "--login", "-c", "-i"]:
+        text = " ".join(argv[4:])
+        text = shlex.split(text)[0] if text.startswith("'") else text
+        m = _LOGIN.match(text)
+        return m.group(1) if m else text
+    return argv[-1]
+
+
+def posix_join(*parts: str) -> str:
+    import posixpath
+
+    return posixpath.join(*parts)
+
+
+def _head_home(tmp_path: Path, cfg: dict) -> Path:
+    """The head container's home after `ray up`: file_mounts synced there, then head_setup_commands run (with a
+    fake `ray` whose `get-auth-token --generate` writes ~/.ray/auth_token as Ray's does)."""
+    home = tmp_path / "head-home"
+    for remote, local in cfg["file_mounts"].items():
+        dest = home / remote.removeprefix("~/")
+        src = ROOT / local
+        if src.is_dir() and local != ".":
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                (dest / f.name).write_bytes(f.read_bytes())
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f"#!/bin/bash\n[ \"$1 $2\" = 'get-auth-token --generate' ] || exit 2\nmkdir -p ~/.ray\n"
+                    f"test -s ~/.ray/auth_token || printf {TOKEN} > ~/.ray/auth_token\ncat ~/.ray/auth_token\n")
+    fake.chmod(0o755)
+    for command in cfg["head_setup_commands"]:
+        subprocess.run(["bash", "-ec", command], env={"HOME": str(home), "PATH": f"{fake.parent}:/usr/bin:/bin"},
+                       check=True, timeout=30)
+    return home
+
+
+def _update_worker(cfg: dict, head_home: Path, monkeypatch) -> _SimulatedNode:
+    """Ray's NodeUpdater for a new worker, as the head's autoscaler runs it (StandardAutoscaler.spawn_updater:
+    the bootstrap config's file_mounts, remapped to the head's own copies, and cluster_synced_files)."""
+    from ray.autoscaler._private.updater import NodeUpdater
+    from ray.autoscaler.node_provider import NodeProvider
+    from ray.autoscaler.tags import STATUS_UP_TO_DATE, TAG_RAY_NODE_STATUS
+
+    class Provider(NodeProvider):
+        def __init__(self):
+            super().__init__({"type": "fake"}, cfg["cluster_name"])
+            self.tags: dict[str, str] = {}
+
+        def node_tags(self, node_id):
+            return dict(self.tags)
+
+        def set_node_tags(self, node_id, tags):
+            self.tags.update(tags)
+
+        def internal_ip(self, node_id):
+            return "10.0.0.5"
+
+        def external_ip(self, node_id):
+            return "10.0.0.5"
+
+        def is_terminated(self, node_id):
+            return False
+
+        def is_running(self, node_id):
+            return True
+
+    from ray.autoscaler._private.util import with_head_node_ip
+
+    monkeypatch.setenv("HOME", str(head_home))  # the head container's home: the sources of every sync
+    node, provider = _SimulatedNode(), Provider()
+    updater = NodeUpdater(
+        node_id="i-worker", provider_config={"type": "fake"}, provider=provider,
+        auth_config={"ssh_user": "ubuntu", "ssh_private_key": "~/ray_bootstrap_key.pem"},
+        cluster_name=cfg["cluster_name"], file_mounts={remote: remote for remote in cfg["file_mounts"]},
+        initialization_commands=cfg["initialization_commands"],
+        setup_commands=cfg["setup_commands"] + cfg["worker_setup_commands"],
+        ray_start_commands=with_head_node_ip(cfg["worker_start_ray_commands"], "10.0.0.1"),
+        runtime_hash="h1", file_mounts_contents_hash="f1", is_head_node=False,
+        cluster_synced_files=cfg["cluster_synced_files"],
+        rsync_options={"rsync_exclude": cfg.get("rsync_exclude"), "rsync_filter": cfg.get("rsync_filter")},
+        process_runner=node, use_internal_ip=True, docker_config=cfg["docker"])
+    updater.run()
+    assert provider.tags.get(TAG_RAY_NODE_STATUS) == STATUS_UP_TO_DATE, node.commands[-5:]
+    return node
+
+
+def _token_the_worker_reads(node: _SimulatedNode) -> bytes | None:
+    start = next(c for c in node.container_commands if "ray start" in c)
+    assert "RAY_AUTH_MODE=token" in start
+    m = re.search(r"RAY_AUTH_TOKEN_PATH=([^;\s]+)", start)
+    return node.read_in_container(m.group(1) if m else "~/.ray/auth_token")
+
+
+def test_a_new_worker_container_gets_the_heads_auth_token(tmp_path, monkeypatch):
+    """`ray up` in docker mode: Ray's own NodeUpdater sets up a worker the head's autoscaler launches; the token
+    the head generated must be readable inside the worker's container where its `ray start` looks for it."""
+    cfg = prepare_config(yaml.safe_load(CLUSTER_YAML.read_text()))
+    home = _head_home(tmp_path, cfg)
+    assert (home / "ray-auth" / "auth_token").read_text() == TOKEN == (home / ".ray" / "auth_token").read_text()
+    node = _update_worker(cfg, home, monkeypatch)
+    assert node.running and any(c.startswith("docker run") for c in node.commands)
+    assert _token_the_worker_reads(node) == TOKEN.encode()
+    # The check bites: the token only in cluster_synced_files (rsynced to the worker's host, never into the
+    # container, which bind-mounts file_mounts folders only) leaves the container without it.
+    old = copy.deepcopy(cfg)
+    old["file_mounts"].pop("~/ray-auth")
+    old["cluster_synced_files"] = ["~/.ray/auth_token"]
+    old["worker_start_ray_commands"] = [c.replace(" RAY_AUTH_TOKEN_PATH=$HOME/ray-auth/auth_token", "")
+                                        for c in old["worker_start_ray_commands"]]
+    node = _update_worker(old, home, monkeypatch)
+    assert any(path.endswith("/.ray/auth_token") for path in node.host), "synced to the host ..."
+    assert _token_the_worker_reads(node) is None, "... but not into the container"
 
 
 def test_cluster_yaml_boots_the_image_and_installs_nothing():
@@ -676,7 +905,7 @@ def test_core_objects_match_the_kubernetes_api_strictly():
     for name, doc in objects:
         assert k8s_errors(doc) == [], name
     # The check bites: an unknown field in the CronJob's container, a string where an integer belongs.
-    _, cron = _one("CronJob")
+    _, cron = _one("CronJob", REAUDIT)
     bad = copy.deepcopy(cron)
     bad["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
     assert "imagePullPolice" in " ".join(k8s_errors(bad))
@@ -919,9 +1148,10 @@ def test_job_commands_build_a_valid_config_on_their_cluster(tmp_path):
     assert modes == {"rayjob.yaml": "full", "reaudit-cronjob.yaml": "incremental"}
 
 
-def test_cronjob_submits_to_the_raycluster():
+@pytest.mark.parametrize("name", CRON_JOBS)
+def test_cronjob_submits_to_the_raycluster(name):
     _, cluster = _one("RayCluster")
-    _, cron = _one("CronJob")
+    _, cron = _one("CronJob", name)
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     job = cron["spec"]["jobTemplate"]["spec"]
     pod = job["template"]["spec"]
@@ -937,7 +1167,7 @@ def test_cronjob_submits_to_the_raycluster():
     assert args.submission_id == "eagle-audit-reaudit-29000000", "the submission id is the Kubernetes Job's name"
     assert args.max_attempts == job["backoffLimit"] + 1, "one Ray attempt for each pod the Job may run"
     assert args.stop_timeout < pod["terminationGracePeriodSeconds"], "`ray job stop` must finish before SIGKILL"
-    assert args.entrypoint[:2] == ["python", "jobs/inspect.py"]
+    assert args.entrypoint[:2] == ["python", CRON_JOBS[name]]
     address = re.fullmatch(r"https?://([\w.-]+):(\d+)", args.address)
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     dashboard = next(p["containerPort"] for p in head["ports"] if p["name"] == "dashboard")
@@ -955,6 +1185,67 @@ def test_cronjob_submits_to_the_raycluster():
     token_secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
     assert token_secret == cluster["spec"]["authOptions"]["secretName"]
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+
+
+def _pod_failure_action(policy: dict, exit_code: int | None = None, conditions: tuple[str, ...] = ()) -> str:
+    """What Kubernetes does with a failed pod under `policy` (batch/v1 podFailurePolicy): the first rule that
+    matches decides (FailJob, Ignore, Count); none matches: Count (retried while backoffLimit allows)."""
+    for rule in policy["rules"]:
+        if "onExitCodes" in rule and exit_code is not None:
+            req = rule["onExitCodes"]
+            hit = exit_code in req["values"]
+            if (hit if req["operator"] == "In" else not hit) and exit_code != 0:
+                return rule["action"]
+        for cond in rule.get("onPodConditions", []):
+            if cond["type"] in conditions and cond.get("status", "True") == "True":
+                return rule["action"]
+    return "Count"
+
+
+@pytest.mark.parametrize("name", CRON_JOBS)
+def test_cronjob_retries_job_failures_but_not_mistakes(name):
+    """A retry resumes the same run (the run id is the Job's name, which the CronJob derives from the scheduled
+    time); podFailurePolicy: exit 2 (a mistake) and 4 (attempts used up) fail the Job at once, 3 (a job failure),
+    a killed driver and 5 (no answer from the job server) are retried, a disrupted pod is retried uncounted.
+    For maintenance, 4 is also a busy output (an audit holds it): not retried, the next day's run does it."""
+    _, cron = _one("CronJob", name)
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy: Never"
+    policy = job["podFailurePolicy"]
+    containers = {c["name"] for c in pod["containers"]}
+    assert all(r["onExitCodes"]["containerName"] in containers for r in policy["rules"] if "onExitCodes" in r)
+    actions = {code: _pod_failure_action(policy, code) for code in (1, 2, 3, 4, 5, 130, 137, 143)}
+    assert actions == {1: "Count", 2: "FailJob", 3: "Count", 4: "FailJob", 5: "Count", 130: "Count",
+                       137: "Count", 143: "Count"}
+    assert _pod_failure_action(policy, 137, ("DisruptionTarget",)) == "Ignore"
+    assert job["backoffLimit"] >= 1
+    script = "\n".join(pod["containers"][0]["args"])
+    assert '--submission-id "$JOB_NAME"' in script
+    if name == REAUDIT:
+        assert '--run-id "$JOB_NAME"' in script
+    # the exit codes the policy names are the wrapper's and the driver's own
+    wrapper = _load_job_module(RUN_RAY_JOB)
+    from eagle.cli.exit_codes import BUSY, EXIT_CODES, USAGE
+
+    assert USAGE == 2 and 2 in EXIT_CODES["inspect"] and wrapper.EXIT_EXHAUSTED == 4 == BUSY
+    assert BUSY in EXIT_CODES["maintain"] and BUSY not in EXIT_CODES["inspect"]
+
+
+def test_pod_failure_rule_check_bites():
+    policy = {"rules": [{"action": "FailJob", "onExitCodes": {"containerName": "c", "operator": "NotIn",
+                                                             "values": [3]}}]}
+    assert _pod_failure_action(policy, 2) == "FailJob" and _pod_failure_action(policy, 3) == "Count"
+    assert _pod_failure_action(policy, None, ("DisruptionTarget",)) == "Count"
+
+
+def test_rayjob_retries_resume_its_run():
+    """KubeRay retries a failed RayJob (backoffLimit) on a new cluster with the same entrypoint: its fixed
+    --run-id (the RayJob's name) makes the retry resume the run."""
+    _, rayjob = _one("RayJob")
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[argv.index("--run-id") + 1] == rayjob["metadata"]["name"]
+    assert rayjob["spec"]["backoffLimit"] >= 1
 
 
 def test_cron_validator():
@@ -1006,7 +1297,7 @@ def test_dockerfile():
     # The job's working directory is the image's WORKDIR, and the images carry this project's version.
     _, job = _one("RayJob")
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"] == workdir
-    _, cron = _one("CronJob")
+    _, cron = _one("CronJob", REAUDIT)
     assert f"--working-dir {workdir}" in " ".join(cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
                                                   ["containers"][0]["args"])
     assert _manifest_image().endswith(f"/eagle-audit:{_project()['version']}")

@@ -114,14 +114,15 @@ def test_one_driver_per_run_id_and_resume_after_the_lease_expires(audit_setup, r
                      "resources.mllm.batch_size=1")  # slow enough to still hold the run when the twin starts
     first = subprocess.Popen([sys.executable, INSPECT, *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    lease = f"{output}/_runs/twin.lease"
+    lease = f"{output}/_runs/_output.lease"
     deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None and not storage.exists(lease):
         time.sleep(0.2)
     assert first.poll() is None, "the first driver ended before the second could start"
-    second = subprocess.run([sys.executable, INSPECT, *args], capture_output=True, text=True, timeout=300)
+    second = subprocess.run([sys.executable, INSPECT, *args, "output.lease_wait_s=0"], capture_output=True, text=True,
+                            timeout=300)
     assert second.returncode == 2, second.stderr[-2000:]
-    assert f"run twin is being run by another driver (pid {first.pid} on " in second.stderr
+    assert f"is being written by another driver (run twin, pid {first.pid} on " in second.stderr
     os.killpg(first.pid, signal.SIGKILL)  # the holder dies without releasing its lease
     first.wait()
     assert storage.exists(lease)

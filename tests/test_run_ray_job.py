@@ -29,7 +29,7 @@ ENTRYPOINT = ("python jobs/inspect.py --config /config/audit.yaml --mode increme
               f"--run-id {JOB_NAME}")
 
 # The fake `ray` CLI. Per submission id a plan: "timeline", the statuses successive `ray job status` calls see
-# (the last one stays); "logs": "follow" (the stream lasts until the job ends), "close_early" (it ends at once,
+# (the last one stays); "exit_code": the driver's exit code a FAILED status reports; "logs": "follow" (the stream lasts until the job ends), "close_early" (it ends at once,
 # the job still running) or "hang"; "submit": "ok", "lost_reply" (the server takes the job, the client gets a
 # connection error) or "refused" (the server rejects it). "status_errors": that many next status calls fail on the client side.
 FAKE_RAY = r'''#!{python}
@@ -39,11 +39,13 @@ STATE = os.environ["FAKE_RAY_STATE"]
 TS = "2026-01-01 02:00:00,000\t"
 
 
-def status_text(sid, status):
+def status_text(sid, status, exit_code=None):
     if status == "SUCCEEDED":
         return f"{TS}SUCC cli.py:67 -- \x1b[32mJob '{sid}' succeeded\x1b[39m\n"
     if status == "FAILED":
-        return f"{TS}ERR cli.py:75 -- \x1b[31mJob '{sid}' failed\x1b[39m\n{TS}INFO cli.py:89 -- Status message: boom\n"
+        message = "boom" if exit_code is None else (f"Job entrypoint command failed with exit code {exit_code}, last "
+                                                     "available logs (truncated to 20,000 chars):\nlast log line")
+        return f"{TS}ERR cli.py:75 -- \x1b[31mJob '{sid}' failed\x1b[39m\n{TS}INFO cli.py:89 -- Status message: {message}\n"
     if status == "STOPPED":
         return f"{TS}WARN cli.py:85 -- \x1b[33mJob '{sid}' was stopped\x1b[39m\n"
     return f"{TS}INFO cli.py:92 -- Status for job '{sid}': {status}\n"
@@ -65,7 +67,7 @@ def handle(st, argv):
         if plan.get("submit") == "refused":
             return 1, "RuntimeError: Request failed with status code 400: invalid runtime_env.\n", None
         st["jobs"][sid] = {"timeline": plan.get("timeline", ["PENDING", "RUNNING", "SUCCEEDED"]), "pos": 0,
-                           "logs": plan.get("logs", "follow"), "stopped": False}
+                           "logs": plan.get("logs", "follow"), "stopped": False, "exit_code": plan.get("exit_code")}
         if plan.get("submit") == "lost_reply":
             return 1, f"ConnectionError: Failed to connect to Ray at address: {address}.\n", None
         return 0, f"{TS}SUCC cli.py:67 -- Job '{sid}' submitted successfully\n", None
@@ -79,7 +81,7 @@ def handle(st, argv):
             return (*missing(sid), None)
         status = "STOPPED" if job["stopped"] else job["timeline"][job["pos"]]
         job["pos"] = min(job["pos"] + 1, len(job["timeline"]) - 1)
-        return 0, status_text(sid, status), None
+        return 0, status_text(sid, status, job.get("exit_code")), None
     if job is None:
         return (*missing(sid), None)
     if sub == "logs":
@@ -190,12 +192,21 @@ def test_succeeded(tmp_path):
     assert "Ray job eagle-audit-reaudit-29000000 ended SUCCEEDED" in out
 
 
-@pytest.mark.parametrize("final, code", [("FAILED", 1), ("STOPPED", 3)])
-def test_failed_or_stopped_job_fails_the_pod(tmp_path, final, code):
-    ray = FakeRay(tmp_path, {JOB_NAME: {"timeline": ["PENDING", "RUNNING", final]}})
+@pytest.mark.parametrize("final, driver, code", [
+    ("FAILED", None, 1),  # no driver exit code (a runtime env that could not be set up, say)
+    ("FAILED", 2, 2),  # a mistake in the config: the CronJob's podFailurePolicy does not retry it
+    ("FAILED", 3, 3),  # a job failure: retried
+    ("FAILED", 143, 143), ("FAILED", 130, 130),  # the driver was interrupted
+    ("FAILED", -9, 137),  # the driver was SIGKILLed
+    ("STOPPED", None, 143),  # `ray job stop`: interrupted (`ray job submit` exits 0 for it)
+])
+def test_failed_or_stopped_job_fails_the_pod_with_the_drivers_exit_code(tmp_path, final, driver, code):
+    ray = FakeRay(tmp_path, {JOB_NAME: {"timeline": ["PENDING", "RUNNING", final], "exit_code": driver}})
     rc, out = ray.pod()
-    assert rc == code, out  # `ray job submit` exits 0 for STOPPED
+    assert rc == code, out
     assert ray.submitted() == [JOB_NAME]
+    if driver is not None:
+        assert f"ended FAILED (driver exit code {code})" in out
 
 
 @pytest.mark.parametrize("final, code", [("SUCCEEDED", 0), ("FAILED", 1)])
@@ -267,9 +278,9 @@ def test_retried_pod_after_success_exits_zero_without_submitting(tmp_path):
 def test_retries_after_a_failure_use_the_next_attempt_id_and_stop_at_the_limit(tmp_path):
     """A failed Ray job fails the pod; the Job's retry submits attempt 2 (it resumes the run: same --run-id),
     and after --max-attempts failures the next pod submits nothing."""
-    fail = {"timeline": ["RUNNING", "FAILED"]}
+    fail = {"timeline": ["RUNNING", "FAILED"], "exit_code": 3}
     ray = FakeRay(tmp_path, {"*": fail})
-    assert [ray.pod()[0] for _ in range(3)] == [1, 1, 1]
+    assert [ray.pod()[0] for _ in range(3)] == [3, 3, 3]
     ids = [JOB_NAME, f"{JOB_NAME}-r2", f"{JOB_NAME}-r3"]
     assert ray.submitted() == ids
     assert all(" ".join(c).endswith(f"-- {ENTRYPOINT}") for c in ray.calls("submit")), "same run, resumed"
@@ -312,7 +323,10 @@ def _wrapper():
 
 
 _SERVER_JOBS = {"j-pending": "PENDING", "j-running": "RUNNING", "j-succeeded": "SUCCEEDED", "j-failed": "FAILED",
-                "j-stopped": "STOPPED"}
+                "j-stopped": "STOPPED", "j-failed-2": "FAILED"}
+# Ray 2.60's job supervisor's message for a driver that exited 2 (ray/dashboard/modules/job/job_supervisor.py)
+_FAILED_2 = ("Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
+             "ERROR job failed: output.uri is required")
 
 
 class _Dashboard(BaseHTTPRequestHandler):
@@ -334,8 +348,9 @@ class _Dashboard(BaseHTTPRequestHandler):
             return self._send(200, {"version": "4", "ray_version": "2.60.0", "ray_commit": "x", "session_name": "s"})
         job = self.path.removeprefix("/api/jobs/")
         if job in _SERVER_JOBS:
+            message = _FAILED_2 if job == "j-failed-2" else f"Job '{job}' succeeded? no, a message"
             return self._send(200, {"type": "SUBMISSION", "job_id": None, "submission_id": job, "entrypoint": "x",
-                                    "status": _SERVER_JOBS[job], "message": f"Job '{job}' succeeded? no, a message"})
+                                    "status": _SERVER_JOBS[job], "message": message, "driver_exit_code": None})
         self._send(404, f"Job {job} does not exist", "text/plain")
 
 
@@ -350,9 +365,12 @@ def test_status_parser_reads_the_real_ray_cli(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     cases = {**{job: ("status", status) for job, status in _SERVER_JOBS.items()}, "j-missing": ("missing", None)}
 
+    exit_codes = {}
+
     def real(job: str, addr: str = address) -> tuple[str, str | None]:
         proc = subprocess.run([str(ray_cli), "job", "status", "--address", addr, job], capture_output=True,
                               text=True, env=env, timeout=120, check=False)
+        exit_codes[job] = wrapper.driver_exit_code(proc.stdout + proc.stderr)
         return wrapper.parse_status(job, proc.returncode, proc.stdout + proc.stderr)
 
     try:
@@ -367,6 +385,7 @@ def test_status_parser_reads_the_real_ray_cli(tmp_path):
     finally:
         server.shutdown()
     assert results == {**cases, "unreachable": ("error", None)}
+    assert exit_codes["j-failed-2"] == 2 and exit_codes["j-failed"] is None  # the driver's own exit code
     # The fake prints the same.
     fake = FakeRay(tmp_path)
     state = fake.read()

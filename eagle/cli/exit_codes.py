@@ -9,6 +9,7 @@ OK = 0
 SOME_FAILED = 1
 USAGE = 2
 JOB_FAILED = 3
+BUSY = 4
 SIGINT = 130
 SIGTERM = 143
 
@@ -20,8 +21,9 @@ _INTERRUPTED = "interrupted by {signal}; the run manifest says interrupted and t
 EXIT_CODES: dict[str, dict[int, str]] = {
     "inspect": {
         OK: "success (individual bad images are error rows, not failures)",
-        USAGE: _MISTAKE,
-        JOB_FAILED: "job-level failure: storage unreachable, or an error rate above output.max_error_rate",
+        USAGE: _MISTAKE + "; or another driver still holds the output after output.lease_wait_s",
+        JOB_FAILED: "job-level failure: storage unreachable, an error rate above output.max_error_rate, or the "
+                    "output's lease lost to another driver (this one stalled past output.lease_ttl_s)",
         SIGINT: _INTERRUPTED.format(signal="SIGINT (Ctrl-C)"),
         SIGTERM: _INTERRUPTED.format(signal="SIGTERM"),
     },
@@ -39,6 +41,13 @@ EXIT_CODES: dict[str, dict[int, str]] = {
         JOB_FAILED: "storage failure",
     },
     "latest": {OK: "success", USAGE: "bad arguments (--to inside --output)"},
+    "maintain": {
+        OK: "compacted, expired and cleaned (or nothing to do)",
+        USAGE: "bad arguments or config, or the output does not exist",
+        JOB_FAILED: "storage or catalog failure, or the output's lease lost; nothing is lost, the next run finishes",
+        BUSY: "a driver holds the output (after waiting output.lease_wait_s): nothing was changed; run it later",
+        SIGINT: "interrupted; nothing is lost, the next run finishes what it left",
+    },
 }
 
 

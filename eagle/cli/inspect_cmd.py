@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     from eagle.pipeline.ray_setup import init_ray
 
     try:
-        init_ray(cfg)
-        result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose)
+        # The output's lease is taken before Ray starts: a second driver is refused in a second, not after Ray's.
+        result = run_inspect(cfg, dry_run=args.dry_run, verbose=args.verbose, connect=lambda: init_ray(cfg))
     except ConfigError as exc:
         return failed(exc, log)
     except JobFailed as exc:

@@ -408,8 +408,14 @@ class OutputConfig(Section):
         100_000, gt=0, description="Rows per output file at least (per partition, except a run's last file): "
         "large files keep LIST, reads and the driver's memory small; a crash redoes at most one file's rows.")
     lease_ttl_s: float = Field(
-        300, gt=0, description="A driver renews its run's lease (one driver per run id) every third of this; a "
-        "lease older than this belongs to a crashed driver and may be taken over by a resume.")
+        45, gt=0, description="One writer per output: the driver (or maintenance run) that writes an output renews "
+        "its lease every third of this; a lease not renewed for this long belongs to a dead driver and is taken "
+        "over. Shorter: a retry after a crash starts sooner; longer: a holder survives longer storage stalls (one "
+        "whose renewals fail for this long gives the lease up and exits 3).")
+    lease_wait_s: float = Field(
+        90, ge=0, description="A driver that finds the output's lease held waits this long for it to be released "
+        "or to expire (a crashed driver's: at most lease_ttl_s), then exits 2. Above lease_ttl_s, a retry right "
+        "after a crash always resumes.")
     planning_memory: str = Field(
         "1GB", description="DuckDB memory limit for planning and summaries on the driver; more spills to disk.")
     format: Literal["parquet", "iceberg"] = Field(

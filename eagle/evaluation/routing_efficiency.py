@@ -28,12 +28,16 @@ def _ratio(row: Row) -> float:
     return float(row["expert_score"]) / float(row["threshold"]) if row["threshold"] else float("nan")
 
 
+def _in_eagle_band(row: Row) -> bool:
+    return row.get("score_max") is not None and row["threshold"] <= row["expert_score"] < row["score_max"]
+
+
 POLICIES: dict[str, Callable[[Row], bool]] = {
     "routed": lambda r: bool(r.get("mllm_ran")),
-    "band": lambda r: r["confidence"] == "uncertain",
+    "band": lambda r: r.get("confidence") == "uncertain",
     "all": lambda r: True,
     "not-confident-normal": lambda r: r["expert_score"] >= r["threshold"],
-    "uncertain": lambda r: r["threshold"] <= r["expert_score"] < r["score_max"],
+    "uncertain": _in_eagle_band,
     "near-threshold": lambda r: NEAR[0] <= _ratio(r) < NEAR[1],
 }
 

@@ -171,7 +171,8 @@ def anomalib_samples(root: str, layout: str, product: str, folder: str) -> list[
     exts = tuple(e for x in IMAGE_EXTENSIONS for e in (x, x.upper()))
     try:
         frame = _parse(layout, path, exts)
-    except (RuntimeError, ValueError, KeyError) as exc:  # anomalib: "Found 0 images", MisMatchError (ValueError)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # anomalib: "Found 0 images", MisMatchError
+        # (ValueError), a defective image without its mask (TypeError)
         raise ConfigError(f"{path} is not a {layout} product folder (anomalib's parser: {exc}); check --data, or "
                           f"--layout") from None
     resolved, base = path.resolve(), storage.join(root, folder) if folder else root

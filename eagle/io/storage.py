@@ -12,6 +12,7 @@ import os
 import posixpath
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,6 +20,7 @@ from typing import IO, Any, Literal
 from urllib.parse import urlparse
 
 import fsspec
+import fsspec.asyn
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -345,6 +347,150 @@ def create_exclusive(uri: str, data: bytes, cfg: StorageConfig | None = None) ->
     except FileExistsError:
         return False
     return True
+
+
+def read_versioned(uri: str, cfg: StorageConfig | None = None) -> tuple[bytes, str] | None:
+    """The file and its version in one request (S3: a GET and its ETag; locally a hash of the content), or None
+    when it does not exist. The version is what `write_if` and `remove_if` compare against."""
+    fs, path = filesystem(uri, cfg)
+    if not is_remote(uri):
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        return data, _local_version(data)
+    bucket, _, key = path.partition("/")
+
+    async def get() -> tuple[bytes, str]:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with resp["Body"] as body:
+            return await body.read(), resp["ETag"].strip('"')
+
+    try:
+        return fsspec.asyn.sync(fs.loop, get)
+    except FileNotFoundError:
+        return None
+
+
+def write_if(uri: str, data: bytes, version: str | None, cfg: StorageConfig | None = None) -> str | None:
+    """A conditional write, atomic against every other writer of `uri`: with `version` None create the file
+    only if it does not exist (S3 ``If-None-Match: *``; locally a hard link of a complete temporary file, which
+    fails if the name exists), else replace it only if its current version is `version` (S3 ``If-Match`` on
+    the ETag; locally an ``os.replace`` under an exclusive ``flock`` of a sidecar file). Returns the new
+    version, or None when the condition did not hold (someone else wrote it first)."""
+    fs, path = filesystem(uri, cfg)
+    if not is_remote(uri):
+        return _local_write_if(path, data, version)
+    bucket, _, key = path.partition("/")
+    match = {"IfNoneMatch": "*"} if version is None else {"IfMatch": f'"{version}"'}
+    try:
+        resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **match)
+    except (OSError, FileNotFoundError) as exc:
+        if _s3_code(exc) in _CONDITION_FAILED or isinstance(exc, FileExistsError):
+            return None
+        raise
+    return str(resp["ETag"]).strip('"')
+
+
+def remove_if(uri: str, version: str, cfg: StorageConfig | None = None) -> bool:
+    """Remove `uri` only if its current version is `version` (S3: a conditional DELETE, ``If-Match``); True when
+    this call removed it."""
+    fs, path = filesystem(uri, cfg)
+    if not is_remote(uri):
+        with _local_lock(path):
+            try:
+                with open(path, "rb") as fh:
+                    if _local_version(fh.read()) != version:
+                        return False
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+        return True
+    bucket, _, key = path.partition("/")
+    try:
+        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=f'"{version}"')
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if _s3_code(exc) in _CONDITION_FAILED:
+            return False
+        raise
+    return True
+
+
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an s3fs error (its cause is botocore's ClientError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            err = response.get("Error", {})
+            return str(err.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _local_version(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class _local_lock:  # noqa: N801 - used as a context manager, like a function
+    """An exclusive flock on ``.{name}.lock`` next to `path`: the compare and the swap of a local conditional
+    write happen under it."""
+
+    def __init__(self, path: str) -> None:
+        folder, name = os.path.split(path)
+        os.makedirs(folder or ".", exist_ok=True)
+        self.lock_path = os.path.join(folder, f".{name}.lock")
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self.fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # closing drops the flock
+
+
+def _local_write_if(path: str, data: bytes, version: str | None) -> str | None:
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        if version is None:
+            try:
+                os.link(tmp, path)  # atomic, and fails if the name exists: create-if-absent
+            except FileExistsError:
+                return None
+            except OSError:  # a file system without hard links: check and rename under the lock instead
+                with _local_lock(path):
+                    if os.path.exists(path):
+                        return None
+                    os.replace(tmp, path)
+            return _local_version(data)
+        with _local_lock(path):
+            try:
+                with open(path, "rb") as fh:
+                    if _local_version(fh.read()) != version:
+                        return None
+            except FileNotFoundError:
+                return None
+            os.replace(tmp, path)
+            return _local_version(data)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def put_folder(local_dir: str, uri: str, cfg: StorageConfig | None = None) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +27,8 @@ from eagle import __version__
 from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.expert.ensemble import pinned_metas
 from eagle.io import iceberg, ledger, querying, storage
-from eagle.io.lease import LeaseHeld, RunLease
+from eagle.io.lease import LeaseHeld, LeaseLost, OutputLease
+from eagle.io.maintenance import finish_compactions
 from eagle.io.runs import RUNS_DIR, RunInfo, begin_run, end_run, new_run_id, run_settings
 from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
@@ -125,38 +128,74 @@ def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
             log.log(logging.WARNING if routes else logging.DEBUG, "%s", advice)
 
 
-def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False) -> Summary | Plan:
+def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False,
+                connect: Callable[[], None] | None = None) -> Summary | Plan:
     """Audit every listed image not yet audited in this run (incrementally: not up to date); returns the run's
     summary. With `dry_run`, only plan: returns the plan (per product listed / done / to audit), writes no
-    rows, no run manifest and takes no lease. A run is held by one driver at a time (`eagle.io.lease`); its
-    manifest ends completed, failed or interrupted. `verbose` keeps Ray Data's progress bars instead of one
-    progress line per 30 s."""
+    rows, no run manifest and takes no lease. An output is written by one driver at a time (`eagle.io.lease`,
+    taken before `connect` starts or joins Ray); its manifest ends completed, failed or interrupted. A driver
+    that loses the lease (it stalled past output.lease_ttl_s and another took over) stops and fails (JobFailed)
+    without touching the manifest. `verbose` keeps Ray Data's progress bars instead of one progress line per
+    30 s."""
     if not cfg.model_store:
         raise ConfigError("model_store is required (--model-store)")
     if not cfg.output.uri:
         raise ConfigError("output.uri is required (--output)")
     run_id = cfg.run_id or new_run_id()
     if dry_run:
+        if connect is not None:
+            connect()
         return _plan(cfg, run_id, dry_run=True)[0]
+    lease = take_output_lease(cfg, run_id)
     try:
-        lease = RunLease(cfg.output.uri, run_id, cfg.output.lease_ttl_s, cfg.storage).acquire()
+        if connect is not None:
+            connect()
+    except BaseException:
+        lease.release()
+        raise
+    status = "failed"
+    try:
+        summary = _run(cfg, run_id, verbose, lease.check)
+        status = "completed"
+        return summary
+    except KeyboardInterrupt:  # SIGINT, SIGTERM as the job's command line maps it, or the lease lost
+        if lease.lost:
+            raise JobFailed(f"run {run_id} stopped: {lease.lost}") from None
+        status = "interrupted"
+        raise
+    except LeaseLost as exc:
+        raise JobFailed(f"run {run_id} stopped: {exc}") from exc
+    finally:
+        try:
+            if not lease.lost:  # a lost lease's run belongs to the driver that took it over
+                end_run(cfg.output.uri, run_id, status, cfg.storage)
+        finally:
+            lease.release()
+
+
+def take_output_lease(cfg: JobConfig, run_id: str) -> OutputLease:
+    """The output's lease for this run (one writer per output, whatever the run ids), waiting up to
+    output.lease_wait_s for a holder to finish or its lease to expire; LeaseHeld (exit 2) after that. Losing it
+    later interrupts the main thread, so a driver that stalled stops writing as soon as it runs again."""
+    lease = OutputLease(cfg.output.uri, run_id, cfg.output.lease_ttl_s, cfg.storage, wait_s=cfg.output.lease_wait_s,
+                        on_lost=_interrupt_main)
+    try:
+        lease.acquire()
     except LeaseHeld:
         raise
     except Exception as exc:  # noqa: BLE001 - the output store is unreachable (after retries)
-        raise JobFailed(f"cannot take the run's lease in {cfg.output.uri}: {type(exc).__name__}: {exc}") from exc
-    status = "failed"
-    try:
-        summary = _run(cfg, run_id, verbose)
-        status = "completed"
-        return summary
-    except KeyboardInterrupt:  # SIGINT, or SIGTERM as the job's command line maps it
-        status = "interrupted"
-        raise
-    finally:
-        try:
-            end_run(cfg.output.uri, run_id, status, cfg.storage)
-        finally:
-            lease.release()
+        raise JobFailed(f"cannot take the output's lease in {cfg.output.uri}: {type(exc).__name__}: {exc}") from exc
+    try:  # a maintenance run killed mid-compaction: finish it before reading results (eagle.io.maintenance)
+        finish_compactions(cfg.output.uri, cfg.storage)
+    except Exception as exc:  # noqa: BLE001 - the output store is unreachable (after retries)
+        lease.release()
+        raise JobFailed(f"cannot finish an interrupted compaction in {cfg.output.uri}: {exc}") from exc
+    return lease
+
+
+def _interrupt_main() -> None:
+    """Interrupt the main thread as a SIGINT would: a real signal, so that a blocking call there returns too."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def _tally_since(tally: object, before: dict[str, int]) -> dict[str, int]:
@@ -190,7 +229,7 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
     return plan, con
 
 
-def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
+def _run(cfg: JobConfig, run_id: str, verbose: bool, check_lease: Callable[[], None]) -> Summary:
     start = time.time()
     tally = start_tally()
     retries_before = read_tally(tally)
@@ -207,7 +246,8 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
         try:
             with mllm_pool(cfg) if cfg.mllm.model else nullcontext() as pool:
                 _stream(cfg, plan, pool, model_input_sizes(metas),
-                        lambda exc: _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)))
+                        lambda exc: _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)),
+                        check_lease)
                 if pool is not None:
                     traffic["mllm"] = list(pool.traffic())
         except PoolFailed as exc:
@@ -216,6 +256,7 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
     summary = summarize_run(con, cfg, results, plan, time.time() - start)
     summary.stage_input_kb = {stage: size / rows / 1024 for stage, (rows, size) in traffic.items() if rows}
     summary.stage_input_rows = {stage: rows for stage, (rows, _) in traffic.items()}
+    check_lease()
     try:
         merge_runs(con, cfg, results, {run_id: run.attempt})
         storage.remove(plan.plan_dir, cfg.storage, recursive=True)
@@ -231,7 +272,7 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool) -> Summary:
 
 
 def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict[str, tuple[int, int]],
-            write_failed: Callable[[Exception], JobFailed]) -> None:
+            write_failed: Callable[[Exception], JobFailed], check_lease: Callable[[], None] = lambda: None) -> None:
     """Decode → expert → finish (→ MLLM pool for the routed rows) → stamp → write, for the plan's images."""
     run = plan.run
     stamp = {"run_id": run.run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
@@ -243,6 +284,7 @@ def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict
         ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
         ds = FinishStage.apply(ds, cfg, pool=pool)
         ds = StampStage.apply(ds, cfg, stamp=stamp)
+        check_lease()  # a driver whose lease was taken over writes nothing more
         try:
             write_output(ds, cfg, run)
         except Exception as exc:
