@@ -114,7 +114,7 @@ MISTAKES = {
     "fit of a product that does not exist": ("fit", [*FIT, "--products", "grid,bolt"],
                                              "--products bolt: no such product under {t}/data"),
     "fit on a dataset its layout parser cannot read": ("fit", ["--data", "{t}/bad-data", *FIT[2:]],
-                                                       "cannot read the dataset at {t}/bad-data"),
+                                                       "anomalib's parser: expected str"),
     "fit with an unknown timm backbone": ("fit", [*FIT, "expert.backbone=resnet181"],
                                           "expert.backbone 'resnet181' is not a timm model (did you mean resnet18"),
     "Iceberg output on s3:// without a catalog": (
