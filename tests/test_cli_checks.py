@@ -27,6 +27,10 @@ def site(tmp_path: Path) -> Path:
     belongs, a local MLLM folder too large for a CPU, and an empty hub cache."""
     (tmp_path / "data" / "grid" / "test" / "good").mkdir(parents=True)
     (tmp_path / "data" / "grid" / "test" / "good" / "000.png").write_bytes(b"png")
+    (tmp_path / "bad-data" / "grid" / "train" / "good").mkdir(parents=True)  # a test image outside any class folder
+    (tmp_path / "bad-data" / "grid" / "train" / "good" / "000.png").write_bytes(b"png")
+    (tmp_path / "bad-data" / "grid" / "test").mkdir(parents=True)
+    (tmp_path / "bad-data" / "grid" / "test" / "000.png").write_bytes(b"png")
     (tmp_path / "data" / "grid" / "train" / "good").mkdir(parents=True)
     (tmp_path / "data" / "grid" / "train" / "good" / "000.png").write_bytes(b"png")
     (tmp_path / "notes.txt").write_text("not a manifest")
@@ -109,6 +113,8 @@ MISTAKES = {
         "expert.ensemble member padim: no listed product (grid) has a fitted padim expert"),
     "fit of a product that does not exist": ("fit", [*FIT, "--products", "grid,bolt"],
                                              "--products bolt: no such product under {t}/data"),
+    "fit on a dataset its layout parser cannot read": ("fit", ["--data", "{t}/bad-data", *FIT[2:]],
+                                                       "anomalib's parser: expected str"),
     "fit with an unknown timm backbone": ("fit", [*FIT, "expert.backbone=resnet181"],
                                           "expert.backbone 'resnet181' is not a timm model (did you mean resnet18"),
     "Iceberg output on s3:// without a catalog": (
@@ -175,8 +181,8 @@ def test_a_hub_mllm_is_found_in_the_cache_and_sized(site, monkeypatch):
 
 def test_a_model_some_listed_products_lack_stays_a_warning(site):
     """Only a model that no listed product has is refused; one product without it becomes error rows later."""
-    (site / "data" / "screw" / "test").mkdir(parents=True)
-    (site / "data" / "screw" / "test" / "000.png").write_bytes(b"png")
+    (site / "data" / "screw" / "test" / "good").mkdir(parents=True)
+    (site / "data" / "screw" / "test" / "good" / "000.png").write_bytes(b"png")
     (site / "models" / "screw").mkdir()
     (site / "models" / "screw" / "LATEST.padim").write_text("v2\n")
     inputs = InputConfig(uris=[str(site / "data")])
