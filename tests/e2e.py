@@ -135,7 +135,8 @@ def running_head(env: dict[str, str], dashboard: bool = False) -> Iterator[tuple
     machine as ``ray stop`` would; its address file is removed afterwards."""
     ray = str(Path(sys.executable).parent / "ray")
     port, dash = free_port(), free_port() if dashboard else None
-    address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    # where `ray start` records the address: under $RAY_TMPDIR when the caller keeps its Rays apart that way
+    address_file = Path(env.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     ui = [f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1"] if dashboard else ["--include-dashboard=false"]
     proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", *ui,
                              f"--ray-client-server-port={free_port()}", "--disable-usage-stats"], env=env,
