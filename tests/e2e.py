@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from PIL import Image
 
 from eagle.config import JobConfig, load_config
 from eagle.io import storage
+from eagle.pipeline import ray_setup
 from eagle.pipeline.fitting import fit_products
 from eagle.testing.synth import generate, image_rng, render_normal
 
@@ -156,3 +158,44 @@ def running_head(env: dict[str, str], dashboard: bool = False) -> Iterator[tuple
             proc.wait(timeout=30)
         if address_file.exists() and address_file.read_text().strip().endswith(f":{port}"):
             address_file.unlink()
+
+
+class Driver:
+    """`jobs/inspect.py` in its own session (process group) and its own RAY_TMPDIR."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths live under it
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+               "RAY_TMPDIR": self.tmp, **(env or {})}
+        env.pop("RAY_ADDRESS", None)
+        self.stderr_path = cwd / f"stderr-{os.path.basename(self.tmp)}.log"
+        with open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                         stderr=err, text=True, start_new_session=True)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def wait(self, timeout: float = 600) -> int:
+        self.proc.communicate(timeout=timeout)
+        return self.proc.returncode
+
+    def leftovers(self) -> list[str]:
+        """Live processes of this driver's Ray (their command lines name its temp folder, or their parent's
+        does): pid and command line."""
+        out = []
+        for pid in ray_setup.session_processes(self.tmp):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out.append(f"{pid} {cmdline}")
+            except OSError:  # gone meanwhile
+                pass
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        ray_setup.reap_session(self.tmp)  # only this test's own Ray processes
+        shutil.rmtree(self.tmp, ignore_errors=True)

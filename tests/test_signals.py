@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from e2e import Driver
 
 from eagle.cli import inspect_cmd
 from eagle.config import load_config
@@ -58,47 +59,6 @@ def _args(fitted: dict, out: Path, run_id: str, *extra: str, ray_address: str | 
             "expert.weights=random", "inputs.rows_per_block=2", "resources.decode.batch_size=2",
             "resources.expert.batch_size=2", "resources.finish.batch_size=2", "output.flush_interval_s=1",
             "output.lease_ttl_s=3", *extra]
-
-
-class Driver:
-    """`jobs/inspect.py` in its own session (process group) and its own RAY_TMPDIR."""
-
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths live under it
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-               "RAY_TMPDIR": self.tmp}
-        env.pop("RAY_ADDRESS", None)
-        self.stderr_path = cwd / f"stderr-{os.path.basename(self.tmp)}.log"
-        with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                         stderr=err, text=True, start_new_session=True)
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def wait(self, timeout: float = 600) -> int:
-        self.proc.communicate(timeout=timeout)
-        return self.proc.returncode
-
-    def leftovers(self) -> list[str]:
-        """Live processes of this driver's Ray (their command lines name its temp folder, or their parent's
-        does): pid and command line."""
-        out = []
-        for pid in ray_setup.session_processes(self.tmp):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                out.append(f"{pid} {cmdline}")
-            except OSError:  # gone meanwhile
-                pass
-        return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        ray_setup.reap_session(self.tmp)  # only this test's own Ray processes
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _result_files(out: Path) -> list[Path]:
