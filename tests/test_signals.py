@@ -355,3 +355,27 @@ def test_dry_run_over_an_existing_output_writes_nothing_and_starts_no_ray(monkey
     assert _snapshot(out) == before  # no ledger, state, plan, listing or manifest change
     assert printed.splitlines()[-1].split() == ["total", str(len(images)), "1", str(len(images) - 1)]
     assert not storage.exists(str(out / "_ledger"))
+
+
+def test_a_signal_that_lands_in_a_duckdb_query_still_ends_the_run_interrupted(monkeypatch, tmp_path):
+    """DuckDB turns a SIGINT/SIGTERM that arrives during one of its queries (the run's summary, a merge) into its
+    own InterruptException: the run still ends `interrupted` and raises KeyboardInterrupt (exit 143/130)."""
+    import duckdb
+
+    from eagle.config import load_config
+    from eagle.io.runs import begin_run, read_runs
+    from eagle.pipeline import inspection
+
+    cfg = load_config(overrides={"model_store": str(tmp_path / "models"), "output": {"uri": str(tmp_path / "out")},
+                                 "run_id": "night-3"})
+
+    def summary_interrupted(cfg, run_id, *args):
+        begin_run(cfg.output.uri, run_id, "h", cfg.storage)
+        raise duckdb.InterruptException("INTERRUPT Error: Interrupted!")
+
+    monkeypatch.setattr(inspection, "_run", summary_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        inspection.run_inspect(cfg)
+    (run,) = read_runs(cfg.output.uri)
+    assert (run.run_id, run.status) == ("night-3", "interrupted")
+    assert not list((tmp_path / "out" / "_runs").glob("*.lease"))  # released

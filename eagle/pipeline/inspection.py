@@ -167,11 +167,11 @@ def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False,
         summary = _run(cfg, run_id, verbose, lease.check, stop)
         status = "completed"
         return summary
-    except KeyboardInterrupt:  # SIGINT, SIGTERM as the job's command line maps it, or the lease lost
-        if lease.lost:
+    except (KeyboardInterrupt, duckdb.InterruptException):  # SIGINT, SIGTERM as the job's command line maps
+        if lease.lost:  # it, or the lease lost; DuckDB reports a signal that lands in one of its queries as its own
             raise JobFailed(f"run {run_id} stopped: {lease.lost}") from None
         status = "interrupted"
-        raise
+        raise KeyboardInterrupt from None
     except LeaseLost as exc:
         raise JobFailed(f"run {run_id} stopped: {exc}") from exc
     finally:
@@ -234,6 +234,8 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
                              results, cpus, dry_run_pending=pending if dry_run else None)
     except ConfigError:
         raise
+    except duckdb.InterruptException:  # a signal that landed in a planning query
+        raise KeyboardInterrupt from None
     except Exception as exc:  # noqa: BLE001 - any storage failure here (after retries) ends the job
         raise JobFailed(f"cannot list inputs or plan the run (input, output or model store unreachable?): "
                         f"{type(exc).__name__}: {exc}") from exc
