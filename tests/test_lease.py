@@ -264,7 +264,7 @@ def test_a_driver_whose_lease_is_taken_over_stops_and_fails(tmp_path, monkeypatc
                                  "output": {"uri": output, "lease_ttl_s": 0.6}, "run_id": "stalled"}, env={})
     wrote = []
 
-    def stalled_run(cfg, run_id, verbose, check_lease):
+    def stalled_run(cfg, run_id, verbose, check_lease, stop=None):
         uri = lease_uri(output)
         found = storage.read_versioned(uri)
         successor = Holder("other-host", 2, "successor", "now", dt.datetime.now(dt.UTC).isoformat(), "night-2", 60)
