@@ -167,19 +167,31 @@ def run_inspect(cfg: JobConfig, dry_run: bool = False, verbose: bool = False,
         summary = _run(cfg, run_id, verbose, lease.check, stop)
         status = "completed"
         return summary
-    except (KeyboardInterrupt, duckdb.InterruptException):  # SIGINT, SIGTERM as the job's command line maps
-        if lease.lost:  # it, or the lease lost; DuckDB reports a signal that lands in one of its queries as its own
+    except LeaseLost as exc:
+        raise JobFailed(f"run {run_id} stopped: {exc}") from exc
+    except BaseException as exc:
+        if not _interrupted_by(exc, stop):
+            raise
+        if lease.lost:  # the lease lost interrupts the main thread as a SIGINT would
             raise JobFailed(f"run {run_id} stopped: {lease.lost}") from None
         status = "interrupted"
         raise KeyboardInterrupt from None
-    except LeaseLost as exc:
-        raise JobFailed(f"run {run_id} stopped: {exc}") from exc
     finally:
         try:
             if not lease.lost:  # a lost lease's run belongs to the driver that took it over
                 end_run(cfg.output.uri, run_id, status, cfg.storage)
         finally:
             lease.release()
+
+
+def _interrupted_by(exc: BaseException, stop: StopRequest | None) -> bool:
+    """Whether `exc` is how a SIGINT/SIGTERM (as the job's command line maps them) ended the run: the
+    KeyboardInterrupt itself; DuckDB's own InterruptException for a signal that lands in one of its queries; or,
+    once a stop was requested, any error, since a library may wrap the KeyboardInterrupt raised in its callbacks
+    (DuckDB reports one raised while it reads through fsspec as a plain `duckdb.Error`)."""
+    if isinstance(exc, (KeyboardInterrupt, duckdb.InterruptException)):
+        return True
+    return isinstance(exc, Exception) and stop is not None and stop.stop.is_set()
 
 
 def take_output_lease(cfg: JobConfig, run_id: str) -> OutputLease:
