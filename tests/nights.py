@@ -310,6 +310,10 @@ class Nights:
     def run(self, nights: int) -> Figures:
         for k in range(1, nights + 1):
             self.night(k)
+            f = self.figures
+            print(f"night {k} checked ({time.monotonic() - self.started:.0f} s): runs {f.runs}, attempts "
+                  f"{f.attempts}, kills {f.kills}, retries {f.retries}, refused {f.refused}, duplicates "
+                  f"{f.duplicates}, lost rows {f.lost_rows}", flush=True)
         self.check_latest()
         f = self.figures
         f.images, f.audited = len(self.present), sum(sum(v.values()) for v in self.kept.values())
