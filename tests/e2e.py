@@ -140,8 +140,13 @@ def running_head(env: dict[str, str], dashboard: bool = False) -> Iterator[tuple
     # where `ray start` records the address: under $RAY_TMPDIR when the caller keeps its Rays apart that way
     address_file = Path(env.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     ui = [f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1"] if dashboard else ["--include-dashboard=false"]
-    proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", *ui,
-                             f"--ray-client-server-port={free_port()}", "--disable-usage-stats"], env=env,
+    # every port of its own: another Ray on this machine (a session's ray.init) holds the defaults, and a job
+    # agent that cannot bind 52365 leaves `ray job submit` answering "No available agent" for good
+    ports = [f"--{name}-port={free_port()}" for name in ("ray-client-server", "dashboard-agent-listen",
+                                                          "dashboard-agent-grpc", "runtime-env-agent",
+                                                          "metrics-export")]
+    proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=4", *ui, *ports,
+                             "--disable-usage-stats"], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

@@ -6,8 +6,10 @@ credentials file, as an instance profile or a mounted Secret would provide on a 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +29,9 @@ def test_no_secret_in_the_job_table_while_workers_read_s3(audit_setup, tmp_path)
     credentials = tmp_path / "credentials"
     credentials.write_text(f"[default]\naws_access_key_id = {TEST_KEY_ID}\naws_secret_access_key = {TEST_SECRET}\n")
     cluster_env = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
-    cluster_env.update(RAY_AUTH_MODE="disabled", AWS_SHARED_CREDENTIALS_FILE=str(credentials))
+    head_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths live under it
+    cluster_env.update(RAY_AUTH_MODE="disabled", AWS_SHARED_CREDENTIALS_FILE=str(credentials), RAY_TMPDIR=head_tmp)
+    cluster_env.pop("RAY_ADDRESS", None)  # it would override `--address` below
     output = f"{audit_setup['root']}/no-secrets"
     o = audit_setup["overrides"]
     with running_head(cluster_env, dashboard=True) as (port, dashboard):
@@ -50,8 +54,10 @@ def test_no_secret_in_the_job_table_while_workers_read_s3(audit_setup, tmp_path)
         assert listed.returncode == 0, listed.stderr[-2000:]
         # the job table does show the job's runtime env (its non-secret settings), just not the secrets
         assert os.environ["AWS_ENDPOINT_URL"] in jobs_api and os.environ["AWS_ENDPOINT_URL"] in listed.stdout
-        logs = "".join(p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs").glob("*")
+        logs = "".join(p.read_text(errors="replace") for p in Path(head_tmp, "ray", "session_latest", "logs").glob("*")
                        if p.is_file())
+        assert logs, "the cluster's logs were not found"
+    shutil.rmtree(head_tmp, ignore_errors=True)
     for where, text in (("dashboard /api/jobs/", jobs_api), ("ray list jobs --detail", listed.stdout),
                         ("the job's output", job.stdout + job.stderr), ("the cluster's logs", logs)):
         assert TEST_SECRET not in text, f"the secret appears in {where}"

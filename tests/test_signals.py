@@ -20,11 +20,12 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from e2e import Driver
+from e2e import Driver, running_head
 
 from eagle.cli import inspect_cmd
 from eagle.config import load_config
 from eagle.io import storage
+from eagle.io.lease import LEASE_NAME
 from eagle.io.runs import begin_run
 from eagle.io.schema import to_table
 from eagle.pipeline import ray_setup
@@ -120,7 +121,7 @@ def test_sigterm_mid_run_writes_finished_rows_and_exits_143_then_resumes_exactly
         own = [line for line in stderr.splitlines() if not line.startswith("(")]  # not a Ray worker's log
         assert not [line for line in own if "Traceback" in line or "SIGABRT" in line], stderr[-3000:]
         assert json.loads((out / "_runs" / "term.json").read_text())["status"] == "interrupted"
-        assert not (out / "_runs" / "term.lease").exists()  # released
+        assert not (out / "_runs" / LEASE_NAME).exists()  # released
         resume = stderr.strip().splitlines()[-1]
         assert resume.startswith(sys.executable) and resume.endswith("--run-id term")
         deadline = time.time() + 10
@@ -193,64 +194,45 @@ def test_sigkill_loses_at_most_the_rows_of_one_flush_interval(fitted, tmp_path):
     assert _rows(out, "kill") == [(uri, 1) for uri in fitted["images"]]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_stop_interrupts_the_run_and_a_resume_completes_it(fitted, tmp_path):
     """`ray job submit` then `ray job stop` (SIGTERM, SIGKILL 3 s later) against a head started with `ray start`."""
     ray_cli = str(Path(sys.executable).parent / "ray")
     head_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "RAY_TMPDIR": head_tmp}
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
-    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
-                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={head_tmp}",
-                             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "out"
     try:
-        deadline = time.time() + 300
-        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode:
-            assert head.poll() is None and time.time() < deadline, "the head did not come up"
-            time.sleep(2)
-        while True:  # the dashboard answers before its job agent is up on a loaded machine: try again then
-            submit = subprocess.run([ray_cli, "job", "submit", "--no-wait", "--address", address, "--submission-id",
-                                     "stopped", "--", sys.executable, *_args(fitted, out, "sub", ray_address=None)],
-                                    env=env, capture_output=True, text=True, timeout=300)
-            if submit.returncode == 0 or "No available agent" not in submit.stderr or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0, submit.stderr
-        deadline = time.time() + 900
-        while not (out / "_runs" / "sub.json").exists():  # the run has started (planned; Ray Data starting)
-            assert time.time() < deadline
-            time.sleep(0.2)
-        time.sleep(5)
-        stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "stopped"], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert stop.returncode == 0, stop.stderr
-        logs = subprocess.run([ray_cli, "job", "logs", "--address", address, "stopped"], env=env,
-                              capture_output=True, text=True, timeout=120).stdout
-        print("ray job stop: driver log tail:\n" + "\n".join(logs.strip().splitlines()[-4:]))
-        assert json.loads((out / "_runs" / "sub.json").read_text())["status"] == "interrupted", logs[-3000:]
-        assert "interrupted by SIGTERM" in logs and "--run-id sub" in logs.strip().splitlines()[-1]
-        written = len(_rows(out, "sub"))
+        with running_head(env, dashboard=True) as (_, dash):
+            address = f"http://127.0.0.1:{dash}"
+            deadline = time.time() + 300
+            while True:  # the dashboard answers before its job agent is up on a loaded machine: try again then
+                submit = subprocess.run([ray_cli, "job", "submit", "--no-wait", "--address", address,
+                                         "--submission-id", "stopped", "--", sys.executable,
+                                         *_args(fitted, out, "sub", ray_address=None)],
+                                        env=env, capture_output=True, text=True, timeout=300)
+                if submit.returncode == 0 or time.time() > deadline:
+                    break
+                time.sleep(2)
+            assert submit.returncode == 0, submit.stderr
+            deadline = time.time() + 900
+            while not (out / "_runs" / "sub.json").exists():  # the run has started (planned; Ray Data starting)
+                assert time.time() < deadline
+                time.sleep(0.2)
+            time.sleep(5)
+            stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "stopped"], env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert stop.returncode == 0, stop.stderr
+            logs = subprocess.run([ray_cli, "job", "logs", "--address", address, "stopped"], env=env,
+                                  capture_output=True, text=True, timeout=120).stdout
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: `ray start` stops its own node's processes
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(head_tmp, ignore_errors=True)
-    if (out / "_runs" / "sub.lease").exists():
+    print("ray job stop: driver log tail:\n" + "\n".join(logs.strip().splitlines()[-4:]))
+    assert json.loads((out / "_runs" / "sub.json").read_text())["status"] == "interrupted", logs[-3000:]
+    assert "interrupted by SIGTERM" in logs and "--run-id sub" in logs.strip().splitlines()[-1]
+    written = len(_rows(out, "sub"))
+    if (out / "_runs" / LEASE_NAME).exists():
         time.sleep(3.5)  # SIGKILLed before it released its lease: it expires
     summary = _resume(fitted, out, "sub", tmp_path)
     assert summary["skipped"] == written
@@ -362,25 +344,34 @@ def test_dry_run_over_an_existing_output_writes_nothing_and_starts_no_ray(monkey
     assert not storage.exists(str(out / "_ledger"))
 
 
-def test_a_signal_that_lands_in_a_duckdb_query_still_ends_the_run_interrupted(monkeypatch, tmp_path):
+@pytest.mark.parametrize("raised", ["interrupt", "wrapped", "failure"])
+def test_a_signal_that_lands_in_a_duckdb_query_still_ends_the_run_interrupted(monkeypatch, tmp_path, raised):
     """DuckDB turns a SIGINT/SIGTERM that arrives during one of its queries (the run's summary, a merge) into its
-    own InterruptException: the run still ends `interrupted` and raises KeyboardInterrupt (exit 143/130)."""
+    own InterruptException, or, when the signal's KeyboardInterrupt is raised in a filesystem callback (fsspec
+    reading S3), into a plain duckdb.Error (found by bench/bench_nights.py): the run still ends `interrupted` and
+    raises KeyboardInterrupt (exit 143/130). The same error without a signal fails the run."""
     import duckdb
 
+    from eagle.cli.interrupts import Signals
     from eagle.config import load_config
     from eagle.io.runs import begin_run, read_runs
     from eagle.pipeline import inspection
 
     cfg = load_config(overrides={"model_store": str(tmp_path / "models"), "output": {"uri": str(tmp_path / "out")},
                                  "run_id": "night-3"})
+    signals = Signals()
 
     def summary_interrupted(cfg, run_id, *args):
         begin_run(cfg.output.uri, run_id, "h", cfg.storage)
-        raise duckdb.InterruptException("INTERRUPT Error: Interrupted!")
+        if raised == "interrupt":
+            raise duckdb.InterruptException("INTERRUPT Error: Interrupted!")
+        if raised == "wrapped":
+            signals.stop.set()  # as the SIGTERM handler does before it raises KeyboardInterrupt in the callback
+        raise duckdb.Error("Traceback (most recent call last): ... KeyboardInterrupt: SIGTERM")
 
     monkeypatch.setattr(inspection, "_run", summary_interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        inspection.run_inspect(cfg)
+    with pytest.raises(duckdb.Error if raised == "failure" else KeyboardInterrupt):
+        inspection.run_inspect(cfg, stop=signals)
     (run,) = read_runs(cfg.output.uri)
-    assert (run.run_id, run.status) == ("night-3", "interrupted")
+    assert (run.run_id, run.status) == ("night-3", "failed" if raised == "failure" else "interrupted")
     assert not list((tmp_path / "out" / "_runs").glob("*.lease"))  # released
