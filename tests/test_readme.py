@@ -126,3 +126,32 @@ def test_yaml_examples_are_valid_configs(page, repo_root, tmp_path):
         path = tmp_path / f"example{i}.yaml"
         path.write_text(example)
         load_config(path, env={})  # raises ConfigError naming the key that is wrong
+
+
+def _job_commands(repo_root: Path) -> dict[str, list[str]]:
+    """Every `python jobs/NAME.py ...` command line in a bash example of the README or docs/, by job."""
+    found: dict[str, list[str]] = {}
+    for page in _pages(repo_root):
+        for block in _blocks(page, "bash"):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s#.*", "", line)
+                for m in re.finditer(r"python jobs/(\w+)\.py([^'&;]*)", line):
+                    found.setdefault(m[1], []).append(m[2])
+    return found
+
+
+def test_job_examples_use_options_the_jobs_have(repo_root, capsys, monkeypatch):
+    """A flag in an example that the job does not know (renamed, removed) fails here, not in a user's shell."""
+    import importlib
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # inspect's main sets it
+    commands = _job_commands(repo_root)
+    assert {"inspect", "fit", "evaluate"} <= commands.keys(), commands.keys()
+    unknown = []
+    for job, lines in commands.items():
+        with pytest.raises(SystemExit):
+            importlib.import_module(f"eagle.cli.{job}_cmd").main(["--help"])
+        help_text = capsys.readouterr().out
+        unknown += [f"jobs/{job}.py {flag}" for line in lines for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", line)
+                    if not re.search(rf"{flag}\b(?!-)", help_text)]
+    assert not unknown, unknown
