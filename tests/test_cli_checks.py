@@ -144,9 +144,9 @@ def test_each_mistake_exits_2_with_a_message_and_writes_nothing(case, site, repo
     assert _tree(site) == before  # nothing written: no output folder, no run manifest, no model store
 
 
-def test_help_and_readme_show_the_exit_codes(repo_root):
-    readme = (repo_root / "README.md").read_text()
-    assert markdown() in readme, "regenerate the README exit-code table with `python -m eagle.cli.exit_codes`"
+def test_help_and_docs_show_the_exit_codes(repo_root):
+    jobs = (repo_root / "docs" / "JOBS.md").read_text()
+    assert markdown() in jobs, "regenerate the exit-code table in docs/JOBS.md with `python -m eagle.cli.exit_codes`"
     for job in ("inspect", "fit"):
         out = subprocess.run([sys.executable, str(repo_root / "jobs" / f"{job}.py"), "--help"], capture_output=True,
                              text=True, timeout=60).stdout

@@ -46,7 +46,7 @@ IAM = ROOT / "infra" / "iam"
 RUN_RAY_JOB = "infra/run_ray_job.py"
 CRDS = ROOT / "tests" / "data" / "kuberay"  # KubeRay's CRDs, version in its README.md
 KUBERAY_CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-# The oldest Kubernetes the manifests are checked against, and the minimum the README states: CronJob timeZone
+# The oldest Kubernetes the manifests are checked against, and the minimum docs/CLUSTER.md states: CronJob timeZone
 # (GA), the batch.kubernetes.io/job-name label and podFailurePolicy (beta, on by default) all need 1.27.
 K8S_VERSION = "1.27"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -1024,7 +1024,7 @@ def test_images_are_pulled_again_and_required_secrets_are_required():
     for name, c in _all_containers():
         # A reused tag with IfNotPresent never pulls a rebuilt image; a digest pins one.
         assert c.get("imagePullPolicy") == "Always" or "@sha256:" in c["image"], (name, c["name"])
-    readme = _readme_cluster_section()
+    cluster = (ROOT / "docs" / "CLUSTER.md").read_text()
     for path in MANIFESTS:
         for doc in _docs(path):
             for d in _dicts(doc):
@@ -1032,15 +1032,8 @@ def test_images_are_pulled_again_and_required_secrets_are_required():
                 if ref:
                     # A missing Secret then stops the pod at start (CreateContainerConfigError), not the job later.
                     assert ref.get("optional") is not True, (path.name, ref)
-                    assert re.search(rf"kubectl create secret generic {re.escape(ref['name'])}\b", readme), \
-                        f"README's Cluster section does not say how to create Secret {ref['name']}"
-
-
-def _readme_cluster_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("### Cluster and schedule")
-    end = readme.find("\n## ", start)
-    return readme[start:end if end > 0 else None]
+                    assert re.search(rf"kubectl create secret generic {re.escape(ref['name'])}\b", cluster), \
+                        f"docs/CLUSTER.md does not say how to create Secret {ref['name']}"
 
 
 def test_rayjob_cannot_wait_forever():

@@ -1,4 +1,5 @@
-"""Exit codes of the jobs, in one table: each job's ``--help`` and the README show it from here."""
+"""Exit codes of the jobs, in one table: each job's ``--help`` and docs/JOBS.md show it from here (the README
+sums it up by code)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def help_text(job: str) -> str:
 
 
 def markdown() -> str:
-    """Every job's exit codes as one Markdown table, for the README."""
+    """Every job's exit codes as one Markdown table, for docs/JOBS.md."""
     lines = ["| job | exit code | meaning |", "| --- | --- | --- |"]
     lines += [f"| `jobs/{job}.py` | {code} | {text} |" for job, codes in EXIT_CODES.items()
               for code, text in codes.items()]

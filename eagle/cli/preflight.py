@@ -344,7 +344,7 @@ def check_mllm(cfg: JobConfig, force_cpu: bool) -> None:
         if not (local / "config.json").exists():
             raise ConfigError(f"MLLM folder {model} {'has no config.json' if local.exists() else 'does not exist'}: "
                               f"give a saved transformers checkpoint folder, a hub id, or --mllm none (expert "
-                              f"only); README 'Try it with a tiny MLLM' shows how to make a small one")
+                              f"only); docs/JOBS.md 'Try it with a tiny MLLM' shows how to make a small one")
         _check_family(local, model)
         size = _folder_bytes(local)
     elif (snapshot := _hub_snapshot(model, cfg.mllm.revision)) is not None:

@@ -82,7 +82,7 @@ class StageResources(Section):
 
 
 class Resources(Section):
-    """Per-stage sizing. Defaults fit a 2-core laptop; cluster configs raise them (see README)."""
+    """Per-stage sizing. Defaults fit a 2-core laptop; cluster configs raise them (see docs/OPERATIONS.md)."""
 
     decode: StageResources = Field(
         default_factory=lambda: StageResources(batch_size=16, num_cpus=0.5),

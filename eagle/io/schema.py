@@ -17,7 +17,8 @@ BOX = pa.struct([("x1", pa.int32()), ("y1", pa.int32()), ("x2", pa.int32()), ("y
 MEMBER = pa.struct([("model", pa.string()), ("version", pa.string()), ("score", pa.float32()),
                     ("threshold", pa.float32())])
 
-# (name, type, description). The README's schema table is generated from this list (`python -m eagle.io.schema`).
+# (name, type, description). The schema table in docs/OUTPUT.md is generated from this list
+# (`python -m eagle.io.schema`).
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_id", pa.string(), "Run identifier; a re-run with the same id resumes that run."),
     ("audited_at", pa.timestamp("us", tz="UTC"), "When this row was produced."),
@@ -98,7 +99,7 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def markdown_table() -> str:
-    """The schema as a Markdown table, for the README."""
+    """The schema as a Markdown table, for docs/OUTPUT.md."""
     lines = ["| column | type | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{name}` | `{typ}` | {desc} |" for name, typ, desc in COLUMNS]
     return "\n".join(lines)
