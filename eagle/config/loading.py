@@ -148,13 +148,14 @@ def _described(model: BaseModel, values: dict[str, Any], indent: str, width: int
             continue
         text = description(field)
         if text:
-            lines += textwrap.wrap(text, width - len(indent), initial_indent=f"{indent}# ",
+            lines += textwrap.wrap(text, width, initial_indent=f"{indent}# ",
                                    subsequent_indent=f"{indent}# ")
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             lines += [f"{indent}{name}:", *_described(value, values[name], indent + "  ", width)]
         else:
             flow = None if isinstance(values[name], (list, dict)) else False  # lists and maps on one line
-            dumped = yaml.safe_dump({name: values[name]}, sort_keys=False, default_flow_style=flow, width=width)
+            dumped = yaml.safe_dump({name: values[name]}, sort_keys=False, default_flow_style=flow,
+                                    width=width - len(indent))
             lines += [indent + line for line in dumped.rstrip("\n").split("\n")]
     return lines

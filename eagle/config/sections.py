@@ -140,8 +140,8 @@ class StfpmConfig(Section):
     epochs: int = Field(20, ge=1, description="Passes over the training images (anomalib's default trainer runs "
                         "up to 100).")
     lr: float = Field(0.4, gt=0, description="SGD learning rate (anomalib: 0.4, momentum 0.9, weight decay 1e-3).")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.001, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.001, ge=0, description="SGD weight decay.")
     batch_size: int = Field(8, ge=2, description="Training batch size (BatchNorm trains on 2 or more images).")
 
 
@@ -244,7 +244,8 @@ class ThresholdConfig(Section):
     scores (other experts)."""
 
     method: Literal["k-sigma", "mad", "quantile", "evt"] = Field(
-        "k-sigma", description="'k-sigma': mean + k std; 'mad': median + k x the MAD scaled to a std; 'quantile': the q-quantile; 'evt': a quantile of a generalized extreme value distribution fitted to the scores.")
+        "k-sigma", description="'k-sigma': mean + k std; 'mad': median + k x the MAD scaled to a std; 'quantile': "
+        "the q-quantile; 'evt': the evt_quantile of a generalized extreme value distribution fitted to the scores.")
     k: float = Field(3.0, gt=0, description="k for 'k-sigma' and 'mad'.")
     quantile: float = Field(0.99, gt=0, lt=1, description="q for 'quantile'.")
     evt_quantile: float = Field(0.975, gt=0, lt=1, description="Quantile of the fitted GEV for 'evt'.")
@@ -324,7 +325,8 @@ class PromptConfig(Section):
 class GuidanceConfig(Section):
     """Confidence-aware attention sharpening (CAAS) through transformers' AttentionInterface."""
 
-    enabled: bool = Field(True, description="Guide the attention of the confidence classes apply_to names (never with prompts.use_expert false).")
+    enabled: bool = Field(True, description="Guide the attention of the confidence classes apply_to names (never "
+                          "with prompts.use_expert false).")
     apply_to: Literal["uncertain", "anomalous", "all"] = Field(
         "uncertain", description="Which expert confidence classes get guided generation."
     )
@@ -491,9 +493,12 @@ class RayConfig(Section):
 class JobConfig(Section):
     """Everything one job takes."""
 
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$", description="The run's id; an earlier run's resumes it (only images without a row of that run are audited). None: a new one (UTC start time and a random suffix).")
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$", description="The run's id; an earlier run's resumes it "
+        "(only images without a row of that run are audited). None: a new one (UTC start time and a random suffix).")
     mode: Literal["full", "incremental"] = Field(
-        "full", description="'full': audit every listed image; 'incremental': only those the compacted ledger holds no current row for (new or changed images, or a new expert version, MLLM or config hash since).")
+        "full", description="'full': audit every listed image; 'incremental': only those the compacted ledger holds "
+        "no current row for (new or changed images, or a new expert version, MLLM or config hash since).")
     inputs: InputConfig = Field(default_factory=InputConfig)
     model_store: Uri | None = Field(None, description="Prefix holding per-product expert artifacts.")
     output: OutputConfig = Field(default_factory=OutputConfig)
