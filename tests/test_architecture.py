@@ -1,15 +1,20 @@
 """The package's shape: no import cycles, data flowing one way between sub-packages, and reading results or
-artifact metadata without loading torch or Ray. Read from the source with `ast`, so it holds for lazy imports
-too."""
+artifact metadata without loading torch or Ray (read from the source with `ast`, so it holds for lazy imports
+too); stages that set exactly the columns they declare, each described; a config whose every setting is."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "eagle"
@@ -154,3 +159,104 @@ def test_reading_results_and_artifact_metadata_loads_neither_torch_nor_ray():
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# ---------------------------------------------------------------------------------------------- stage contracts
+def _stages() -> list[type]:
+    """Every Stage subclass of eagle.pipeline.stages."""
+    import eagle.pipeline.stages as package
+    from eagle.pipeline.stages.base import Stage
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    return [c for c in Stage.__subclasses__() if c.__module__.startswith(package.__name__ + ".")]
+
+
+def test_stage_declarations_are_described_sized_and_flow():
+    from eagle.config import Resources
+    from eagle.io.schema import COLUMN_NAMES
+    from eagle.pipeline.stages.base import COLUMNS
+    from eagle.pipeline.stages.decode_stage import DecodeStage
+    from eagle.pipeline.stages.expert_stage import ExpertStage
+    from eagle.pipeline.stages.finish_stage import FinishStage
+    from eagle.pipeline.stages.mllm_stage import MLLMStage
+    from eagle.pipeline.stages.stamp_stage import StampStage
+
+    stages = _stages()
+    # the order rows flow in; the MLLM's rows come from the finish stage and go back to it (same columns)
+    flow = [DecodeStage, ExpertStage, MLLMStage, FinishStage, StampStage]
+    assert sorted(stages, key=str) == sorted(flow, key=str), "a new stage: add it to the flow here"
+    available = set(DecodeStage.requires)  # the listing's columns
+    for stage in flow:
+        for kind in ("requires", "produces", "drops"):
+            undescribed = [c for c in getattr(stage, kind) if c not in COLUMNS]
+            assert not undescribed, f"{stage.__name__}.{kind}: {undescribed} not described in stages.base.COLUMNS"
+        assert stage.sized_by in Resources.model_fields, f"{stage.__name__}.sized_by: no resources.{stage.sized_by}"
+        assert set(stage.defaults) <= set(stage.produces), f"{stage.__name__}: defaults for undeclared columns"
+        assert set(stage.requires) <= available, f"{stage.__name__} requires {set(stage.requires) - available}, " \
+                                                 f"which no stage before it produces"
+        assert set(stage.drops) <= available | set(stage.produces), f"{stage.__name__} drops columns it never sees"
+        available = (available | set(stage.produces)) - set(stage.drops)
+    assert available == set(COLUMN_NAMES), "what the stages leave must be the output table: " \
+        f"missing {set(COLUMN_NAMES) - available}, not dropped {available - set(COLUMN_NAMES)}"
+
+
+class _Recorder(dict):
+    """A row that notes which columns are set on it."""
+
+    def __init__(self, row: dict, into: set[str]) -> None:
+        super().__init__(row)
+        self.into = into
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.into.add(key)
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        new = dict(*args, **kwargs)
+        self.into.update(new)
+        super().update(new)
+
+
+def test_every_stage_sets_exactly_the_columns_it_declares(tmp_path, monkeypatch):
+    """Each stage's `process` on `stages_at_work`'s batches (every path of every stage, tests/test_stages.py):
+    the columns it sets, with its defaults, are its `produces`."""
+    from test_stages import stages_at_work
+
+    assigned: dict[type, set[str]] = {}
+
+    def recording(process, into):
+        def run(self, rows):
+            recorders = [_Recorder(r, into) for r in rows]
+            process(self, recorders)
+            for row, recorder in zip(rows, recorders, strict=True):
+                row.update(recorder)
+        return run
+
+    for stage in _stages():
+        monkeypatch.setattr(stage, "process", recording(stage.process, assigned.setdefault(stage, set())))
+    for stage, batch in stages_at_work(tmp_path):
+        stage(batch)
+    for stage, columns in assigned.items():
+        declared, done = set(stage.produces), columns | set(stage.defaults)
+        assert done == declared, f"{stage.__name__} sets {sorted(done - declared)} without declaring them and " \
+                                 f"declares {sorted(declared - done)} it never sets"
+
+
+# ---------------------------------------------------------------------------------------------- config
+def _settings(model: type[BaseModel], prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    for name, field in model.model_fields.items():
+        yield prefix + name, field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _settings(field.annotation, f"{prefix}{name}.")
+
+
+def test_every_setting_is_described():
+    """A setting's description is its field's; a section's may be its class docstring (what --print-config shows)."""
+    from eagle.config import JobConfig
+    from eagle.config.loading import description
+
+    settings = dict(_settings(JobConfig))
+    assert len(settings) > 150
+    missing = [path for path, field in settings.items() if not description(field)]
+    assert not missing, f"settings without a description: {missing}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eagle.config import ConfigError, JobConfig, config_hash, dump_config, load_config, parse_overrides
+from eagle.config import ConfigError, JobConfig, config_hash, described_yaml, dump_config, load_config, parse_overrides
 
 
 def _load_yaml(tmp_path, text: str, **kw):
@@ -94,7 +94,7 @@ def test_parse_overrides_rejects_garbage():
 
 def test_secrets_never_dumped():
     cfg = JobConfig.model_validate({"storage": {"access_key_id": "AKIAXXXX", "secret_access_key": "s3cr3t"}})
-    text = dump_config(cfg) + repr(cfg) + str(cfg)
+    text = dump_config(cfg) + described_yaml(cfg) + repr(cfg) + str(cfg)
     assert "s3cr3t" not in text and "AKIAXXXX" not in text
 
 
@@ -104,3 +104,27 @@ def test_device_resolution():
     assert cfg.resources.mllm.resolved_device() == "cpu"
     with pytest.raises(ConfigError, match="device"):
         load_config(overrides=["resources.mllm.device=tpu"], env={})
+
+
+def test_described_yaml_is_the_config_with_each_description_above_its_setting(tmp_path):
+    cfg = load_config(overrides=["routing.score_range=[0.9, 1.1]", "prompts.notes={bottle: glass}",
+                                 "resources.finish.batch_size=128"], env={"RAY_ADDRESS": "ray://head:10001"})
+    text = described_yaml(cfg)
+    path = tmp_path / "described.yaml"
+    path.write_text(text)
+    assert load_config(path, env={}) == cfg  # comments aside, it is the effective config
+    lines = text.splitlines()
+    for setting, described in (("  address: ray://head:10001", "Cluster address"),
+                               ("resources:", "Per-stage sizing"), ("    batch_size: 128", "Rows per batch"),
+                               ("  score_range: [0.9, 1.1]", "the band as [low, high)")):
+        at = lines.index(setting)
+        comment = []
+        while lines[at - 1 - len(comment)].lstrip().startswith("# "):
+            comment.insert(0, lines[at - 1 - len(comment)].lstrip()[2:])
+        assert described in " ".join(comment), setting
+
+
+def test_a_stage_s_resources_keep_its_defaults_when_one_is_overridden():
+    cfg = load_config(overrides=["resources.finish.batch_size=128", "resources.decode.num_cpus=1"], env={})
+    assert (cfg.resources.finish.batch_size, cfg.resources.finish.num_cpus) == (128, 0.25)
+    assert (cfg.resources.decode.batch_size, cfg.resources.decode.num_cpus) == (16, 1)

@@ -53,3 +53,18 @@ def test_unreachable_storage_exits_3(repo_root, tmp_path):
                                "HOME": str(tmp_path)})
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "cannot list inputs" in proc.stderr
+
+
+@pytest.mark.parametrize("job", ["inspect", "fit", "maintain"])
+def test_print_config_shows_the_effective_config_and_starts_nothing(repo_root, tmp_path, job):
+    config = tmp_path / "job.yaml"
+    config.write_text("output: {max_error_rate: 0.2}\n")
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs" / f"{job}.py"), "--print-config", "--config",
+                           str(config), "resources.expert.num_gpus=1"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                             "RAY_ADDRESS": "ray://head:10001", "PYTHONPATH": str(repo_root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for setting in ("  max_error_rate: 0.2", "    num_gpus: 1.0", "  address: ray://head:10001"):  # file, override, env
+        assert lines[lines.index(setting) - 1].lstrip().startswith("# "), setting  # described above
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"] and not proc.stderr  # nothing written or started

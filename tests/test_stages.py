@@ -1,5 +1,7 @@
 """Every pipeline stage in-process on hand-built batches (no Ray): its work, its column contract, and its
-failure paths (bad files, missing experts, a broken artifact, an image that breaks a batch, a failing MLLM)."""
+failure paths (bad files, missing experts, a broken artifact, an image that breaks a batch, a failing MLLM).
+`stages_at_work` takes every stage down each of its paths at once (tests/test_architecture.py checks the
+columns they set against their declarations)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from eagle.config import load_config
 from eagle.expert.ensemble import ProductExpert, ensemble_version, member_versions
 from eagle.io.schema import OUTPUT_SCHEMA
 from eagle.pipeline.mllm_pool import InProcessPool
-from eagle.pipeline.stages.base import Stage, StageContractError, batch_of, rows_of, set_boxes
+from eagle.pipeline.stages.base import Batch, Stage, StageContractError, batch_of, fail, rows_of, set_boxes
 from eagle.pipeline.stages.decode_stage import DecodeStage
 from eagle.pipeline.stages.expert_stage import ExpertStage
 from eagle.pipeline.stages.finish_stage import FinishStage
@@ -27,10 +29,14 @@ from eagle.pipeline.stages.stamp_stage import StampStage
 LISTING = ["image_uri", "product", "image_version", "image_size_bytes"]
 
 
-@pytest.fixture()
-def cfg():
+def _cfg():
     return load_config(overrides={"resources": {"expert": {"batch_size": 4}, "mllm": {"batch_size": 3}},
                                   "routing": {"policy": "not-confident-normal"}}, env={})
+
+
+@pytest.fixture()
+def cfg():
+    return _cfg()
 
 
 def _png(shape=(20, 30, 3)) -> bytes:
@@ -50,7 +56,7 @@ def _decoded(rows: list[dict]) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- base
 class _Double(Stage):
-    name, resources = "double", "decode"
+    name, sized_by = "double", "decode"
     requires = ("x",)
     produces = ("y",)
     drops = ("x",)
@@ -68,6 +74,29 @@ def test_base_checks_contract_passes_failed_rows_and_fills_defaults(cfg):
     assert list(out["y"]) == [2, -1]  # the failed row was not processed, it got the default
     with pytest.raises(StageContractError, match=r"double stage needs columns \['x'\]"):
         stage(batch_of([{"z": 1}], ["z"]))
+
+
+class _Forgetful(Stage):
+    """Declares `y`, sets it (to None, too) on some rows, fails others and forgets it on the rest."""
+
+    name, sized_by = "forgetful", "decode"
+    requires = ("x",)
+    produces = ("y",)
+
+    def process(self, rows):
+        for row in rows:
+            if row["x"] == 0:
+                fail(row, self.name, "zero")  # a failed row needs none of the stage's columns
+            elif row["x"] == 1:
+                row["y"] = None  # set, to None
+
+
+def test_a_row_that_leaves_without_a_declared_column_fails_the_stage_by_name(cfg):
+    out = _Forgetful(cfg)(batch_of([{"x": 0}, {"x": 1}, {"x": 5, "status": "error"}], ["x", "status"]))
+    assert list(out["status"]) == ["error", None, "error"] and list(out["y"]) == [None, None, None]
+    with pytest.raises(StageContractError, match=r"forgetful stage declares columns \['y'\] but left them unset "
+                                                 r"on row '/x/2.png'"):
+        _Forgetful(cfg)(batch_of([{"x": 1}, {"x": 2, "image_uri": "/x/2.png"}], ["x", "image_uri"]))
 
 
 def test_in_chunks_isolates_the_row_that_breaks_its_batch(cfg):
@@ -89,12 +118,17 @@ def test_in_chunks_isolates_the_row_that_breaks_its_batch(cfg):
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def test_decode_stage_reads_decodes_and_turns_failures_into_rows(cfg, tmp_path):
+def _listing(tmp_path) -> Batch:
+    """A listing of an image, a file that is no image and one that is missing."""
     (tmp_path / "ok.png").write_bytes(_png())
     (tmp_path / "bad.png").write_bytes(b"not an image")
     listing = [{"image_uri": str(tmp_path / n), "product": "p", "image_version": "", "image_size_bytes": None}
                for n in ("ok.png", "bad.png", "missing.png")]
-    out = rows_of(DecodeStage(cfg, input_sizes={"p": (16, 12)})(batch_of(listing, LISTING)))
+    return batch_of(listing, LISTING)
+
+
+def test_decode_stage_reads_decodes_and_turns_failures_into_rows(cfg, tmp_path):
+    out = rows_of(DecodeStage(cfg, input_sizes={"p": (16, 12)})(_listing(tmp_path)))
     ok, bad, missing = out
     assert ok["status"] == "ok" and (ok["width"], ok["height"]) == (30, 20)
     assert "image" not in ok  # the decoded image stays in this task: only the expert's small input travels
@@ -140,11 +174,15 @@ def _expert_stage(cfg, broken=()):
     return stage
 
 
-def test_expert_stage_scores_classifies_and_isolates_failures(cfg):
+def _expert_batch() -> Batch:
+    """Images of every confidence, one that breaks its batch, an unknown product, a broken artifact, a failed row."""
     inputs = [np.full((8, 8, 3), v, np.uint8) for v in (10, 60, 255, 90, 20)]
-    batch = _decoded([{"expert_input": x} for x in inputs]
-                     + [{"product": "unknown"}, {"product": "broken"}, {"status": "error", "error": "x"}])
-    out = rows_of(_expert_stage(cfg, broken={"broken"})(batch))
+    return _decoded([{"expert_input": x} for x in inputs]
+                    + [{"product": "unknown"}, {"product": "broken"}, {"status": "error", "error": "x"}])
+
+
+def test_expert_stage_scores_classifies_and_isolates_failures(cfg):
+    out = rows_of(_expert_stage(cfg, broken={"broken"})(_expert_batch()))
     verdicts = [(r["status"], r["expert_verdict"], r["confidence"]) for r in out[:5]]
     assert verdicts == [("ok", "normal", "confident_normal"), ("ok", "anomalous", "uncertain"),
                         ("error", None, None), ("ok", "anomalous", "confident_anomalous"),
@@ -193,12 +231,16 @@ def test_an_ensemble_verdict_is_the_rule_applied_to_its_members_scores(cfg, how)
 
 
 # ---------------------------------------------------------------------------------------------- mllm / finish
-@pytest.fixture()
-def image_file(tmp_path) -> dict:
+def _image_file(tmp_path) -> dict:
     """An image on disk as the decode stage saw it (its URI and content hash): the MLLM stage reads it again."""
     path = tmp_path / "img.png"
     path.write_bytes(_png((300, 400, 3)))
     return {"image_uri": str(path), "content_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+@pytest.fixture()
+def image_file(tmp_path) -> dict:
+    return _image_file(tmp_path)
 
 
 def _scored(confidences: list[str], **extra) -> dict[str, np.ndarray]:
@@ -249,9 +291,15 @@ def _finish(cfg, runner):
     return FinishStage(cfg, pool=_Pool(_mllm_stage(cfg, runner)))
 
 
-def test_only_routed_rows_reach_the_mllm_and_a_failure_keeps_the_expert(cfg, image_file):
+def _routed_batch(image_file: dict) -> Batch:
+    """A row the MLLM is not asked about, two it answers and one ('cursed') on which it fails."""
     batch = _scored(["confident_normal", "uncertain", "confident_anomalous", "uncertain"], **image_file)
     batch["product"][3] = "cursed"
+    return batch
+
+
+def test_only_routed_rows_reach_the_mllm_and_a_failure_keeps_the_expert(cfg, image_file):
+    batch = _routed_batch(image_file)
     batch["status"][0] = "ok"
     runner = _FakeRunner(fail_on_product="cursed")
     cfg.mllm.max_pixels = 30_000
@@ -279,13 +327,14 @@ def test_only_routed_rows_reach_the_mllm_and_a_failure_keeps_the_expert(cfg, ima
     assert all(r["error"] is None for r in (normal, unsure, anomalous))
 
 
+class _DeadPool:
+    def ask(self, batch):
+        from ray.exceptions import ActorDiedError
+
+        raise ActorDiedError()
+
+
 def test_a_pool_that_fails_for_good_keeps_the_expert_verdict_of_the_routed_rows(cfg, image_file):
-    from ray.exceptions import ActorDiedError
-
-    class Dead:
-        def ask(self, batch):
-            raise ActorDiedError()
-
     class Broken:
         def ask(self, batch):
             raise KeyError("a bug in the MLLM stage")
@@ -293,7 +342,7 @@ def test_a_pool_that_fails_for_good_keeps_the_expert_verdict_of_the_routed_rows(
     batch = _scored(["confident_normal", "uncertain", "confident_anomalous"], **image_file)
     with pytest.raises(KeyError):  # a bug fails the task (Ray Data retries it, then the job stops)
         FinishStage(cfg, pool=Broken())(batch)
-    out = rows_of(FinishStage(cfg, pool=Dead())(batch))
+    out = rows_of(FinishStage(cfg, pool=_DeadPool())(batch))
     assert [r["status"] for r in out] == ["ok"] * 3
     assert [r["verdict"] for r in out] == ["normal", "anomalous", "anomalous"]
     assert out[0]["error"] is None and not any(r["mllm_ran"] for r in out)
@@ -308,11 +357,13 @@ def test_a_routed_image_changed_since_decoding_keeps_the_expert_verdict(cfg, ima
     assert "changed since it was decoded for the expert" in row["error"]
 
 
+_UNPARSED = SimpleNamespace(family=_FakeRunner.family, run=lambda requests: [
+    SimpleNamespace(answer="unparsed", explanation="bolt bolt zq", raw_text="bolt bolt zq", guided=True,
+                    image_attention_share=None) for _ in requests])
+
+
 def test_an_unparsed_answer_keeps_the_expert_explanation_and_stores_the_reply(cfg, image_file):
-    runner = SimpleNamespace(family=_FakeRunner.family, run=lambda requests: [
-        SimpleNamespace(answer="unparsed", explanation="bolt bolt zq", raw_text="bolt bolt zq", guided=True,
-                        image_attention_share=None) for _ in requests])
-    (row,) = rows_of(_mllm_stage(cfg, runner)(_scored(["uncertain"], **image_file)))
+    (row,) = rows_of(_mllm_stage(cfg, _UNPARSED)(_scored(["uncertain"], **image_file)))
     assert (row["answer"], row["verdict"], row["explanation_source"], row["mllm_reply"]) == (
         "unparsed", "anomalous", "expert", "bolt bolt zq")
     assert row["explanation"].startswith("Expert: uncertain")
@@ -329,11 +380,35 @@ def test_failed_rows_get_the_not_asked_columns_in_both_stages(cfg, image_file):
 
 
 # ---------------------------------------------------------------------------------------------- stamp
+_STAMP = {"run_id": "r", "audit_date": "2026-11-30", "config_hash": "c", "eagle_version": "0", "mllm_model": None}
+
+
 def test_stamp_stage_gives_the_output_schema(cfg):
     batch = _scored(["uncertain"], mllm_ran=False, verdict="anomalous")
-    stamp = {"run_id": "r", "audit_date": "2026-11-30", "config_hash": "c", "eagle_version": "0", "mllm_model": None}
-    table = StampStage(cfg, stamp=stamp)(batch)
+    table = StampStage(cfg, stamp=_STAMP)(batch)
     assert isinstance(table, pa.Table) and table.schema == OUTPUT_SCHEMA
     assert table.column("run_id").to_pylist() == ["r"] and table.column("boxes").to_pylist() == [[]]
     with pytest.raises(ValueError, match="stamp lacks"):
         StampStage(cfg, stamp={"run_id": "r"})
+
+
+# ---------------------------------------------------------------------------------------------- every stage
+def stages_at_work(tmp_path) -> list[tuple[Stage, Batch]]:
+    """Every stage with a batch that takes it down each of its paths: success, each kind of failure, rows that
+    failed upstream (the MLLM stage through the finish stage's pool, and on its own for an unparsed answer)."""
+    cfg, image = _cfg(), _image_file(tmp_path)
+    routed = _routed_batch(image)
+    routed["status"][0] = "error"
+    return [(DecodeStage(cfg, input_sizes={"p": (16, 12)}), _listing(tmp_path)),
+            (_expert_stage(cfg, broken={"broken"}), _expert_batch()),
+            (_finish(cfg, _FakeRunner(fail_on_product="cursed")), routed),
+            (FinishStage(cfg, pool=_DeadPool()), routed),
+            (_mllm_stage(cfg, _UNPARSED), _scored(["uncertain"], **image)),
+            (StampStage(cfg, stamp=_STAMP), _scored(["uncertain", "uncertain"], **image, status="error"))]
+
+
+def test_every_stage_at_work_keeps_one_row_per_image(tmp_path):
+    for stage, batch in stages_at_work(tmp_path):
+        out = stage(batch)
+        uris = out.column("image_uri").to_pylist() if isinstance(out, pa.Table) else list(out["image_uri"])
+        assert uris == list(batch["image_uri"]), stage.name

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 
+from eagle.cli.effective_config import add_print_config, print_config
 from eagle.cli.exit_codes import OK, SOME_FAILED, USAGE, failed, help_text
 from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_fit, check_requested_products
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jobs/fit.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__ + "\n" + help_text("fit"))
-    p.add_argument("--data", required=True, metavar="ROOT", help="Dataset root, local or s3://, in any layout of "
-                                                                 "--layout (detected unless given).")
+    p.add_argument("--data", metavar="ROOT", help="Dataset root, local or s3://, in any layout of --layout "
+                                                  "(detected unless given). Required, but for --print-config.")
     p.add_argument("--layout", choices=LAYOUTS, help="The dataset layout (default: detected from ROOT).")
     p.add_argument("--model-store", metavar="URI", help="Where artifacts go (config: model_store).")
     p.add_argument("--products", help="Comma-separated products (default: every product under ROOT).")
@@ -56,13 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary-json", metavar="PATH", help="Also write the per-product results as JSON (local or "
                                                           "s3://).")
     p.add_argument("--verbose", action="store_true", help="Ray's own detail: library warnings, colours.")
+    add_print_config(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_args(argv)
+    if not (args.data or args.print_config):
+        p.error("the following arguments are required: --data")
     quiet_job(args.verbose)
     setup_logging()
     flags = [f"{key}={getattr(args, name)}" for name, key in _FLAGS.items() if getattr(args, name) is not None]
     try:
         cfg = load_config(args.config, args.overrides + flags)
+        if args.print_config:
+            return print_config(cfg)
         requested = [s.strip() for s in args.products.split(",") if s.strip()] if args.products else None
         check_fit(cfg, args.data)
         from eagle.expert.experts import parse_models

@@ -21,6 +21,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
+from eagle.cli.effective_config import add_print_config, print_config
 from eagle.cli.exit_codes import OK, SIGTERM, failed, help_text
 from eagle.cli.interrupts import catch_signals
 from eagle.cli.preflight import StorageUnreachable, check_inspect
@@ -53,6 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="List and plan only: print per product how many images are listed, already done and "
                         "to audit, then exit (nothing is written).")
+    add_print_config(p)
     p.add_argument("--allow-empty", action="store_true",
                    help="An input without images is a normal, empty run (config: inputs.allow_empty); without "
                         "it, exit 2.")
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = deep_merge(_flag_overrides(args), parse_overrides(args.overrides))
         cfg = load_config(args.config, overrides=overrides)
+        if args.print_config:
+            return print_config(cfg)
         check_inspect(cfg, force_cpu_mllm=args.force_cpu_mllm)
     except (ConfigError, StorageUnreachable) as exc:
         return failed(exc, log)

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 
+from eagle.cli.effective_config import add_print_config, print_config
 from eagle.cli.exit_codes import BUSY, JOB_FAILED, OK, SIGINT, failed, help_text
 from eagle.config import ConfigError, JobConfig, load_config, parse_overrides
 from eagle.io import maintenance, storage
@@ -41,6 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--orphan-min-age-hours", type=float, default=24,
                    help="Iceberg: remove unreferenced files only once older than this (default 24).")
     p.add_argument("--summary-json", metavar="URI", help="Also write the report as JSON here.")
+    add_print_config(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Config overrides, e.g. output.format=iceberg.")
     return p.parse_args(argv)
 
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             overrides.setdefault("output", {})["uri"] = args.output
         cfg = load_config(args.config, overrides=overrides)
+        if args.print_config:
+            return print_config(cfg)
         if not cfg.output.uri:
             raise ConfigError("no output: pass --output PREFIX or set output.uri in the config")
         if not storage.exists(cfg.output.uri, cfg.storage):

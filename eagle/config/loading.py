@@ -1,14 +1,17 @@
 """Building a JobConfig: YAML file (local or s3://), dotted command-line overrides, the environment; errors
-phrased for the person who wrote the config; a YAML dump without credentials."""
+phrased for the person who wrote the config; YAML dumps without credentials, plain or with each setting's
+description (a job's ``--print-config``)."""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from eagle.config.sections import ConfigError, JobConfig
 from eagle.io.storage import read_bytes, storage_env_defaults
@@ -117,3 +120,42 @@ _SECRET_FIELDS = {"storage": {"access_key_id", "secret_access_key", "session_tok
 def dump_config(cfg: JobConfig) -> str:
     """YAML that load_config reads back to an equal config. Credentials are never written."""
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude=_SECRET_FIELDS), sort_keys=False)
+
+
+def description(field: FieldInfo) -> str | None:
+    """A setting's description; a section's, when its field has none, is the first paragraph of its docstring."""
+    if field.description:
+        return field.description
+    section = field.annotation
+    if isinstance(section, type) and issubclass(section, BaseModel) and section.__doc__:
+        return " ".join(section.__doc__.split("\n\n")[0].split())
+    return None
+
+
+def described_yaml(cfg: JobConfig, width: int = 118) -> str:
+    """`dump_config`'s YAML with each setting's description as a comment above it: the effective config as a
+    manual (it loads back to an equal config)."""
+    head = ("# The effective job config: defaults, environment, config file and overrides applied. Credentials are "
+            "never shown.")
+    return "\n".join([*textwrap.wrap(head, width, initial_indent="", subsequent_indent="# "),
+                      *_described(cfg, cfg.model_dump(mode="json", exclude=_SECRET_FIELDS), "", width)]) + "\n"
+
+
+def _described(model: BaseModel, values: dict[str, Any], indent: str, width: int) -> list[str]:
+    lines: list[str] = []
+    for name, field in type(model).model_fields.items():
+        if name not in values:  # a credential
+            continue
+        text = description(field)
+        if text:
+            lines += textwrap.wrap(text, width, initial_indent=f"{indent}# ",
+                                   subsequent_indent=f"{indent}# ")
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            lines += [f"{indent}{name}:", *_described(value, values[name], indent + "  ", width)]
+        else:
+            flow = None if isinstance(values[name], (list, dict)) else False  # lists and maps on one line
+            dumped = yaml.safe_dump({name: values[name]}, sort_keys=False, default_flow_style=flow,
+                                    width=width - len(indent))
+            lines += [indent + line for line in dumped.rstrip("\n").split("\n")]
+    return lines

@@ -46,17 +46,19 @@ class Section(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- resources
-class StageResources(Section):
-    """How one Ray Data stage is sized and placed. Never affects results, so not part of the config hash."""
+BatchSize = Annotated[int, Field(gt=0, description="Rows per batch handed to the stage's UDF.")]
+Cpus = Annotated[float, Field(gt=0, description="Logical CPUs per actor/task. Keep below 1 on small machines so "
+                              "read tasks are not starved.")]
 
-    batch_size: int = Field(8, gt=0, description="Rows per batch handed to the stage's UDF.")
+
+class StageResources(Section):
+    """How one Ray Data stage is sized and placed. Never affects results, so not part of the config hash. Each
+    stage's subclass below sets its own `batch_size` and `num_cpus` defaults."""
+
+    batch_size: BatchSize
     min_actors: int = Field(1, ge=1, description="Smallest actor pool (actor stages only).")
     max_actors: int = Field(1, ge=1, description="Largest actor pool; the pool autoscales between min and max.")
-    num_cpus: float = Field(
-        0.5,
-        gt=0,
-        description="Logical CPUs per actor/task. Keep below 1 on small machines so read tasks are not starved.",
-    )
+    num_cpus: Cpus
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions let several actors share one GPU.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100' or 'A10G'.")
     device: str = Field("auto", description="'auto' (cuda when num_gpus > 0, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
@@ -81,28 +83,46 @@ class StageResources(Section):
         return "cuda" if self.num_gpus > 0 else "cpu"
 
 
-class Resources(Section):
-    """Per-stage sizing. Defaults fit a 2-core laptop; cluster configs raise them (see docs/OPERATIONS.md)."""
+class DecodeResources(StageResources):
+    """Read + decode: CPU tasks that read, decode and validate images and make the expert's input. The stamp
+    stage, the write tasks and the listing tasks take their CPUs from here too."""
 
-    decode: StageResources = Field(
-        default_factory=lambda: StageResources(batch_size=16, num_cpus=0.5),
-        description="CPU tasks that decode and validate images.",
-    )
-    expert: StageResources = Field(
-        default_factory=lambda: StageResources(batch_size=8, num_cpus=0.5),
-        description="PatchCore actor pool; give it num_gpus=1 on a GPU cluster.",
-    )
-    mllm: StageResources = Field(
-        default_factory=lambda: StageResources(batch_size=4, num_cpus=0.5),
-        description="MLLM actors: a pool fixed for the run, started before images flow with at least min_actors "
-        "and up to max_actors (those placed within 2 minutes after min_actors are); one GPU per actor for a 7B "
-        "model in bf16.",
-    )
-    finish: StageResources = Field(
-        default_factory=lambda: StageResources(batch_size=64, num_cpus=0.25),
-        description="CPU tasks after the expert that keep the expert's verdict or send the routed rows of their "
-        "batch to the MLLM actors and wait for the answers: a larger batch fills MLLM batches better.",
-    )
+    batch_size: BatchSize = 16
+    num_cpus: Cpus = 0.5
+
+
+class ExpertResources(StageResources):
+    """The expert's actor pool (every expert model and ensemble); give it num_gpus=1 on a GPU cluster. Fit tasks
+    (jobs/fit.py) are sized by it too."""
+
+    batch_size: BatchSize = 8
+    num_cpus: Cpus = 0.5
+
+
+class MLLMResources(StageResources):
+    """MLLM actors: a pool fixed for the run, started before images flow with at least min_actors and up to
+    max_actors (those placed within 2 minutes after min_actors are); one GPU per actor for a 7B model in bf16."""
+
+    batch_size: BatchSize = 4
+    num_cpus: Cpus = 0.5
+
+
+class FinishResources(StageResources):
+    """CPU tasks after the expert that keep the expert's verdict or send the routed rows of their batch to the
+    MLLM actors and wait for the answers: a larger batch fills MLLM batches better."""
+
+    batch_size: BatchSize = 64
+    num_cpus: Cpus = 0.25
+
+
+class Resources(Section):
+    """Per-stage sizing (``resources.<entry>``, the entry a stage's `sized_by` names). Defaults fit a 2-core
+    laptop; cluster configs raise them (see docs/OPERATIONS.md)."""
+
+    decode: DecodeResources = Field(default_factory=DecodeResources)
+    expert: ExpertResources = Field(default_factory=ExpertResources)
+    mllm: MLLMResources = Field(default_factory=MLLMResources)
+    finish: FinishResources = Field(default_factory=FinishResources)
 
 
 # ---------------------------------------------------------------------------------------------- expert
@@ -120,8 +140,8 @@ class StfpmConfig(Section):
     epochs: int = Field(20, ge=1, description="Passes over the training images (anomalib's default trainer runs "
                         "up to 100).")
     lr: float = Field(0.4, gt=0, description="SGD learning rate (anomalib: 0.4, momentum 0.9, weight decay 1e-3).")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.001, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.001, ge=0, description="SGD weight decay.")
     batch_size: int = Field(8, ge=2, description="Training batch size (BatchNorm trains on 2 or more images).")
 
 
@@ -223,7 +243,9 @@ class ThresholdConfig(Section):
     """Label-free threshold fitted on training scores: from unselected patches (PatchCore, TGPS) or out-of-fold
     scores (other experts)."""
 
-    method: Literal["k-sigma", "mad", "quantile", "evt"] = Field("k-sigma")
+    method: Literal["k-sigma", "mad", "quantile", "evt"] = Field(
+        "k-sigma", description="'k-sigma': mean + k std; 'mad': median + k x the MAD scaled to a std; 'quantile': "
+        "the q-quantile; 'evt': the evt_quantile of a generalized extreme value distribution fitted to the scores.")
     k: float = Field(3.0, gt=0, description="k for 'k-sigma' and 'mad'.")
     quantile: float = Field(0.99, gt=0, lt=1, description="q for 'quantile'.")
     evt_quantile: float = Field(0.975, gt=0, lt=1, description="Quantile of the fitted GEV for 'evt'.")
@@ -251,7 +273,7 @@ class RegionsConfig(Section):
     """Anomalous regions from the anomaly map."""
 
     level: float = Field(2 / 3, gt=0, lt=1, description="Share of the map's max that counts as anomalous.")
-    max_boxes: int = Field(3, ge=0)
+    max_boxes: int = Field(3, ge=0, description="Regions kept per image, the highest-scoring first.")
     min_area: float = Field(0.001, ge=0, lt=1, description="Drop contours smaller than this share of the image.")
     merge_gap: float = Field(0.02, ge=0, description="Merge boxes closer than this share of the image side.")
     mask_size: int = Field(256, gt=0, description="Longer side of the stored mask/map PNGs, pixels.")
@@ -261,9 +283,8 @@ class RegionsConfig(Section):
 class PromptConfig(Section):
     """Prompt templates. {product} and {notes} are filled in; keep answer formats parseable."""
 
-    system: str = Field(
-        "You are an industrial quality inspector. Answer precisely and briefly.",
-    )
+    system: str = Field("You are an industrial quality inspector. Answer precisely and briefly.",
+                        description="The system turn; '' sends none.")
     instruction: str = Field(
         "Inspect the {product} in the query image for manufacturing defects.",
         description="First line of the user turn; {product} is filled in.",
@@ -273,8 +294,10 @@ class PromptConfig(Section):
         "Images of normal {product} samples for reference:", description="Precedes the few-shot reference images."
     )
     query_label: str = Field("Query image:", description="Immediately precedes the query image; '' omits it.")
-    prior_normal: str = Field("The query image is predicted as normal.")
-    prior_anomalous: str = Field("The query image is predicted as anomalous.")
+    prior_normal: str = Field("The query image is predicted as normal.",
+                              description="The expert's prior for a normal verdict (prompts.use_expert).")
+    prior_anomalous: str = Field("The query image is predicted as anomalous.",
+                                 description="The expert's prior for an anomalous verdict (prompts.use_expert).")
     prior_borderline: str = Field(
         "The query image is borderline: its anomaly score is close to the threshold, so it may be normal or "
         "have a faint defect.", description="The prior of a normal verdict in the unsure band (routing.policy "
@@ -284,11 +307,12 @@ class PromptConfig(Section):
     boxes_note_borderline: str = Field(
         "The second image marks the regions the anomaly detector scored highest with red boxes.",
         description="Follows the boxed copy of a borderline normal verdict.")
-    question: str = Field("Is there any defect in the object?")
+    question: str = Field("Is there any defect in the object?",
+                          description="Last line of the user turn, followed by answer_format.")
     answer_format: str = Field(
         "Answer with 'Yes' or 'No' first, then one sentence that says what the defect is and where, "
-        "or why the object is normal."
-    )
+        "or why the object is normal.", description="How to answer, after the question; the parser reads a "
+        "leading Yes/No (or an answer_options letter).")
     few_shot: int = Field(0, ge=0, le=4, description="Normal reference images of the same product to include.")
     notes: dict[str, str] = Field(default_factory=dict, description="Per-product domain notes added to the prompt.")
     use_expert: bool = Field(True, description="False = baseline: same question, plain image, no expert prior.")
@@ -301,7 +325,8 @@ class PromptConfig(Section):
 class GuidanceConfig(Section):
     """Confidence-aware attention sharpening (CAAS) through transformers' AttentionInterface."""
 
-    enabled: bool = Field(True)
+    enabled: bool = Field(True, description="Guide the attention of the confidence classes apply_to names (never "
+                          "with prompts.use_expert false).")
     apply_to: Literal["uncertain", "anomalous", "all"] = Field(
         "uncertain", description="Which expert confidence classes get guided generation."
     )
@@ -321,9 +346,9 @@ class MLLMConfig(Section):
         "Qwen/Qwen2.5-VL-7B-Instruct", description="Hub id, local or object-store path; null/'none' disables."
     )
     revision: str | None = Field(None, description="Hub revision (commit) to pin.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("bfloat16")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("bfloat16", description="Weights and compute dtype.")
     trust_remote_code: bool = Field(False, description="Only turn on for checkpoints you trust.")
-    max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="Longest reply, in tokens (see stop).")
     stop: Literal["eos", "sentence", "answer"] = Field(
         "eos", description="When a reply ends: 'eos' at the model's end token (or max_new_tokens); 'sentence' once "
         "it has its leading Yes/No and the first sentence after it (what prompts.answer_format asks for); 'answer' "
@@ -381,7 +406,8 @@ class InputConfig(Section):
 
     uris: list[Uri] = Field(default_factory=list, description="Local or s3:// prefixes, listed recursively.")
     manifest: Uri | None = Field(None, description="Parquet/CSV with a 'uri' column and optionally 'product'.")
-    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS),
+                                  description="File name endings listed as images (case-insensitive).")
     exclude: list[str] = Field(
         default_factory=lambda: ["*/ground_truth/*"],
         description="Glob patterns (fnmatch, '*' spans '/') of listed URIs to skip; default skips MVTec masks.",
@@ -400,8 +426,8 @@ class OutputConfig(Section):
 
     uri: Uri | None = Field(None, description="Output prefix (local or s3://).")
     partition_by: list[Literal["product", "audit_date", "run_id"]] = Field(
-        default_factory=lambda: ["product", "audit_date"]
-    )
+        default_factory=lambda: ["product", "audit_date"], description="Hive partition columns of the Parquet "
+        "output, outermost first.")
     max_error_rate: float = Field(
         0.5, ge=0, le=1, description="Abort the job when the share of error rows exceeds this.")
     min_rows_per_file: int = Field(
@@ -467,8 +493,12 @@ class RayConfig(Section):
 class JobConfig(Section):
     """Everything one job takes."""
 
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-    mode: Literal["full", "incremental"] = Field("full")
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$", description="The run's id; an earlier run's resumes it "
+        "(only images without a row of that run are audited). None: a new one (UTC start time and a random suffix).")
+    mode: Literal["full", "incremental"] = Field(
+        "full", description="'full': audit every listed image; 'incremental': only those the compacted ledger holds "
+        "no current row for (new or changed images, or a new expert version, MLLM or config hash since).")
     inputs: InputConfig = Field(default_factory=InputConfig)
     model_store: Uri | None = Field(None, description="Prefix holding per-product expert artifacts.")
     output: OutputConfig = Field(default_factory=OutputConfig)

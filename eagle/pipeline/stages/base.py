@@ -1,11 +1,13 @@
 """What every stage shares, in the manner of Ray's batch stages (``StatefulStageUDF``): a stage declares the
-columns it requires and produces and how it runs, and writes only its per-batch work (`process`).
+columns it requires and produces (each described once, in `COLUMNS`) and how it runs, and writes only its
+per-batch work (`process`).
 
-The base class owns the plumbing: checking the declared input columns, column batch ↔ row dicts (Ray's
-"numpy" batch format; object arrays so ragged images and nested values survive), passing rows that already
-failed through untouched (every input image leaves the pipeline as exactly one row), filling declared
-defaults, batch-then-one-by-one fault isolation (`in_chunks`), throughput logging, and the ``map_batches``
-arguments it runs under (`apply`, sized by ``resources.<stage>`` in the config).
+The base class owns the plumbing: checking the declared columns (the inputs on every batch; the outputs on every
+row the stage processed and did not fail), column batch ↔ row dicts (Ray's "numpy" batch format; object arrays
+so ragged images and nested values survive), passing rows that already failed through untouched (every input
+image leaves the pipeline as exactly one row), filling declared defaults, batch-then-one-by-one fault isolation
+(`in_chunks`), throughput logging, and the ``map_batches`` arguments it runs under (`apply`, sized by the
+``resources.<sized_by>`` entry of the config).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from eagle.config import JobConfig
+from eagle.config import JobConfig, StageResources
 from eagle.findings import Box
+from eagle.io import schema
 from eagle.pipeline.ray_setup import ray_options
 
 log = logging.getLogger("eagle.progress")
@@ -31,8 +34,21 @@ Batch = dict[str, np.ndarray]
 R = TypeVar("R")
 
 
+# Every column a stage requires, produces or drops, described once: the output table's (`eagle.io.schema`) and
+# those that travel only between stages.
+COLUMNS: dict[str, str] = {name: text for name, _, text in schema.COLUMNS} | {
+    "expert_input": "The expert's model input, made by the decode task: the image resized and center-cropped as "
+                    "the product's pinned artifact says, uint8 crop x crop x 3.",
+    "boxes_json": "The regions as a JSON list of boxes (Ray's numpy batches mangle ragged lists of dicts); the "
+                  "stamp stage turns it into `boxes`.",
+    "expert_members_json": "Each expert that scored the image as JSON; the stamp stage turns it into "
+                           "`expert_members`.",
+}
+
+
 class StageContractError(KeyError):
-    """A batch lacks columns a stage requires: the pipeline is wired wrongly (a bug, not a bad image)."""
+    """A stage's columns are not what it declares (a batch lacks one it requires, or a row leaves without one it
+    produces): the pipeline is wired wrongly (a bug, not a bad image)."""
 
 
 def rows_of(batch: Batch) -> list[Row]:
@@ -110,17 +126,18 @@ class Stage:
     """One Ray Data stage. Subclasses set the class attributes and implement `process`."""
 
     name: ClassVar[str]
-    resources: ClassVar[str]  # which ``cfg.resources`` entry sizes it: decode, expert or mllm
-    actor: ClassVar[bool] = False  # an actor pool (heavy state loaded once) or stateless tasks
-    whole_blocks: ClassVar[bool] = False  # one batch per Ray block instead of resources.<stage>.batch_size
+    sized_by: ClassVar[str]  # the ``cfg.resources`` entry that sizes and places it: decode, expert, mllm or finish
+    actor: ClassVar[bool] = False  # `apply` runs it as an actor pool (heavy state loaded once), else as tasks
+    whole_blocks: ClassVar[bool] = False  # one batch per Ray block instead of resources.<sized_by>.batch_size
     requires: ClassVar[tuple[str, ...]] = ()  # input columns; checked on every batch
-    produces: ClassVar[tuple[str, ...]] = ()  # columns it adds or sets
+    produces: ClassVar[tuple[str, ...]] = ()  # columns it adds or sets; checked on every row it did not fail
     drops: ClassVar[tuple[str, ...]] = ()  # columns that do not travel further
     defaults: ClassVar[dict[str, Any]] = {}  # produced values for rows `process` does not set (failed rows)
     skip_failed: ClassVar[bool] = True  # rows with status 'error' pass through untouched
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
+        self.sizing: StageResources = getattr(cfg.resources, self.sized_by)
         self.throughput = _throughput.setdefault(self.name, Throughput(self.name))
 
     def process(self, rows: list[Row]) -> None:
@@ -142,10 +159,22 @@ class Stage:
                 row.setdefault(key, value)
         work = [r for r in rows if r.get("status") != "error"] if self.skip_failed else rows
         if work:
+            failed_before = [r.get("status") == "error" for r in work]
             self.process(work)
+            self._check_produced(r for r, before in zip(work, failed_before, strict=True)
+                                 if before or r.get("status") != "error")
         self.throughput.add(len(rows), time.perf_counter() - start)
         columns = [c for c in dict.fromkeys([*batch, *self.produces]) if c not in self.drops]
         return self.emit(rows, columns)
+
+    def _check_produced(self, rows: Iterable[Row]) -> None:
+        """Every produced column is set (by `process` or `defaults`) on each row the stage did not fail; a row it
+        failed carries None in the columns it never reached."""
+        for row in rows:
+            missing = [c for c in self.produces if c not in row]
+            if missing:
+                raise StageContractError(f"{self.name} stage declares columns {missing} but left them unset on row "
+                                         f"{row.get('image_uri')!r}")
 
     def in_chunks(self, rows: list[Row], size: int, run: Callable[[list[Row]], Sequence[R]],
                   apply: Callable[[Row, R, float], None], failed: Callable[[Row, BaseException], None]) -> None:
@@ -168,8 +197,8 @@ class Stage:
 
     @classmethod
     def apply(cls, ds: Any, cfg: JobConfig, **kwargs: Any) -> Any:
-        """``ds.map_batches`` with this stage, sized and placed by ``cfg.resources.<stage>``."""
-        res = getattr(cfg.resources, cls.resources)
+        """``ds.map_batches`` with this stage, sized and placed by ``cfg.resources.<sized_by>``."""
+        res = getattr(cfg.resources, cls.sized_by)
         args = {**ray_options(res, cls.actor), "batch_format": "numpy",
                 "batch_size": None if cls.whole_blocks else res.batch_size}
         if cls.actor:

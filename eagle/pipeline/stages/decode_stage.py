@@ -27,9 +27,10 @@ class DecodeStage(Stage):
     """Reads each listed image and decodes it; failures become error rows, never exceptions."""
 
     name = "decode"
-    resources = "decode"
+    sized_by = "decode"
     requires = ("image_uri", "product", "image_version", "image_size_bytes")
-    produces = ("content_sha256", "width", "height", "status", "error", "error_stage", "decode_ms", "expert_input")
+    produces = ("content_sha256", "width", "height", "status", "error", "error_stage", "decode_ms", "expert_input",
+                "image_size_bytes", "image_version")  # the last two: the size read, a content token if none
 
     def __init__(self, cfg: JobConfig, input_sizes: dict[str, tuple[int, int]] | None = None) -> None:
         super().__init__(cfg)

@@ -22,12 +22,12 @@ class ExpertStage(Stage):
     """Scores each image with its product's expert and derives verdict, confidence, boxes, mask and map."""
 
     name = "expert"
-    resources = "expert"
+    sized_by = "expert"
     actor = True
     requires = ("product", "status", "expert_input", "width", "height")
     produces = ("expert_score", "threshold", "score_max", "threshold_method", "expert_verdict", "confidence",
                 "band_low", "band_high", "boxes_json", "mask_png", "anomaly_map_png", "map_max", "expert_model_version",
-                "expert_members_json", "expert_ms")
+                "expert_members_json", "expert_ms", "status", "error", "error_stage")  # the last three: a row it fails
     drops = ("expert_input",)
 
     def __init__(self, cfg: JobConfig, versions: dict[str, str]) -> None:
@@ -38,7 +38,7 @@ class ExpertStage(Stage):
         super().__init__(cfg)
         configure_threads(torch)
         self.versions = versions  # product -> artifact version, pinned once by the driver
-        self.device = cfg.resources.expert.resolved_device()
+        self.device = self.sizing.resolved_device()
         if self.device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True  # every input is crop x crop: cuDNN picks the fastest kernels
         self._cache: OrderedDict[str, Any] = OrderedDict()
@@ -81,7 +81,7 @@ class ExpertStage(Stage):
                     fail(row, "expert", f"could not load expert for {product!r}: {describe(exc)}")
                 continue
             self.in_chunks(
-                group, self.cfg.resources.expert.batch_size,
+                group, self.sizing.batch_size,
                 run=lambda chunk, expert=expert: expert.score_inputs(
                     [r["expert_input"] for r in chunk], [(int(r["height"]), int(r["width"])) for r in chunk]),
                 apply=lambda row, result, ms, expert=expert: self._fill(row, expert, result, ms),

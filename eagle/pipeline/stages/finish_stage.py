@@ -11,18 +11,16 @@ from typing import Any
 
 from eagle.pipeline.routing import finish_with_expert, needs_mllm
 from eagle.pipeline.stages.base import Row, Stage, batch_of, boxes_of, rows_of
-from eagle.pipeline.stages.mllm_stage import DECISION_INPUTS, MLLM_COLUMNS, NOT_ASKED, MLLMStage, failed_mllm
-
-_OUTCOME = ("error", "error_stage")  # set on a routed row whose MLLM call failed
+from eagle.pipeline.stages.mllm_stage import NOT_ASKED, MLLMStage, failed_mllm
 
 
 class FinishStage(Stage):
     """Routes each row: the MLLM pool answers the routed ones, the expert's verdict is final for the rest."""
 
     name = "finish"
-    resources = "finish"
-    requires = (*DECISION_INPUTS, "image_uri", "content_sha256")  # the last two for the MLLM, which re-reads
-    produces = MLLM_COLUMNS
+    sized_by = "finish"
+    requires = MLLMStage.requires  # what the routed rows carry to the MLLM
+    produces = MLLMStage.produces
     defaults = NOT_ASKED
 
     def __init__(self, cfg: Any, pool: Any = None) -> None:
@@ -40,7 +38,7 @@ class FinishStage(Stage):
             return
         from ray.exceptions import RayActorError
 
-        sent = batch_of(routed, (*MLLMStage.requires, *_OUTCOME))
+        sent = batch_of(routed, MLLMStage.requires)
         try:
             answered = rows_of(self.pool.ask(sent))
         except RayActorError as exc:  # the actor died for good: the expert's verdict stands (any other error
@@ -48,4 +46,4 @@ class FinishStage(Stage):
                 failed_mllm(row, exc)
             return
         for row, answer in zip(routed, answered, strict=True):
-            row.update({k: answer[k] for k in (*MLLM_COLUMNS, *_OUTCOME)})
+            row.update({k: answer[k] for k in MLLMStage.produces})

@@ -24,7 +24,9 @@ from eagle.pipeline.stages.base import Batch, Row, Stage, boxes_of, cause_of
 # What a row says about the MLLM; shared with FinishStage so both paths give rows the same columns.
 MLLM_COLUMNS = ("mllm_ran", "guided", "answer", "verdict", "explanation", "explanation_source", "mllm_reply",
                 "image_attention_share", "mllm_ms")
-NOT_ASKED = {"mllm_ran": False, "guided": False}
+# ... of a row the MLLM did not answer for (its verdict and explanation are the expert's: `finish_with_expert`)
+NOT_ASKED = {"mllm_ran": False, "guided": False, "answer": None, "mllm_reply": None, "image_attention_share": None,
+             "mllm_ms": None}
 DECISION_INPUTS = ("product", "status", "expert_verdict", "expert_score", "threshold", "confidence", "boxes_json",
                    "width", "height")
 
@@ -34,10 +36,10 @@ class MLLMStage(Stage):
     once. Runs as a Ray actor that finish tasks call (`answer`)."""
 
     name = "mllm"
-    resources = "mllm"
-    actor = True
-    requires = (*DECISION_INPUTS, "image_uri", "content_sha256")
-    produces = MLLM_COLUMNS
+    sized_by = "mllm"
+    # image_uri and content_sha256 to re-read the image; error and error_stage are kept, or set by a failed call
+    requires = (*DECISION_INPUTS, "image_uri", "content_sha256", "error", "error_stage")
+    produces = (*MLLM_COLUMNS, "error", "error_stage")
     defaults = NOT_ASKED
 
     def __init__(self, cfg: JobConfig) -> None:
@@ -48,7 +50,7 @@ class MLLMStage(Stage):
 
         super().__init__(cfg)
         configure_threads(torch)
-        self.runner = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=cfg.resources.mllm.resolved_device())
+        self.runner = MLLMRunner(cfg.mllm, cfg.prompts, cfg.guidance, device=self.sizing.resolved_device())
         self.received = [0, 0]  # rows and bytes this actor was sent
 
     def ready(self) -> bool:
@@ -67,7 +69,7 @@ class MLLMStage(Stage):
 
     def process(self, rows: list[Row]) -> None:
         # batches cut from the rows sorted by estimated prompt length pad less (rows are filled in place)
-        self.in_chunks(sorted(rows, key=self._prompt_tokens), self.cfg.resources.mllm.batch_size,
+        self.in_chunks(sorted(rows, key=self._prompt_tokens), self.sizing.batch_size,
                        run=self._generate, apply=self._answer, failed=failed_mllm)
 
     def _prompt_tokens(self, row: Row) -> int:

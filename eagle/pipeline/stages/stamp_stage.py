@@ -20,12 +20,12 @@ class StampStage(Stage):
     of structs."""
 
     name = "stamp"
-    resources = "decode"
+    sized_by = "decode"
     whole_blocks = True
     skip_failed = False  # error rows are stamped too
     requires = ("image_uri", "status", "boxes_json")
     produces = (*RUN_COLUMNS, "audited_at", "boxes", "expert_members")
-    drops = ("boxes_json", "expert_members_json", "image")
+    drops = ("boxes_json", "expert_members_json")
 
     def __init__(self, cfg: JobConfig, stamp: dict[str, Any]) -> None:
         super().__init__(cfg)
