@@ -55,8 +55,8 @@ class Flusher:
         return bool(self.refs) and (self.rows >= self.cfg.output.min_rows_per_file or self.seconds_left() <= 0)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Write the waiting blocks; False when `timeout` seconds passed first (the write is then abandoned:
-        a torn file is deleted and its images audited again by the resume)."""
+        """Write the waiting blocks; False when `timeout` seconds passed first (the write is then abandoned: the
+        resume audits its images again)."""
         if not self.refs:
             return True
         self.before_write()  # e.g. the output's lease still ours: raises otherwise, and nothing is written
