@@ -88,7 +88,7 @@ def prepare(root: str, train: int, good: int, defect: int, size: int, mllm: bool
             copies: int = 1) -> tuple[JobConfig, dict[str, str]]:
     """Synthetic data, tiny MLLM, local Ray, fitted experts; returns (a base config, pinned versions)."""
     from eagle.pipeline.fitting import fit_products
-    from eagle.pipeline.inspection import pin_expert_versions
+    from eagle.pipeline.planning import pin_expert_versions
     from eagle.pipeline.ray_setup import init_ray
     from eagle.testing.synth import generate
     from eagle.testing.tiny_mllm import build_tiny_mllm

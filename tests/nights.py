@@ -25,7 +25,7 @@ from pathlib import Path
 from e2e import Driver
 from faulty_proxy import FaultyProxy
 
-from eagle.io import history, ledger, querying, storage
+from eagle.io import history, querying, results, storage
 from eagle.io.lease import OutputLease, lease_uri
 from eagle.io.runs import output_files
 
@@ -260,7 +260,7 @@ class Nights:
 
     # --- checks ---------------------------------------------------------------------------------------------
     def rows(self) -> list[tuple]:
-        sql = ledger.rows_sql(output_files(self.output), ["run_id", "image_uri", "status", "audited_at"])
+        sql = results.rows_sql(output_files(self.output), ["run_id", "image_uri", "status", "audited_at"])
         return querying.connect().sql(sql).fetchall()
 
     def per_run(self) -> dict[str, dict[str, int]]:

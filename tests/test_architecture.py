@@ -1,6 +1,7 @@
-"""The package's shape: no import cycles, data flowing one way between sub-packages, and reading results or
-artifact metadata without loading torch or Ray (read from the source with `ast`, so it holds for lazy imports
-too); stages that set exactly the columns they declare, each described; a config whose every setting is."""
+"""The package's shape: no import cycles, data flowing one way between sub-packages, the output format decided
+only in `eagle/io/`, and reading results or artifact metadata without loading torch or Ray (read from the source
+with `ast`, so it holds for lazy imports too); stages that set exactly the columns they declare, each described;
+a config whose every setting is."""
 
 from __future__ import annotations
 
@@ -152,9 +153,54 @@ def test_no_two_modules_share_a_name():
     assert not clashes, clashes
 
 
+OUTPUT_FORMATS = {"parquet", "iceberg"}
+
+
+def _is_format(node: ast.AST) -> bool:
+    """`node` names an output format: ``"iceberg"``, a tuple of such names, or ``<...>output.format``."""
+    if isinstance(node, ast.Constant):
+        return node.value in OUTPUT_FORMATS
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return any(_is_format(e) for e in node.elts)
+    return isinstance(node, ast.Attribute) and node.attr == "format" and ast.unparse(node.value).endswith("output")
+
+
+def _format_branches(source: str) -> list[int]:
+    """Lines that branch on the output format: a comparison or `match` on it, or a lookup keyed by it."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            hit = any(_is_format(n) for n in (node.left, *node.comparators))
+        elif isinstance(node, ast.Match):
+            hit = _is_format(node.subject) or any(
+                isinstance(p, ast.MatchValue) and _is_format(p.value) for c in node.cases for p in ast.walk(c.pattern))
+        elif isinstance(node, ast.Subscript):
+            hit = isinstance(node.slice, ast.Attribute) and _is_format(node.slice)
+        else:
+            continue
+        if hit:
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_only_io_branches_on_the_output_format():
+    """One result store per format (`eagle.io.results.result_store`): nothing else asks which it is."""
+    found = {mod: lines for mod, path in MODULES.items() if not mod.startswith("eagle.io")
+             and (lines := _format_branches(path.read_text()))}
+    assert not found, f"branches on output.format outside eagle/io/ (use eagle.io.results.ResultStore): {found}"
+
+
+def test_format_branch_check_bites():
+    assert _format_branches("if cfg.output.format == 'iceberg': pass\nx = out.format != 'parquet'\n"
+                            "match cfg.output.format:\n    case _: pass\ny = {}[self.cfg.output.format]\n"
+                            "z = fmt in ('parquet', 'iceberg')") == [1, 2, 3, 5, 6]
+    assert _format_branches("f(format='parquet')\nif uri.endswith('.parquet'): pass\nif a.format == b: pass") == []
+
+
 def test_reading_results_and_artifact_metadata_loads_neither_torch_nor_ray():
     code = ("import sys\n"
-            "import eagle.io.runs, eagle.io.history, eagle.io.schema, eagle.expert.artifact, eagle.config\n"
+            "import eagle.io.runs, eagle.io.history, eagle.io.results, eagle.io.schema, eagle.expert.artifact\n"
+            "import eagle.config\n"
             "import eagle.evaluation.scorecard, eagle.evaluation.report\n"
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

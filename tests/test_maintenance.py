@@ -13,7 +13,7 @@ import pytest
 from eagle.cli import maintain_cmd
 from eagle.cli.exit_codes import BUSY, OK
 from eagle.config import load_config
-from eagle.io import iceberg, ledger, maintenance, querying, storage
+from eagle.io import iceberg, maintenance, querying, results, storage
 from eagle.io.lease import OutputLease
 from eagle.io.runs import output_files
 from eagle.io.schema import to_table
@@ -42,7 +42,7 @@ def _small_files(output: str, runs=("r1", "r2"), per_run: int = 4, products=("bo
 
 def _all_rows(output: str) -> list[tuple]:
     con = querying.connect()
-    sql = ledger.rows_sql(output_files(output), ["image_uri", "run_id", "product", "audit_date", "expert_score",
+    sql = results.rows_sql(output_files(output), ["image_uri", "run_id", "product", "audit_date", "expert_score",
                                                   "audited_at"])
     return sorted(con.sql(sql).fetchall())
 
@@ -56,14 +56,14 @@ def test_parquet_compaction_keeps_every_row_once_and_is_idempotent(output, capsy
     written = _small_files(output)
     storage.write_bytes(storage.join(output, "_runs", "r1", "a001", "todo-000.pq"), b"an old plan")  # orphan
     before = _all_rows(output)
-    per_run = {r: len(ledger.run_files(output, r)) for r in ("r1", "r2")}
+    per_run = {r: len(results.run_files(output, r)) for r in ("r1", "r2")}
     assert len(output_files(output)) == written == 16 and per_run == {"r1": 8, "r2": 8}
     assert maintain_cmd.main(["--output", output]) == OK
     assert "parquet result files: 16 -> 4 (48 rows)" in capsys.readouterr().out
     assert _all_rows(output) == before  # the same rows, none lost, none doubled
     assert len(output_files(output)) == 4  # one per run and partition
     for run in ("r1", "r2"):  # a run's rows are still found by its file names (resume, ledger)
-        files = ledger.run_files(output, run)
+        files = results.run_files(output, run)
         assert len(files) == 2 and sum(pq.read_metadata(storage.strip_scheme(f), filesystem=storage.pyarrow_filesystem(
             f)[0]).num_rows for f in files) == 24
     assert not storage.exists(storage.join(output, "_runs", "r1"))  # the orphan plan is gone

@@ -11,9 +11,9 @@ import pytest
 
 from eagle.io import storage
 from eagle.io.history import latest_table, write_latest
+from eagle.io.results import file_stem
 from eagle.io.runs import begin_run, end_run, read_runs
 from eagle.io.schema import OUTPUT_SCHEMA, to_table
-from eagle.pipeline.writing import RunFilenames
 
 
 def _row(uri: str, run: str, status: str = "ok", version: str = "v1", expert: str = "e1", when: int = 0,
@@ -56,11 +56,10 @@ def test_run_manifest_status_and_mode(tmp_path):
 
 
 def test_filenames_stable_per_task_and_distinct_per_attempt():
-    a1, a2 = RunFilenames("r1", 1), RunFilenames("r1", 2)
-    assert a1.get_filename_for_task("uuid", 3) == a1.get_filename_for_task("uuid", 3)  # a retried task
-    assert a1.get_filename_for_task("uuid", 3) != a1.get_filename_for_task("uuid", 4)
-    assert a1.get_filename_for_task("u", 3) != a2.get_filename_for_task("u", 3)
-    assert "." not in a1.get_filename_for_task("uuid", 3)
+    assert file_stem("r1", 1, "uuid_000003") == file_stem("r1", 1, "uuid_000003")  # a retried task
+    assert file_stem("r1", 1, "uuid_000003") != file_stem("r1", 1, "uuid_000004")
+    assert file_stem("r1", 1, "u_000003") != file_stem("r1", 2, "u_000003")
+    assert "." not in file_stem("r1", 1, "uuid_000003")
 
 
 def test_latest_prefers_newest_success(tmp_path):
@@ -91,14 +90,14 @@ def _iceberg_run(cfg, run_id: str, rows: list[dict]) -> None:
     """What a run does after its stages: write the rows, then fold them into `latest` and the ledger."""
     import ray
 
-    from eagle.io import iceberg, querying
+    from eagle.io import querying
+    from eagle.io.results import result_store
     from eagle.io.runs import RunInfo
-    from eagle.pipeline.inspection import merge_runs
-    from eagle.pipeline.writing import write_output
 
     run = RunInfo(run_id=run_id, started_at="", audit_date="2026-01-01", config_hash="h", attempts=["t"])
-    write_output(ray.data.from_arrow(to_table(rows)), cfg, run)
-    merge_runs(querying.connect(), cfg, iceberg.IcebergResults(cfg.output), {run_id: 1})
+    store = result_store(cfg)
+    assert store.write([ray.put(to_table(rows))], run, "w_000000")
+    store.merge(querying.connect(), {run_id: 1})
 
 
 def test_iceberg_round_trip_two_runs(tmp_path, ray_local):
@@ -106,6 +105,7 @@ def test_iceberg_round_trip_two_runs(tmp_path, ray_local):
 
     from eagle.config import load_config
     from eagle.io import iceberg, ledger, querying
+    from eagle.io.results import result_store
 
     cfg = load_config(overrides={"output": {"uri": str(tmp_path / "audit"), "format": "iceberg"}}, env={})
     _iceberg_run(cfg, "r1", [_row("a", "r1"), _row("b", "r1"), _row("c", "r1", product="q")])
@@ -131,8 +131,8 @@ def test_iceberg_round_trip_two_runs(tmp_path, ray_local):
     assert fields == {"product": "identity", "audit_day": "day"}
     assert audits.scan(row_filter=EqualTo("product", "q")).to_arrow().num_rows == 1
 
-    results = iceberg.IcebergResults(cfg.output)  # a run's own rows, for resume and its summary
-    run_rows = con.sql(results.run_rows_sql(con, ["r2"], ["image_uri", "status"])).fetchall()
+    store = result_store(cfg)  # a run's own rows, for resume and its summary
+    run_rows = con.sql(store.run_rows_sql(con, ["r2"], ["image_uri", "status"])).fetchall()
     assert sorted(run_rows) == [("a", "ok"), ("b", "error"), ("d", "ok")]
     in_ledger = dict(con.sql(f"SELECT image_uri, run_id FROM ({ledger.ledger_sql(con, cfg.output.uri)})").fetchall())
     assert in_ledger == {"a": "r2", "b": "r2", "c": "r1", "d": "r2"}  # the ledger keeps the newest row

@@ -17,12 +17,13 @@ import pytest
 
 from eagle.config import ConfigError, InputConfig, RoutingConfig, load_config
 from eagle.expert.ensemble import pinned_metas
-from eagle.io import ledger, querying, storage
+from eagle.io import ledger, querying, results, storage
 from eagle.io.inputs import list_inputs
-from eagle.io.runs import begin_run, output_files
+from eagle.io.results import result_store
+from eagle.io.runs import RunInfo, begin_run
 from eagle.io.schema import to_table
+from eagle.pipeline import planning
 from eagle.pipeline.inspection import run_inspect, say_unreachable_band
-from eagle.pipeline.planning import decide
 
 
 def _row(uri: str, run: str, status: str = "ok", version: str = "v1", expert: str | None = "e1", when: int = 0,
@@ -50,19 +51,19 @@ def _cfg(out: str, **extra):
                                   **extra}, env={})
 
 
-def _decided(con, cfg, run_id: str, listing: dict[str, str], versions: dict[str, str]) -> dict[str, tuple]:
-    con.execute("CREATE OR REPLACE TEMP TABLE listing AS SELECT * FROM listing_arrow")
-    con.execute("CREATE OR REPLACE TEMP TABLE versions (product VARCHAR, version VARCHAR)")
-    con.executemany("INSERT INTO versions VALUES (?, ?)", list(versions.items()))
-    decide(con, cfg, run_id, "h", ledger.ParquetResults(cfg.output.uri, files=output_files(cfg.output.uri)))
-    rows = con.execute("SELECT image_uri, in_run, current, failed_before FROM decided").fetchall()
-    return {u: (i, c, f) for u, i, c, f in rows}
-
-
-def _listing(con, versions: dict[str, str]) -> None:
-    table = pa.table({"image_uri": list(versions), "product": ["p"] * len(versions),
-                      "image_version": list(versions.values()), "image_size_bytes": [1] * len(versions)})
-    con.register("listing_arrow", table)
+def _plan(cfg, run_id: str, listing: dict[str, str], monkeypatch) -> tuple[set[str], set[str]]:
+    """Plan run `run_id` over `listing` (image_uri → image_version, product p, its expert pinned at e1): (the
+    images to audit, the images that failed before), read from the plan's files."""
+    manifest = os.path.join(os.path.dirname(cfg.output.uri), f"manifest-{run_id}.parquet")
+    pq.write_table(pa.table({"uri": list(listing), "product": ["p"] * len(listing),
+                             "image_version": list(listing.values())}), manifest)
+    monkeypatch.setattr(planning, "pin_expert_versions", lambda cfg, products: {"p": "e1"})
+    cfg = cfg.model_copy(update={"inputs": cfg.inputs.model_copy(update={"manifest": manifest})})
+    run = RunInfo(run_id=run_id, started_at="", audit_date="2026-01-02", config_hash="h", attempts=["t"])
+    plan_dir = os.path.join(os.path.dirname(cfg.output.uri), f"plan-{run_id}")
+    plan = planning.make_plan(querying.connect(), cfg, run, "h", plan_dir, result_store(cfg, listed=True), cpus=1.0)
+    todo = set(pq.read_table(plan.todo_dir).column("image_uri").to_pylist()) if plan.todo_dir else set()
+    return todo, set(pq.read_table(plan.failed_before).column("image_uri").to_pylist())
 
 
 def test_ledger_holds_the_latest_row_per_image_and_merges_each_attempt_once(tmp_path):
@@ -72,7 +73,7 @@ def test_ledger_holds_the_latest_row_per_image_and_merges_each_attempt_once(tmp_
         begin_run(out, run, "h")
         _write(out, run, [_row("a", run, when=when), _row(f"only-{run}", run, when=when)])
     assert ledger.pending_runs(out) == {"r1": 1, "r2": 1}
-    ledger.merge_runs(con, ledger.ParquetResults(out), ledger.pending_runs(out))
+    ledger.merge_runs(con, result_store(_cfg(out)), ledger.pending_runs(out))
     rows = {r[0]: r[1] for r in con.execute(f"SELECT image_uri, run_id FROM ({ledger.ledger_sql(con, out)})")
             .fetchall()}
     assert rows == {"a": "r2", "only-r1": "r1", "only-r2": "r2"}  # one row per image, the latest wins
@@ -81,24 +82,22 @@ def test_ledger_holds_the_latest_row_per_image_and_merges_each_attempt_once(tmp_
     assert ledger.pending_runs(out) == {"r1": 2}
 
 
-def test_resume_reads_its_own_run_and_drops_only_its_own_torn_files(tmp_path):
-    out = str(tmp_path)
+def test_resume_reads_its_own_run_and_drops_only_its_own_torn_files(tmp_path, monkeypatch):
+    out = str(tmp_path / "audit")
     cfg = _cfg(out)
     _write(out, "r1", [_row("a", "r1"), _row("b", "r1", status="error", stage="decode")])
     mine_torn = _write(out, "r1", [_row("d", "r1")], task=1)
     other_torn = _write(out, "r0", [_row("c", "r0")])
     _tear(mine_torn)
     _tear(other_torn)
-    con = querying.connect()
-    _listing(con, {u: "v1" for u in "abcd"})
-    decided = _decided(con, cfg, "r1", {}, {"p": "e1"})
-    assert {u for u, (in_run, _, _) in decided.items() if in_run} == {"a", "b"}  # error rows count as done
+    todo, _ = _plan(cfg, "r1", {u: "v1" for u in "abcd"}, monkeypatch)
+    assert todo == {"c", "d"}  # error rows count as done
     assert not os.path.exists(mine_torn)  # its image d is audited again
     assert os.path.exists(other_torn)  # another run's file is never deleted
 
 
-def test_incremental_rules_on_the_latest_row(tmp_path):
-    out = str(tmp_path)
+def test_incremental_rules_on_the_latest_row(tmp_path, monkeypatch):
+    out = str(tmp_path / "audit")
     cfg = _cfg(out, mode="incremental")
     _write(out, "r1", [
         _row("same", "r1"), _row("changed", "r1"), _row("old-model", "r1", expert="e0"),
@@ -110,21 +109,20 @@ def test_incremental_rules_on_the_latest_row(tmp_path):
     _write(out, "r2", [_row("fixed-later", "r2", when=1),
                        _row("broke-later", "r2", status="error", stage="decode", expert=None, when=1)])
     con = querying.connect()
-    ledger.merge_runs(con, ledger.ParquetResults(out), {"r1": 1, "r2": 1})
+    ledger.merge_runs(con, result_store(cfg), {"r1": 1, "r2": 1})
     uris = ["same", "changed", "old-model", "new", "corrupt", "unreadable", "unfitted", "fixed-later",
             "broke-later"]
-    _listing(con, {u: "v2" if u == "changed" else "v1" for u in uris})
-    decided = _decided(con, cfg, "r3", {}, {"p": "e1"})
-    current = {u for u, (_, c, _) in decided.items() if c}
-    failed = {u for u, (_, _, f) in decided.items() if f}
+    listing = {u: "v2" if u == "changed" else "v1" for u in uris}
+    todo, failed = _plan(cfg, "r3", listing, monkeypatch)
+    current = set(uris) - todo
     # unchanged successes and unchanged decode failures are skipped; read failures are retried, and so is a
     # product whose expert now exists; the latest row decides
     assert current == {"same", "corrupt", "fixed-later", "broke-later"}
     assert failed == {"corrupt", "unreadable", "unfitted", "broke-later"}
     # a new config hash or MLLM redoes every success; undecodable files depend on neither
     for other in (_cfg(out, mode="incremental", mllm={"model": "other"}),):
-        decided = _decided(con, other, "r3", {}, {"p": "e1"})
-        assert {u for u, (_, c, _) in decided.items() if c} == {"corrupt", "broke-later"}
+        todo, _ = _plan(other, "r3", listing, monkeypatch)
+        assert set(uris) - todo == {"corrupt", "broke-later"}
 
 
 def test_a_transient_read_error_while_planning_deletes_nothing(tmp_path, monkeypatch):
@@ -135,11 +133,11 @@ def test_a_transient_read_error_while_planning_deletes_nothing(tmp_path, monkeyp
     def flaky(*args, **kwargs):
         raise OSError("AWS Error NETWORK_CONNECTION during GetObject: curlCode: 28, Timeout was reached")
 
-    monkeypatch.setattr(ledger.pq, "read_metadata", flaky)
+    monkeypatch.setattr(results.pq, "read_metadata", flaky)
     with pytest.raises(OSError, match="cannot read output file"):
-        ledger.run_files(out, "r1", drop_torn=True)
+        results.run_files(out, "r1", drop_torn=True)
     with pytest.raises(OSError):
-        ledger.merge_runs(querying.connect(), ledger.ParquetResults(out), {"r0": 1})
+        ledger.merge_runs(querying.connect(), result_store(_cfg(out)), {"r0": 1})
     assert os.path.exists(mine) and os.path.exists(other)
 
 

@@ -12,7 +12,6 @@ it left (eagle/io/maintenance.py).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import sys
@@ -22,6 +21,7 @@ from eagle.cli.exit_codes import BUSY, JOB_FAILED, OK, SIGINT, failed, help_text
 from eagle.config import ConfigError, JobConfig, load_config, parse_overrides
 from eagle.io import maintenance, storage
 from eagle.io.lease import LeaseHeld, LeaseLost, OutputLease
+from eagle.io.results import result_store
 from eagle.logs import quiet_job, setup_logging
 
 log = logging.getLogger("eagle.io.maintenance")
@@ -53,20 +53,10 @@ def maintain(cfg: JobConfig, args: argparse.Namespace) -> maintenance.Maintenanc
     report = maintenance.MaintenanceReport()
     small = int(args.small_file_mb * (1 << 20))
     with OutputLease(out.uri, "maintenance", out.lease_ttl_s, store, wait_s=out.lease_wait_s) as lease:
-        check = lease.check
         report.finished_interrupted = maintenance.finish_compactions(out.uri, store)
-        if out.format == "parquet":
-            before, after, rows = maintenance.compact_parquet(out.uri, store, small,
-                                                              int(args.target_file_mb * (1 << 20)), check)
-            report.parquet_files, report.parquet_rows = (before, after), (rows, rows)
-        report.orphans_removed += maintenance.remove_parquet_orphans(out.uri, store)
-        if out.format == "iceberg":
-            for name in (maintenance.iceberg.AUDITS, maintenance.iceberg.LATEST):
-                report.iceberg_files[name] = maintenance.compact_iceberg(out, store, name, small, check)
-                cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(hours=args.snapshot_max_age_hours)
-                report.snapshots[name] = maintenance.expire_snapshots(out, store, name, cutoff, check)
-                report.orphans_removed += maintenance.remove_iceberg_orphans(
-                    out, store, name, args.orphan_min_age_hours * 3600, check)
+        result_store(cfg).maintain(report, small, int(args.target_file_mb * (1 << 20)),
+                                   args.snapshot_max_age_hours * 3600,
+                                   args.orphan_min_age_hours * 3600, lease.check)
         lease.check()
     return report
 

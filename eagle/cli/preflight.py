@@ -415,10 +415,9 @@ def check_static_inspect(cfg: JobConfig) -> None:
         raise ConfigError("no model store: pass --model-store PREFIX (where jobs/fit.py wrote the experts) or set "
                           "model_store in the config")
     check_input_kinds(cfg.inputs)
-    if cfg.output.format == "iceberg" and storage.is_remote(cfg.output.uri):
-        from eagle.io.iceberg import catalog_properties
+    from eagle.io.results import result_store
 
-        catalog_properties(cfg.output, cfg.storage)  # no catalog for an s3:// warehouse: ConfigError
+    result_store(cfg).check_config()  # e.g. iceberg: no catalog for an s3:// warehouse
     check_credentials([*cfg.inputs.uris, cfg.inputs.manifest or "", cfg.output.uri, cfg.model_store], cfg.storage)
 
 

@@ -1,4 +1,6 @@
-"""The latest result per image across runs, as SQL (eagle/io/sql/latest.sql) and as a compacted Parquet table."""
+"""The `latest` view of a Parquet output: each image's newest result, a success kept over later failures (the
+rule eagle.io.results.IcebergStore applies to its `latest` table), as SQL (eagle/io/sql/latest.sql) and as one
+compacted Parquet file (`jobs/latest.py`)."""
 
 from __future__ import annotations
 

@@ -1,31 +1,27 @@
-"""Results as Iceberg tables (``output.format: iceberg``): the catalog from config, the tables, a run's rows.
+"""The Iceberg catalog and tables of the iceberg output format (eagle.io.results.IcebergStore reads and writes
+them):
 
     {namespace}.audits   every row of every run, appended once per run attempt (one snapshot each, tagged
                          ``eagle.run_id``); partitioned per `output.partition_by`: product → identity(product),
                          audit_date → day(audited_at), run_id → identity(run_id)
     {namespace}.latest   one row per image: its newest result, except that a failure does not replace an
                          earlier success (as eagle/io/sql/latest.sql); upserted by image_uri after each run
-                         (eagle.pipeline.writing.update_latest), partitioned by product
+                         (eagle.io.results.IcebergStore.merge), partitioned by product
 
 Both are created on first use with OUTPUT_SCHEMA; a column added to it later reaches tables created before
-through Ray's write, which evolves the table's schema (older rows read it as null). Ray Data writes the files
-(eagle.pipeline.writing); this module only talks to the catalog and scans, so reading results loads no Ray.
+through Ray's write, which evolves the table's schema (older rows read it as null). This module only talks to
+the catalog, so it loads no Ray.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import duckdb
 
 from eagle.config import ConfigError
 from eagle.config.sections import OutputConfig
 from eagle.io import storage
-from eagle.io.ledger import empty_sql
 from eagle.io.schema import OUTPUT_SCHEMA
 from eagle.io.storage import StorageConfig
 
@@ -103,53 +99,3 @@ def table(out: OutputConfig, name: str, cfg: StorageConfig | None = None, create
     except TableAlreadyExistsError:  # another driver created it in the meantime
         pass
     return catalog.load_table(ident)
-
-
-@dataclass
-class IcebergResults:
-    """Result rows in the `audits` table (the `eagle.io.ledger.Results` of the iceberg format).
-
-    A run's own rows (resume, its summary, the ledger merge) come from a pyiceberg scan filtered on run_id,
-    copied into a DuckDB temp table (out of core). Cost follows this run: the scan reads the manifests (one
-    entry per data file, not per row) and opens only data files whose run_id bounds match, i.e. this run's,
-    reading just the asked columns. A commit is atomic, so a run has no torn files to drop: a crashed attempt
-    committed nothing and its images are redone."""
-
-    out: OutputConfig
-    storage: StorageConfig | None = None
-
-    @property
-    def output(self) -> str:
-        return self.out.uri
-
-    def run_rows_sql(self, con: duckdb.DuckDBPyConnection, run_ids: Sequence[str], columns: Sequence[str],
-                     drop_torn: bool = False) -> str:
-        from pyiceberg.expressions import In
-
-        audits = table(self.out, AUDITS, self.storage)
-        if audits is None or audits.current_snapshot() is None or not run_ids:
-            return empty_sql(columns)
-        reader = audits.scan(row_filter=In("run_id", set(run_ids)), selected_fields=tuple(columns)
-                             ).to_arrow_batch_reader()
-        name = f"run_rows_{uuid.uuid4().hex[:8]}"
-        con.register(f"{name}_scan", reader)
-        con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_scan")
-        con.unregister(f"{name}_scan")
-        return f"SELECT * FROM {name}"
-
-
-def successes_kept(out: OutputConfig, run_id: str, cfg: StorageConfig | None = None) -> list[str]:
-    """Images that failed in run `run_id` but have a success in `latest`, which keeps it. Costs this run's
-    error rows (usually few): their URIs are held and looked up in `latest`."""
-    from pyiceberg.expressions import And, EqualTo, In
-
-    audits, latest = table(out, AUDITS, cfg), table(out, LATEST, cfg)
-    if audits is None or latest is None or latest.current_snapshot() is None:
-        return []
-    failed = audits.scan(row_filter=And(EqualTo("run_id", run_id), EqualTo("status", "error")),
-                         selected_fields=("image_uri",)).to_arrow().column("image_uri").to_pylist()
-    if not failed:
-        return []
-    kept = latest.scan(row_filter=And(In("image_uri", set(failed)), EqualTo("status", "ok")),
-                       selected_fields=("image_uri",)).to_arrow()
-    return kept.column("image_uri").to_pylist()

@@ -1,12 +1,12 @@
-"""The run ledger in the output prefix: run manifests, and reading back what earlier runs wrote.
+"""Run manifests in the output prefix, and reading back what earlier runs wrote.
 
 Exactly-once per run rests on three facts:
   * a write task's file name depends only on (run id, attempt, write uuid, task index), so a retried task
-    overwrites its own file instead of adding one (`eagle.pipeline.writing.RunFilenames`);
+    overwrites its own file instead of adding one (`eagle.io.results.file_stem`);
   * a re-run with the same run id starts a new attempt that audits only the images that have no row of
     that run yet (eagle.pipeline.planning), so a resumed run adds exactly the missing rows;
   * a file of the resumed run left unreadable by a crash mid-write is deleted before planning
-    (eagle.io.ledger.run_files), so its images are audited again; other runs' files are never deleted.
+    (eagle.io.results.run_files), so its images are audited again; other runs' files are never deleted.
 """
 
 from __future__ import annotations

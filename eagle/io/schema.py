@@ -7,6 +7,7 @@ exactly this schema (missing columns become nulls), so every Parquet file of eve
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,16 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows (dicts with any subset of the columns; extra keys ignored) → a table with OUTPUT_SCHEMA."""
     return pa.Table.from_pydict({name: [_plain(row.get(name)) for row in rows] for name in COLUMN_NAMES},
                                 schema=OUTPUT_SCHEMA)
+
+
+_SQL_TYPES = {"string": "VARCHAR", "bool": "BOOLEAN", "timestamp[us, tz=UTC]": "TIMESTAMPTZ", "float": "FLOAT",
+              "int32": "INTEGER", "int64": "BIGINT", "binary": "BLOB"}
+
+
+def empty_sql(columns: Sequence[str]) -> str:
+    """DuckDB SQL for no rows with these output columns, typed as in OUTPUT_SCHEMA."""
+    cols = ", ".join(f"NULL::{_SQL_TYPES[str(OUTPUT_SCHEMA.field(c).type)]} AS {c}" for c in columns)
+    return f"SELECT {cols} WHERE false"
 
 
 def markdown_table() -> str:

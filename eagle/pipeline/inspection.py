@@ -1,12 +1,12 @@
-"""The inspect pipeline on Ray Data, streaming end to end:
+"""The inspect run on Ray Data, streaming end to end:
 
-    listing → decode (CPU tasks) → expert (actor pool) → MLLM (actor pool) or finish (CPU tasks)
-            → stamp → write (eagle.pipeline.writing)
+    plan → decode (CPU tasks) → expert (actor pool) → finish (CPU tasks; routed rows to the MLLM actors of
+         eagle.pipeline.mllm_pool) → stamp → write (eagle.pipeline.writing, into the output's result store)
 
-The driver plans (eagle.pipeline.planning: listing, this run's own rows, the compacted ledger, in DuckDB out of
-core), pins each product's expert version, then streams the rows to audit from the plan's Parquet files; it
-never holds a row per image. Afterwards it counts the run's own output and merges it into the ledger (and,
-in iceberg format, into the `latest` table).
+The driver plans (eagle.pipeline.planning: listing, pinned expert versions, this run's own rows, the compacted
+ledger, in DuckDB out of core), then streams the rows to audit from the plan's Parquet files; it never holds a
+row per image. Afterwards it counts the run's own rows (the summary) and merges the run into the ledger
+(`ResultStore.merge`).
 """
 
 from __future__ import annotations
@@ -27,20 +27,22 @@ import duckdb
 from eagle import __version__
 from eagle.config import ConfigError, JobConfig, config_hash
 from eagle.expert.ensemble import pinned_metas
-from eagle.io import iceberg, ledger, querying, storage
+from eagle.io import ledger, querying, storage
 from eagle.io.lease import LeaseHeld, LeaseLost, OutputLease
 from eagle.io.maintenance import finish_compactions
+from eagle.io.querying import sql_str
+from eagle.io.results import ResultStore, result_store
 from eagle.io.runs import RunInfo, begin_run, end_run, new_run_id, run_settings
 from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.progress import progress_callback
-from eagle.pipeline.ray_setup import configure_data_context
+from eagle.pipeline.ray_setup import configure_data_context, remote_cause
 from eagle.pipeline.retry_tally import read_tally, start_tally
 from eagle.pipeline.stages.decode_stage import DecodeStage, model_input_sizes
 from eagle.pipeline.stages.expert_stage import ExpertStage
 from eagle.pipeline.stages.finish_stage import FinishStage
 from eagle.pipeline.stages.stamp_stage import StampStage
-from eagle.pipeline.writing import update_latest, write_streaming
+from eagle.pipeline.writing import write_streaming
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +105,6 @@ class Summary:
                        + ", ".join(f"{k} {n}" for k, n in self.storage_retries.items()))
         out.append(f"  output: {self.output}")
         return out
-
-
-def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
-    """Pin each product's expert version for the whole run (products without a model are left out): with
-    ``expert.model`` auto each product's default expert, else its latest fit of that model; with
-    ``expert.ensemble`` every member's (`eagle.expert.ensemble.pin`). The expert stage builds whichever model
-    each pinned artifact names."""
-    from eagle.expert.artifact import ArtifactError
-    from eagle.expert.ensemble import pin
-
-    versions = {}
-    for product in products:
-        try:
-            versions[product] = pin(cfg.model_store, product, cfg.expert, cfg.storage)
-        except ArtifactError as exc:
-            log.warning("%s: its images become error rows", exc)
-    return versions
 
 
 def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
@@ -231,19 +216,18 @@ def _plan(cfg: JobConfig, run_id: str, dry_run: bool) -> tuple[Plan, duckdb.Duck
     scratch = tempfile.TemporaryDirectory(prefix="eagle-dry-run-") if dry_run else nullcontext()
     try:
         with scratch as tmp:
-            results = _results(cfg, listed=True)
+            store = result_store(cfg, listed=True)
             pending = ledger.pending_runs(cfg.output.uri, cfg.storage)
             if dry_run:  # reads only: the listing goes to a local temporary folder, pending runs merge in memory
                 run = RunInfo(run_id=run_id, started_at="", audit_date="", config_hash=chash)
                 out_dir = tmp
             else:
-                merge_runs(con, cfg, results, pending)
+                store.merge(con, pending)
                 run = begin_run(cfg.output.uri, run_id, chash, cfg.storage, mode=cfg.mode,
                                 settings=run_settings(cfg))
                 out_dir = plan_dir(cfg.output.uri, run_id, run.attempt)
             cpus = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else float(os.cpu_count() or 1)
-            plan = make_plan(con, cfg, run, chash, out_dir, lambda products: pin_expert_versions(cfg, products),
-                             results, cpus, dry_run_pending=pending if dry_run else None)
+            plan = make_plan(con, cfg, run, chash, out_dir, store, cpus, dry_run_pending=pending if dry_run else None)
     except ConfigError:
         raise
     except duckdb.InterruptException:  # a signal that landed in a planning query
@@ -260,6 +244,7 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool, check_lease: Callable[[], N
     tally = start_tally()
     retries_before = read_tally(tally)
     plan, con = _plan(cfg, run_id, dry_run=False)
+    store = result_store(cfg)
     run = plan.run
     log.info("run %s attempt %d (%s): %d listed, %d already done, %d to audit",
              run_id, run.attempt, cfg.mode, plan.listed, plan.done, plan.todo)
@@ -271,20 +256,19 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool, check_lease: Callable[[], N
         configure_data_context(progress_callback(plan.todo, traffic=traffic), verbose)
         try:
             with mllm_pool(cfg) if cfg.mllm.model else nullcontext() as pool:
-                _stream(cfg, plan, pool, model_input_sizes(metas),
-                        lambda exc: _write_failed(exc, cfg, run_id, _tally_since(tally, retries_before)),
+                _stream(cfg, store, plan, pool, model_input_sizes(metas),
+                        lambda exc: _write_failed(exc, cfg, store, run_id, _tally_since(tally, retries_before)),
                         check_lease, stop)
                 if pool is not None:
                     traffic["mllm"] = list(pool.traffic())
         except PoolFailed as exc:
             raise JobFailed(str(exc)) from exc
-    results = _results(cfg, listed=False)
-    summary = summarize_run(con, cfg, results, plan, time.time() - start)
+    summary = summarize_run(con, cfg, store, plan, time.time() - start)
     summary.stage_input_kb = {stage: size / rows / 1024 for stage, (rows, size) in traffic.items() if rows}
     summary.stage_input_rows = {stage: rows for stage, (rows, _) in traffic.items()}
     check_lease()
     try:
-        merge_runs(con, cfg, results, {run_id: run.attempt})
+        store.merge(con, {run_id: run.attempt})
         storage.remove(plan.plan_dir, cfg.storage, recursive=True)
     except OSError as exc:  # the results are written; the next run's planning merges them (pending runs)
         log.warning("run %s is complete, but its ledger update failed (%s); the next run brings the ledger up to "
@@ -297,9 +281,9 @@ def _run(cfg: JobConfig, run_id: str, verbose: bool, check_lease: Callable[[], N
     return summary
 
 
-def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict[str, tuple[int, int]],
-            write_failed: Callable[[Exception], JobFailed], check_lease: Callable[[], None] = lambda: None,
-            stop: StopRequest | None = None) -> None:
+def _stream(cfg: JobConfig, store: ResultStore, plan: Plan, pool: MLLMPool | None,
+            input_sizes: dict[str, tuple[int, int]], write_failed: Callable[[Exception], JobFailed],
+            check_lease: Callable[[], None] = lambda: None, stop: StopRequest | None = None) -> None:
     """Decode → expert → finish (→ MLLM pool for the routed rows) → stamp → write, for the plan's images.
     Finished rows are written as they come (`write_streaming`), each write after `check_lease` (a driver whose
     lease was taken over writes nothing more); a stop request ends it with KeyboardInterrupt once the rows
@@ -307,18 +291,17 @@ def _stream(cfg: JobConfig, plan: Plan, pool: MLLMPool | None, input_sizes: dict
     run = plan.run
     stamp = {"run_id": run.run_id, "audit_date": run.audit_date, "config_hash": config_hash(cfg),
              "eagle_version": __version__, "mllm_model": cfg.mllm.model}
-    # Finished rows are written (Parquet files; Iceberg: one snapshot each) as `write_streaming` flushes them;
-    # an Iceberg run also goes in chunks of output.commit_rows (the models are loaded again per chunk).
-    for files in todo_chunks(plan, cfg, cfg.output.commit_rows if cfg.output.format == "iceberg" else None):
+    for files in todo_chunks(plan, cfg, store.commit_rows):
         ds = DecodeStage.apply(todo_dataset(files, cfg), cfg, input_sizes=input_sizes)
         ds = ExpertStage.apply(ds, cfg, versions=plan.versions)
         ds = FinishStage.apply(ds, cfg, pool=pool)
         ds = StampStage.apply(ds, cfg, stamp=stamp)
         try:
             with stop.graceful() if stop is not None else nullcontext():
-                finished = write_streaming(ds, cfg, run, stop.stop if stop is not None else None, check_lease)
+                finished = write_streaming(ds, cfg, store, run, stop.stop if stop is not None else None,
+                                           check_lease)
         except Exception as exc:
-            if not isinstance(_root_cause(exc), OSError):
+            if not isinstance(remote_cause(exc), OSError):
                 raise
             raise write_failed(exc) from exc
         if not finished:
@@ -334,33 +317,14 @@ def _abort_leftover_uploads(cfg: JobConfig, run_id: str) -> None:
         log.warning("could not list or abort partial uploads under %s: %s", cfg.output.uri, exc)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost error under Ray's wrappers (task errors, user-code exceptions)."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    return exc
-
-
-def _write_failed(exc: Exception, cfg: JobConfig, run_id: str, retries: dict[str, int]) -> JobFailed:
+def _write_failed(exc: Exception, cfg: JobConfig, store: ResultStore, run_id: str,
+                  retries: dict[str, int]) -> JobFailed:
     """The job's failure when the store failed (after all retries) while the results streamed out: what failed,
     and how to go on."""
     _abort_leftover_uploads(cfg, run_id)
-    cause = _root_cause(exc)
+    cause = remote_cause(exc)
     what = str(cause).splitlines()[0] if str(cause) else ""  # Ray appends its own retry advice below
-    kept = "result files this run wrote before the failure are kept"
-    if cfg.output.format == "iceberg":
-        kept = "chunks this run committed before the failure are kept"
-    else:
-        try:
-            kept = f"{len(ledger.run_files(cfg.output.uri, run_id, cfg.storage))} result file(s) of this run were " \
-                   f"written and are kept"
-        except Exception:  # noqa: BLE001 - the store is failing: say what is known
-            pass
+    kept = store.kept_after_failure(run_id)
     tried = ", ".join(f"{k} {n}" for k, n in retries.items())
     return JobFailed(f"the run stopped on an object-store error (after retries): {type(cause).__name__}: {what} "
                      f"(failed requests: {tried}). {kept}; run again with --run-id {run_id} to audit only the "
@@ -368,34 +332,16 @@ def _write_failed(exc: Exception, cfg: JobConfig, run_id: str, retries: dict[str
                      f"long a write is retried)")
 
 
-def _results(cfg: JobConfig, listed: bool) -> ledger.Results:
-    """The output's result rows; for Parquet with the output listed once now (`listed`) or on each use."""
-    if cfg.output.format == "iceberg":
-        return iceberg.IcebergResults(cfg.output, cfg.storage)
-    files = ledger.output_files(cfg.output.uri, cfg.storage) if listed else None
-    return ledger.ParquetResults(cfg.output.uri, cfg.storage, files)
-
-
-def merge_runs(con: duckdb.DuckDBPyConnection, cfg: JobConfig, results: ledger.Results,
-               runs: dict[str, int]) -> None:
-    """Fold finished run attempts (oldest first) into the `latest` table (iceberg format) and then the ledger,
-    whose state is written last: a crash in between repeats both (idempotent) at the next start."""
-    if cfg.output.format == "iceberg":
-        for run_id in runs:
-            update_latest(cfg, run_id)
-    ledger.merge_runs(con, results, runs)
-
-
 _SUMMARY_COLUMNS = ("image_uri", "product", "status", "verdict", "confidence", "mllm_ran", "guided")
 
 
-def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, results: ledger.Results, plan: Plan,
+def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, store: ResultStore, plan: Plan,
                   seconds: float) -> Summary:
     """Counts of this run's rows, read back from its own output (so it also proves what was written).
-    Images whose latest earlier result was an error stay out of the error budget."""
+    Images whose latest earlier result was an error (`Plan.failed_before`) stay out of the error budget."""
     run_id = plan.run.run_id
     con.execute(f"CREATE OR REPLACE TEMP TABLE run_rows AS "
-                f"{results.run_rows_sql(con, [run_id], _SUMMARY_COLUMNS)}")
+                f"{store.run_rows_sql(con, [run_id], _SUMMARY_COLUMNS)}")
     if not con.execute("SELECT count(*) FROM run_rows").fetchall()[0][0]:
         return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
                        audited=plan.todo, seconds=seconds)
@@ -409,10 +355,10 @@ def summarize_run(con: duckdb.DuckDBPyConnection, cfg: JobConfig, results: ledge
     confidence = dict(con.execute("SELECT confidence, count(*) FROM run_rows WHERE confidence IS NOT NULL "
                                   "GROUP BY 1").fetchall())
     mllm_calls, guided, fresh, new_errors = con.execute(
-        "SELECT count(*) FILTER (WHERE r.mllm_ran), count(*) FILTER (WHERE r.guided), "
-        "count(*) FILTER (WHERE NOT coalesce(d.failed_before, false)), "
-        "count(*) FILTER (WHERE NOT coalesce(d.failed_before, false) AND r.status = 'error') "
-        "FROM run_rows r LEFT JOIN decided d ON d.image_uri = r.image_uri").fetchall()[0]
+        f"SELECT count(*) FILTER (WHERE r.mllm_ran), count(*) FILTER (WHERE r.guided), "
+        f"count(*) FILTER (WHERE f.image_uri IS NULL), count(*) FILTER (WHERE f.image_uri IS NULL AND "
+        f"r.status = 'error') FROM run_rows r LEFT JOIN read_parquet({sql_str(plan.failed_before)}) f "
+        f"ON f.image_uri = r.image_uri").fetchall()[0]
     return Summary(run_id=run_id, output=cfg.output.uri, listed=plan.listed, skipped=plan.done,
                    audited=plan.todo, seconds=seconds, status=status, verdict=verdict, by_product=by_product,
                    confidence=confidence, mllm_calls=mllm_calls, guided=guided, audited_fresh=fresh,

@@ -3,8 +3,10 @@ audit, at a cost that follows this run's listing, never the history.
 
 The listing lands as Parquet parts (prefixes: one Ray task per child folder) or is read where it lies
 (manifests, S3 Inventory); DuckDB joins it, out of core, with this run's own rows (resume) and the compacted
-ledger (incremental), and writes the rows to audit, sorted by product, as files of `rows_per_block` rows: one
-Ray block each, so blocks stay product-homogeneous and the driver never holds a row.
+ledger (incremental), and writes what it decided as Parquet files under the plan's folder (`Plan`): the rows to
+audit, sorted by product, as files of `rows_per_block` rows (one Ray block each, so blocks stay
+product-homogeneous and the driver never holds a row), and the images that failed before. It also pins each
+product's expert version for the run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -23,8 +24,8 @@ import pyarrow.parquet as pq
 from eagle.config import ConfigError, JobConfig
 from eagle.io import ledger, storage
 from eagle.io.inputs import check_products, list_part, manifest_source_sql, parts_of
-from eagle.io.ledger import Results
 from eagle.io.querying import sql_list, sql_str
+from eagle.io.results import ResultStore
 from eagle.io.runs import INTERNAL_SUFFIX, RUNS_DIR, RunInfo
 from eagle.pipeline.ray_setup import ray_options
 
@@ -45,13 +46,16 @@ class ProductCounts:
 
 @dataclass
 class Plan:
-    """What a run attempt will audit. `todo_dir` holds the rows as Parquet files (None when nothing to do)."""
+    """What planning decided for a run attempt: read by the stream and the summary. Relations that grow with the
+    listing are Parquet files under `plan_dir` (removed after the run), not held in memory; a dry run writes
+    none of them (both None)."""
 
     run: RunInfo
     plan_dir: str
-    todo_dir: str | None
-    versions: dict[str, str]
-    products: list[ProductCounts] = field(default_factory=list)
+    todo_dir: str | None  # the rows to audit (LISTING_COLUMNS), by product; None when there is nothing to do
+    failed_before: str | None  # one file: `image_uri` of the listed images whose latest result was an error
+    versions: dict[str, str]  # each product's pinned expert version (products without a model left out)
+    products: list[ProductCounts] = field(default_factory=list)  # per product: listed, done, to audit
     block_rows: int = 0  # rows per todo file at most
 
     @property
@@ -163,15 +167,15 @@ def _decisions_sql(cfg: JobConfig, chash: str) -> str:
             f"LEFT JOIN ledger g ON g.image_uri = l.image_uri LEFT JOIN versions v ON v.product = g.product")
 
 
-def decide(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run_id: str, chash: str, results: Results,
-           pending: dict[str, int] | None = None) -> str:
+def _decide(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run_id: str, chash: str, store: ResultStore,
+            pending: dict[str, int] | None = None) -> str:
     """Table `decided` (the `listing` and `versions` tables with `_decisions_sql`'s flags); returns the SQL
-    condition for rows to audit. Torn files of this run (a crash mid-write) are deleted: their images are
-    redone; other runs' files are only read. `pending` (a dry run): runs the ledger does not hold yet, merged
+    condition for rows to audit. Torn rows of this run (a crash mid-write) are deleted: their images are
+    redone; other runs' rows are only read. `pending` (a dry run): runs the ledger does not hold yet, merged
     in memory instead, and nothing is deleted."""
-    mine = results.run_rows_sql(con, [run_id], ["image_uri"], drop_torn=pending is None)
+    mine = store.run_rows_sql(con, [run_id], ["image_uri"], drop_torn=pending is None)
     con.execute(f"CREATE OR REPLACE TEMP VIEW mine AS SELECT DISTINCT image_uri FROM ({mine})")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW ledger AS {ledger.merged_sql(con, results, pending or {})}")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW ledger AS {ledger.merged_sql(con, store, pending or {})}")
     con.execute(f"CREATE OR REPLACE TEMP TABLE decided AS {_decisions_sql(cfg, chash)}")
     return "NOT in_run" + (" AND NOT current" if cfg.mode == "incremental" else "")
 
@@ -182,12 +186,29 @@ def rows_per_block(cfg: JobConfig, todo: int, cpus: float) -> int:
     return max(1, min(cfg.inputs.rows_per_block, max(cfg.resources.decode.batch_size, spread)))
 
 
+def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
+    """Pin each product's expert version for the whole run (products without a model are left out): with
+    ``expert.model`` auto each product's default expert, else its latest fit of that model; with
+    ``expert.ensemble`` every member's (`eagle.expert.ensemble.pin`). The expert stage builds whichever model
+    each pinned artifact names."""
+    from eagle.expert.artifact import ArtifactError
+    from eagle.expert.ensemble import pin
+
+    versions = {}
+    for product in products:
+        try:
+            versions[product] = pin(cfg.model_store, product, cfg.expert, cfg.storage)
+        except ArtifactError as exc:
+            log.warning("%s: its images become error rows", exc)
+    return versions
+
+
 def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chash: str, out_dir: str,
-              pin_versions: Callable[[list[str]], dict[str, str]], results: Results, cpus: float,
-              dry_run_pending: dict[str, int] | None = None) -> Plan:
-    """Decide what this run attempt audits; writes the rows to audit under ``out_dir/todo``. A dry run
-    (`dry_run_pending`: the runs the ledger does not hold yet, see `decide`) only counts them: it lists in
-    this process into `out_dir` (a local temporary folder) and writes nothing else."""
+              store: ResultStore, cpus: float, dry_run_pending: dict[str, int] | None = None) -> Plan:
+    """Decide what this run attempt audits: list, pin expert versions, and write the plan's files under
+    `out_dir` (see `Plan`). A dry run (`dry_run_pending`: the runs the ledger does not hold yet, see `_decide`)
+    only counts them: it lists in this process into `out_dir` (a local temporary folder) and writes nothing
+    else."""
     dry_run = dry_run_pending is not None
     con.execute(f"CREATE OR REPLACE TEMP TABLE listing AS SELECT DISTINCT ON (image_uri) * FROM "
                 f"({listing_sql(con, cfg, out_dir, in_process=dry_run)})")
@@ -198,24 +219,32 @@ def make_plan(con: duckdb.DuckDBPyConnection, cfg: JobConfig, run: RunInfo, chas
                           f"{', '.join(cfg.inputs.extensions)}, excluding {', '.join(cfg.inputs.exclude) or 'nothing'})"
                           f": check --input and inputs.exclude; pass --allow-empty if an empty input is expected")
     check_products(products)
-    versions = pin_versions(products)
+    versions = pin_expert_versions(cfg, products)
     con.execute("CREATE OR REPLACE TEMP TABLE versions (product VARCHAR, version VARCHAR)")
     if versions:
         con.executemany("INSERT INTO versions VALUES (?, ?)", list(versions.items()))
-    redo = decide(con, cfg, run.run_id, chash, results, dry_run_pending)
+    redo = _decide(con, cfg, run.run_id, chash, store, dry_run_pending)
     counts = con.execute(f"SELECT product, count(*), count(*) FILTER (WHERE NOT ({redo})) FROM decided "
                          f"GROUP BY product ORDER BY product").fetchall()
-    plan = Plan(run=run, plan_dir=out_dir, todo_dir=None, versions=versions,
+    plan = Plan(run=run, plan_dir=out_dir, todo_dir=None, failed_before=None, versions=versions,
                 products=[ProductCounts(p, n, d, n - d) for p, n, d in counts])
-    if plan.todo and not dry_run:
-        plan.todo_dir = storage.join(out_dir, "todo")
-        block = plan.block_rows = rows_per_block(cfg, plan.todo, cpus)
-        query = f"SELECT {LISTING_COLUMNS} FROM decided WHERE {redo} ORDER BY product, image_uri"
-        with tempfile.TemporaryDirectory(prefix="eagle-plan-") as tmp:
+    if dry_run:
+        return plan
+    with tempfile.TemporaryDirectory(prefix="eagle-plan-") as tmp:
+        name = f"failed_before{INTERNAL_SUFFIX}"
+        con.execute(f"COPY (SELECT image_uri FROM decided WHERE failed_before) TO {sql_str(os.path.join(tmp, name))} "
+                    f"(FORMAT parquet)")
+        plan.failed_before = storage.join(out_dir, name)
+        if plan.todo:
+            plan.todo_dir = storage.join(out_dir, "todo")
+            block = plan.block_rows = rows_per_block(cfg, plan.todo, cpus)
+            query = f"SELECT {LISTING_COLUMNS} FROM decided WHERE {redo} ORDER BY product, image_uri"
+            os.makedirs(os.path.join(tmp, "todo"))
             # one file per block, streamed from DuckDB (its own COPY cannot cut row groups under 2048 rows)
             reader = con.sql(query).to_arrow_reader(block)
             for i, batch in enumerate(reader):
-                pq.write_table(pa.Table.from_batches([batch]), os.path.join(tmp, f"block-{i:07d}{INTERNAL_SUFFIX}"))
-            storage.put_folder(tmp, plan.todo_dir, cfg.storage)
-        log.info("planned %d rows to audit in %d blocks of up to %d rows", plan.todo, i + 1, block)
+                pq.write_table(pa.Table.from_batches([batch]),
+                               os.path.join(tmp, "todo", f"block-{i:07d}{INTERNAL_SUFFIX}"))
+            log.info("planned %d rows to audit in %d blocks of up to %d rows", plan.todo, i + 1, block)
+        storage.put_folder(tmp, out_dir, cfg.storage)
     return plan
