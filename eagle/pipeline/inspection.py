@@ -36,7 +36,8 @@ from eagle.io.runs import RunInfo, begin_run, end_run, new_run_id, run_settings
 from eagle.pipeline.mllm_pool import MLLMPool, PoolFailed, mllm_pool
 from eagle.pipeline.planning import Plan, make_plan, plan_dir, todo_chunks, todo_dataset
 from eagle.pipeline.progress import progress_callback
-from eagle.pipeline.ray_setup import configure_data_context, remote_cause
+from eagle.pipeline.ray_setup import configure_data_context
+from eagle.pipeline.remote_errors import remote_cause
 from eagle.pipeline.retry_tally import read_tally, start_tally
 from eagle.pipeline.stages.decode_stage import DecodeStage, model_input_sizes
 from eagle.pipeline.stages.expert_stage import ExpertStage

@@ -23,7 +23,8 @@ from typing import Any
 
 from eagle.config import JobConfig
 from eagle.pipeline.ray_setup import ray_options
-from eagle.pipeline.stages.base import Batch, cause_of
+from eagle.pipeline.remote_errors import remote_message
+from eagle.pipeline.stages.base import Batch
 
 log = logging.getLogger("eagle.inspect")
 
@@ -132,7 +133,7 @@ def _started(actors: list[Any], needed: int, grace_s: float, timeout_s: float, m
         try:
             ray.get(done[0])
         except ray.exceptions.RayActorError as exc:
-            raise PoolFailed(f"the MLLM actors could not load {model!r}: {cause_of(exc)}") from exc
+            raise PoolFailed(f"the MLLM actors could not load {model!r}: {remote_message(exc)}") from exc
         ready.append(pending.pop(done[0]))
         if len(ready) == needed:
             deadline = time.monotonic() + grace_s

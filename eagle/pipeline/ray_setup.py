@@ -285,18 +285,6 @@ def _connect(cfg: JobConfig) -> None:
                  runtime_env={"env_vars": env} if env else None, logging_level=ray_logging_level())
 
 
-def remote_cause(exc: BaseException) -> BaseException:
-    """The innermost error under Ray's wrappers (task errors, user-code exceptions)."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    return exc
-
-
 def ray_options(res: StageResources, actor: bool) -> dict[str, Any]:
     """Ray resource options of one stage from its config (``map_batches`` or ``ray.remote(...).options``)."""
     import ray

@@ -95,12 +95,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def cause_of(exc: BaseException) -> str:
-    """The last line of an error's text: under the traceback Ray puts in a remote error, the error itself."""
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else ""
-
-
 class Throughput:
     """Logs a stage's images/s every `interval` seconds from the worker (Ray forwards it to the driver log)."""
 

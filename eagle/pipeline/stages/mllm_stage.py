@@ -18,8 +18,9 @@ from eagle.config import JobConfig
 from eagle.findings import final_verdict
 from eagle.io import storage
 from eagle.io.images import capped, decode_image
+from eagle.pipeline.remote_errors import remote_message
 from eagle.pipeline.routing import expert_explanation, finish_with_expert
-from eagle.pipeline.stages.base import Batch, Row, Stage, boxes_of, cause_of
+from eagle.pipeline.stages.base import Batch, Row, Stage, boxes_of
 
 # What a row says about the MLLM; shared with FinishStage so both paths give rows the same columns.
 MLLM_COLUMNS = ("mllm_ran", "guided", "answer", "verdict", "explanation", "explanation_source", "mllm_reply",
@@ -114,5 +115,5 @@ class MLLMStage(Stage):
 def failed_mllm(row: Row, exc: BaseException) -> None:
     """The expert's result stands; the MLLM's failure is recorded (the row stays 'ok')."""
     finish_with_expert(row, boxes_of(row))
-    row.update(error=f"MLLM generation failed, expert verdict kept: {type(exc).__name__}: {cause_of(exc)}"[:2000],
+    row.update(error=f"MLLM generation failed, expert verdict kept: {type(exc).__name__}: {remote_message(exc)}"[:2000],
                error_stage="mllm")
