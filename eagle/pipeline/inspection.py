@@ -108,7 +108,7 @@ class Summary:
 def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
     """Pin each product's expert version for the whole run (products without a model are left out): with
     ``expert.model`` auto each product's default expert, else its latest fit of that model; with
-    ``expert.ensemble`` every member's (`eagle.expert.ensemble.pin`). The expert stage builds whichever model
+    ``expert.ensemble.models`` every member's (`eagle.expert.ensemble.pin`). The expert stage builds whichever model
     each pinned artifact names."""
     from eagle.expert.artifact import ArtifactError
     from eagle.expert.ensemble import pin
@@ -134,7 +134,7 @@ def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
     if not cfg.mllm.model:
         return
     for product, product_metas in sorted(metas.items()):
-        band = band_of(product_metas, cfg.expert.combine)
+        band = band_of(product_metas, cfg.expert.ensemble.combine)
         if advice := empty_band_advice(product, band.threshold, band.score_max, cfg.confidence):
             log.log(logging.WARNING if routes else logging.DEBUG, "%s", advice)
 
