@@ -40,7 +40,8 @@ import torch  # noqa: E402
 
 from eagle.config import ExpertConfig  # noqa: E402
 from eagle.expert.coreset import greedy_coreset  # noqa: E402
-from eagle.expert.detector import Expert, build_model  # noqa: E402
+from eagle.expert.fitted import Expert  # noqa: E402
+from eagle.expert.patchcore import PatchCore  # noqa: E402
 from eagle.expert.search import brute_force  # noqa: E402
 from eagle.testing.synth import render_defect, render_normal  # noqa: E402
 
@@ -199,7 +200,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     cfg = ExpertConfig(backbone=args.backbone, weights="random", seed=args.seed)
-    model = build_model(cfg).to(args.device)
+    model = PatchCore.from_config(cfg).to(args.device)
     train = images(args.train, args.size, args.seed, defects=False)
     start = time.perf_counter()
     features = torch.cat([model.embed(model.preprocess(train[i:i + 8])) for i in range(0, len(train), 8)])

@@ -20,14 +20,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from eagle.config import load_config  # noqa: E402
-from eagle.expert.detector import Expert  # noqa: E402
-from eagle.expert.experts import EXPERTS, expert_kind  # noqa: E402
+from eagle.config.sections import EXPERT_MODELS  # noqa: E402
+from eagle.expert.experts import model_class  # noqa: E402
+from eagle.expert.fitted import Expert  # noqa: E402
 from eagle.testing.synth import image_rng, render_normal  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experts", default=",".join(EXPERTS), help="Comma-separated registered models.")
+    p.add_argument("--experts", default=",".join(EXPERT_MODELS), help="Comma-separated registered models.")
     p.add_argument("--product", default="nut")
     p.add_argument("--size", type=int, default=96, help="Synthetic image side (also expert.resize).")
     p.add_argument("--crop", type=int, default=None, help="expert.crop (default: --size).")
@@ -62,12 +63,12 @@ def main() -> None:
           + " | ".join(f"images/s {d}" for d in dtypes) + " |")
     print("| --- | ---: | --- | ---: |" + " ---: |" * len(dtypes))
     for name in args.experts.split(","):
-        kind = expert_kind(name)
+        model = model_class(name)
         start = time.perf_counter()
-        fit = kind.fit_function()(train, cfg, args.device, args.batch, names=names)
+        fit = model.fit(train, cfg, args.device, args.batch, names=names)
         fit_s = time.perf_counter() - start
         mb = sum(t.numel() * t.element_size() for t in fit.tensors.values()) / 2**20
-        expert = Expert(kind.model_class().from_config(cfg.expert, None, fit.tensors).to(args.device))
+        expert = Expert(model.from_config(cfg.expert, None, fit.tensors).to(args.device))
         inputs = [expert.model_input(img) for img in test]
         sizes = [img.shape[:2] for img in test]
         rates = []
@@ -82,7 +83,7 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             rates.append(len(inputs) / (time.perf_counter() - start))
-        print(f"| {name} | {fit_s:.1f} | {kind.threshold} | {mb:.1f} | " + " | ".join(f"{r:.1f}" for r in rates)
+        print(f"| {name} | {fit_s:.1f} | {model.threshold_rule} | {mb:.1f} | " + " | ".join(f"{r:.1f}" for r in rates)
               + " |", flush=True)
 
 

@@ -64,7 +64,8 @@ def mllm_checkpoint(root: str, shape: str, device: str) -> str:
 
 def job_config(root: str, run_id: str, args: argparse.Namespace, mllm: str) -> JobConfig:
     gpu = args.device.startswith("cuda")
-    expert: dict[str, Any] = {"backbone": args.backbone, "weights": "random", "dtype": "auto", "search": args.search}
+    expert: dict[str, Any] = {"backbone": args.backbone, "weights": "random", "dtype": "auto",
+                              "patchcore": {"search": args.search}}
     if args.crop:
         expert.update(resize=args.crop, crop=args.crop)
     mllm_cfg: dict[str, Any] = {"model": mllm, "dtype": "bfloat16" if gpu else "float32",
@@ -150,7 +151,7 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=16, help="files per test image (hard links): the volume")
     p.add_argument("--backbone", default="wide_resnet50_2")
     p.add_argument("--crop", type=int, default=None, help="expert resize = crop (default: the config's 256/224)")
-    p.add_argument("--search", default="auto", help="expert.search")
+    p.add_argument("--search", default="auto", help="expert.patchcore.search")
     p.add_argument("--route", default="not-confident-normal")
     p.add_argument("--expert-batch", type=int, default=64)
     p.add_argument("--mllm-batch", type=int, default=32)

@@ -161,7 +161,7 @@ def stages_alone(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, list[tu
 def reference_loop(cfg: JobConfig, versions: dict[str, str]) -> tuple[int, float, float, int]:
     """(images, load seconds, loop seconds, MLLM calls): one image at a time, no Ray, no batching."""
     from eagle.expert.artifact import load_artifact
-    from eagle.expert.detector import Expert
+    from eagle.expert.fitted import Expert
     from eagle.expert.regions import find_regions
     from eagle.expert.threshold import classify
     from eagle.io.images import decode_image

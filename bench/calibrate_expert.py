@@ -26,9 +26,10 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from eagle.config import ThresholdConfig, load_config  # noqa: E402
-from eagle.expert.detector import Expert, build_model  # noqa: E402
+from eagle.expert.fitted import Expert  # noqa: E402
+from eagle.expert.patchcore import PatchCore  # noqa: E402
 from eagle.expert.threshold import threshold_value  # noqa: E402
-from eagle.expert.training import fit_expert, load_training_images  # noqa: E402
+from eagle.expert.training import load_training_images  # noqa: E402
 from eagle.io.images import decode_image  # noqa: E402
 from eagle.io.storage import join, read_bytes  # noqa: E402
 
@@ -47,8 +48,8 @@ def evaluate(root: str, product: str, cfg, clear: float) -> tuple[list[dict], di
     """Rows of (method, threshold, FPR, TPR clear, TPR all) and the product's AUROCs."""
     start = time.perf_counter()
     _, train = load_training_images(root, product, cfg)
-    fit = fit_expert(train, cfg)
-    expert = Expert(build_model(cfg.expert, memory_bank=fit.tensors["memory_bank"]))
+    fit = PatchCore.fit(train, cfg)
+    expert = Expert(PatchCore.from_config(cfg.expert, tensors=fit.tensors))
     tests = [r for r in read_labels(root) if r["product"] == product and r["split"] == "test"]
     scores, pixel_scores, pixel_truth = [], [], []
     for i in range(0, len(tests), 8):

@@ -5,7 +5,7 @@ Per product, every expert is fitted on train/good through the job's path (`fit_p
 store: labels never seen), then loaded back as the expert stage loads it (`pin` → `load_artifact` →
 `Expert.from_artifact` → `ProductExpert`) and scores the held-out test images from their uint8 model inputs.
 A single expert's verdict is score >= its artifact's threshold; an ensemble's is combined score >= 1 (scores in
-threshold units, `expert.combine` max or mean). Labels (labels.csv: defect, strength) are used only here, to
+threshold units, `expert.ensemble.combine` max or mean). Labels (labels.csv: defect, strength) are used only here, to
 evaluate. Prints a Markdown table. Helpers shared with `calibrate_expert.py` (PatchCore's threshold rules).
 
     # the table in docs/EXPERT.md (synthetic set in a temp dir; random weights: cost, not accuracy):
@@ -33,11 +33,12 @@ from calibrate_expert import load, read_labels  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from eagle.config import RoutingConfig, load_config  # noqa: E402
+from eagle.config.sections import EnsembleConfig  # noqa: E402
 from eagle.evaluation.routing_efficiency import routing_efficiency  # noqa: E402
 from eagle.expert.artifact import load_artifact  # noqa: E402
-from eagle.expert.detector import Expert  # noqa: E402
 from eagle.expert.ensemble import ProductExpert, band_of, member_versions, pin  # noqa: E402
 from eagle.expert.experts import parse_models  # noqa: E402
+from eagle.expert.fitted import Expert  # noqa: E402
 from eagle.expert.threshold import classify_in_band  # noqa: E402
 from eagle.expert.training import fit_product  # noqa: E402
 
@@ -111,11 +112,11 @@ def stock_anomalib(root: str, product: str, cfg, tests: list[dict], edges: list[
     anomalib does without defective validation images: the highest score of a held-back normal split."""
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-    from eagle.expert.detector import build_model
+    from eagle.expert.patchcore import PatchCore
     from eagle.expert.training import load_training_images
 
     start = time.perf_counter()
-    ours = build_model(cfg.expert, cfg.storage)
+    ours = PatchCore.from_config(cfg.expert, cfg.storage)
     ref = PatchcoreModel(layers=list(ours.layers), backbone=cfg.expert.backbone, pre_trained=False, num_neighbors=9)
     ref.feature_extractor.load_state_dict(ours.extractor.state_dict())
     ref = ref.to(device)
@@ -128,7 +129,7 @@ def stock_anomalib(root: str, product: str, cfg, tests: list[dict], edges: list[
     for i in range(0, len(train), batch):
         ref(ours.preprocess(train[i:i + batch]).to(device))
     torch.manual_seed(cfg.expert.seed)
-    ref.subsample_embedding(cfg.expert.coreset_ratio)
+    ref.subsample_embedding(cfg.expert.patchcore.coreset_ratio)
     ref.eval()
 
     def score(chunk: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
@@ -172,7 +173,8 @@ def compare(root: str, product: str, cfg, experts: list[str], ensemble: list[str
     loaded: dict[str, tuple] = {}
 
     def product_expert(models: list[str], how: str) -> ProductExpert:
-        expert_cfg = cfg.expert.model_copy(update={"model": models[0], "ensemble": models if len(models) > 1 else []})
+        ensemble = EnsembleConfig(models=models if len(models) > 1 else [])
+        expert_cfg = cfg.expert.model_copy(update={"model": models[0], "ensemble": ensemble})
         pinned = pin(cfg.model_store, product, expert_cfg, cfg.storage)
         members = []
         for version in member_versions(pinned):
@@ -207,7 +209,7 @@ def main() -> None:
     p.add_argument("--products", default="grid,marble,nut")
     p.add_argument("--experts", default="patchcore,padim,stfpm", help="Comma-separated models, each on its own.")
     p.add_argument("--ensemble", default="patchcore,padim", help="Models of one ensemble ('' for none).")
-    p.add_argument("--combine", default="max,mean", help="expert.combine rules to evaluate the ensemble with.")
+    p.add_argument("--combine", default="max,mean", help="expert.ensemble.combine rules to evaluate the ensemble with.")
     p.add_argument("--bins", default="0.3,0.6", help="Edges of the defect-strength bins (labels.csv strength).")
     p.add_argument("--n-train", type=int, default=30)
     p.add_argument("--n-test-good", type=int, default=40)

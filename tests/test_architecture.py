@@ -306,3 +306,60 @@ def test_every_setting_is_described():
     assert len(settings) > 150
     missing = [path for path, field in settings.items() if not description(field)]
     assert not missing, f"settings without a description: {missing}"
+
+
+def _tiny_expert():
+    from eagle.config import ExpertConfig
+
+    return ExpertConfig(backbone="resnet18", layers=["layer1"], weights="random", resize=32, crop=32)
+
+
+def _unimplemented(model: object, interface: type) -> list[str]:
+    """The members of a Protocol that `model` lacks, or whose methods take other parameters."""
+    import inspect
+
+    members = {**{name: None for name in interface.__annotations__},
+               **{name: value for name, value in vars(interface).items() if not name.startswith("_")}}
+    def parameters(method: object) -> tuple[str, ...]:
+        return tuple(p for p in inspect.signature(method).parameters if p not in ("self", "cls"))
+
+    missing = []
+    for name, declared in members.items():
+        if getattr(model, name, None) is None:
+            missing.append(name)
+        elif inspect.isfunction(declared) or isinstance(declared, classmethod):
+            have, wanted = parameters(getattr(model, name)), parameters(getattr(interface, name))
+            if have != wanted:
+                missing.append(f"{name}{have} (wanted {wanted})")
+    return missing
+
+
+def test_every_registered_expert_model_implements_the_interface():
+    from torch import nn
+
+    from eagle.config.sections import EXPERT_MODELS
+    from eagle.expert.experts import ExpertModel, model_class
+
+    for name in EXPERT_MODELS:
+        cls = model_class(name)
+        model = cls.from_config(_tiny_expert())
+        assert cls.name == name and isinstance(model, nn.Module), f"eagle.expert.{name}.MODEL is not model {name}"
+        assert not (gaps := _unimplemented(model, ExpertModel)), f"expert model {name} lacks {gaps}"
+        assert isinstance(model, ExpertModel)
+
+
+def test_interface_check_bites():
+    from eagle.expert.experts import ExpertModel
+    from eagle.expert.padim import Padim
+
+    class NoTensors(Padim):
+        tensors = None  # as if the method were missing
+
+    class OtherPredict(Padim):
+        def predict(self, batch):
+            return batch
+
+    assert _unimplemented(NoTensors.from_config(_tiny_expert()), ExpertModel) == ["tensors"]
+    assert _unimplemented(OtherPredict.from_config(_tiny_expert()), ExpertModel) == [
+        "predict('batch',) (wanted ('batch', 'sizes'))"]
+    assert "fit" in _unimplemented(object(), ExpertModel)

@@ -105,8 +105,8 @@ def detection(overrides: dict) -> tuple[float, float, float]:
     """(image AUROC, FPR and TPR at the label-free threshold) of PatchCore fitted on synthetic normal nuts."""
     from sklearn.metrics import roc_auc_score
 
-    from eagle.expert.detector import build_model
-    from eagle.expert.training import fit_expert, score_images
+    from eagle.expert.patchcore import PatchCore
+    from eagle.expert.training import score_images
     from eagle.testing.synth import PRODUCT_DEFECTS, image_rng, render_defect, render_normal, strengths
 
     size, product = 128, "nut"
@@ -115,8 +115,8 @@ def detection(overrides: dict) -> tuple[float, float, float]:
     bad = [render_defect(product, d, s, image_rng(0, product, f"test/{d}", i), size)[0]
            for d in PRODUCT_DEFECTS[product] for i, s in enumerate(strengths(6))]
     cfg = load_config(overrides={"expert": {"backbone": LITE0, "resize": size, "crop": size, **overrides}}, env={})
-    fitted = fit_expert(train, cfg)
-    model = build_model(cfg.expert, memory_bank=fitted.tensors["memory_bank"])
+    fitted = PatchCore.fit(train, cfg)
+    model = PatchCore.from_config(cfg.expert, tensors=fitted.tensors)
     normal, defective = np.array(score_images(model, good, 8)), np.array(score_images(model, bad, 8))
     auroc = roc_auc_score([0] * len(normal) + [1] * len(defective), np.concatenate([normal, defective]))
     threshold = fitted.threshold.value
@@ -134,10 +134,10 @@ def test_real_features_detect_what_random_or_misnormalised_ones_do_not(monkeypat
     real = detection({"weights": "imagenet"})
     assert passes(real), real
     assert not passes(random := detection({"weights": "random"})), random
-    monkeypatch.setattr("eagle.expert.model.normalisation", lambda name: normalisation("wide_resnet50_2"))
+    monkeypatch.setattr("eagle.expert.patchcore.normalisation", lambda name: normalisation("wide_resnet50_2"))
     assert not passes(wrong := detection({"weights": "imagenet"})), wrong
     monkeypatch.setattr(backbone_module, "lite0_imagenet_model", lambda: _without_bn_statistics(lite0_imagenet_model()))
-    monkeypatch.setattr("eagle.expert.model.normalisation", normalisation)
+    monkeypatch.setattr("eagle.expert.patchcore.normalisation", normalisation)
     assert not passes(misloaded := detection({"weights": "imagenet"})), misloaded
 
 

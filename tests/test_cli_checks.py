@@ -109,7 +109,7 @@ MISTAKES = {
                                                   "expert.model=padim: no listed product (grid) has a fitted padim "
                                                   "expert in {t}/models (fitted there: patchcore)"),
     "ensemble member fitted for no listed product": (
-        "inspect", [*INSPECT, "--mllm", "none", "expert.ensemble=[patchcore,padim]"],
+        "inspect", [*INSPECT, "--mllm", "none", "expert.ensemble.models=[patchcore,padim]"],
         "expert.ensemble member padim: no listed product (grid) has a fitted padim expert"),
     "fit of a product that does not exist": ("fit", [*FIT, "--products", "grid,bolt"],
                                              "--products bolt: no such product under {t}/data"),
@@ -187,7 +187,7 @@ def test_a_model_some_listed_products_lack_stays_a_warning(site):
     (site / "models" / "screw" / "LATEST.padim").write_text("v2\n")
     inputs = InputConfig(uris=[str(site / "data")])
     assert preflight.listed_products(inputs, None) == {"grid", "screw"}
-    for override in ({"model": "padim"}, {"ensemble": ["patchcore", "padim"]}, {"model": "auto"}):
+    for override in ({"model": "padim"}, {"ensemble": {"models": ["patchcore", "padim"]}}, {"model": "auto"}):
         cfg = load_config(overrides={"model_store": str(site / "models"), "expert": override}, env={})
         preflight.check_experts_for(str(site / "models"), {"grid", "screw"}, cfg)
     cfg = load_config(overrides={"model_store": str(site / "models"), "expert": {"model": "stfpm"}}, env={})
@@ -210,7 +210,7 @@ def test_the_summary_json_says_mode_status_models_and_config_hash(tmp_path):
     (tmp_path / "mllm").mkdir()
     (tmp_path / "mllm" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
     cfg = load_config(overrides={"run_id": "r1", "mode": "incremental", "mllm": {"model": str(tmp_path / "mllm")},
-                                 "routing": {"policy": "uncertain"}, "expert": {"ensemble": ["patchcore", "padim"]},
+                                 "routing": {"policy": "uncertain"}, "expert": {"ensemble": {"models": ["patchcore", "padim"]}},
                                  "output": {"uri": str(tmp_path / "out")}}, env={})
     summary = Summary(run_id="r1", output=str(tmp_path / "out"), listed=3, skipped=0, audited=3, seconds=1.0,
                       status={"ok": 2, "error": 1})

@@ -18,7 +18,7 @@ def test_unknown_key_names_key_and_allowed(tmp_path):
         _load_yaml(tmp_path, "expert:\n  batchsize: 4\n")
     msg = str(exc.value)
     assert "expert.batchsize" in msg
-    assert "backbone" in msg and "coreset_ratio" in msg  # the allowed keys of that section
+    assert "backbone" in msg and "patchcore" in msg  # the allowed keys of that section
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -128,3 +128,68 @@ def test_a_stage_s_resources_keep_its_defaults_when_one_is_overridden():
     cfg = load_config(overrides=["resources.finish.batch_size=128", "resources.decode.num_cpus=1"], env={})
     assert (cfg.resources.finish.batch_size, cfg.resources.finish.num_cpus) == (128, 0.25)
     assert (cfg.resources.decode.batch_size, cfg.resources.decode.num_cpus) == (16, 1)
+
+
+# The expert section's settings in the flat layout they had before the model sub-sections, the same in the nested
+# layout, and the hashes main (c06f75f) gave them: (config_hash of all result sections, of expert + threshold, of
+# the fit_view of patchcore / padim / stfpm: what each model's artifact records).
+EXPERT_LAYOUTS = {
+    "default": ("seed: 0\n", "seed: 0\n", ("34f7ed1bceab90c5", "78fd542690dc20f0", "78fd542690dc20f0", "3bcf169ca8ab52a3",
+                         "1a43d8df0a6024e3")),
+    "patchcore": ("coreset_ratio: 0.2\n  coreset_projection_dim: 64\n  scoring: mean_k\n  k: 7\n  num_neighbors: 3\n"
+                  "  patch_size: 5\n  projection_dim: 100\n  search: exact\n  seed: 3\n",
+                  "patchcore: {coreset_ratio: 0.2, coreset_projection_dim: 64, scoring: mean_k, k: 7, "
+                  "num_neighbors: 3, patch_size: 5, projection_dim: 100, search: exact}\n  seed: 3\n",
+                  ("0473a58573d4bdca", "cb6de08834359a6a", "cb6de08834359a6a", "f3071b382d7bdb6d",
+                   "17b3c3e60baa3cd9")),
+    "ensemble": ("ensemble: [patchcore, padim]\n  combine: mean\n",
+                 "ensemble: {models: [patchcore, padim], combine: mean}\n",
+                 ("cd91bc0b4f02d9ed", "2b617e7b7304d897", "78fd542690dc20f0", "3bcf169ca8ab52a3",
+                  "1a43d8df0a6024e3")),
+    "all": ("model: stfpm\n  coreset_ratio: 0.2\n  scoring: mean_k\n  search: float16\n  ensemble: [patchcore, stfpm]\n"
+            "  combine: mean\n  stfpm: {lr: 0.1}\n  backbone: resnet18\n  weights: random\n  dtype: auto\n"
+            "  cache_size: 9\n",
+            "model: stfpm\n  patchcore: {coreset_ratio: 0.2, scoring: mean_k, search: float16}\n"
+            "  ensemble: {models: [patchcore, stfpm], combine: mean}\n  stfpm: {lr: 0.1}\n  backbone: resnet18\n"
+            "  weights: random\n  dtype: auto\n  cache_size: 9\n",
+            ("8fd732c5f4ef4c8e", "286b4d8335b2b89f", "18bb09bd5fae10c5", "4e099f58b7e682b8", "ab2e55c2ff63373d")),
+}
+
+
+@pytest.mark.parametrize("name", EXPERT_LAYOUTS)
+def test_expert_sub_sections_keep_every_hash_and_old_keys_load(tmp_path, name: str):
+    import warnings
+
+    from eagle.config.hashing import fit_view
+
+    flat, nested, hashes = EXPERT_LAYOUTS[name]
+    threshold = "threshold: {folds: 3}\n" if name == "all" else ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = _load_yaml(tmp_path, f"expert:\n  {flat}{threshold}")
+        new = _load_yaml(tmp_path, f"expert:\n  {nested}{threshold}")
+    deprecated = [str(w.message) for w in caught if w.category is FutureWarning]
+    assert len(deprecated) == (flat != nested) and all(" is now expert." in m for m in deprecated)
+    assert old == new
+    for cfg in (old, new):
+        ours = (config_hash(cfg), config_hash(cfg, sections=("expert", "threshold")),
+                *(config_hash(fit_view(cfg, m), sections=("expert", "threshold")) for m in ("patchcore", "padim",
+                                                                                            "stfpm")))
+        assert ours == hashes
+
+
+def test_old_expert_keys_move_once_and_records_read_back_silently():
+    import warnings
+
+    from eagle.config import ExpertConfig
+
+    with pytest.raises(ConfigError, match="expert.patchcore.k is given twice"):
+        load_config(overrides=["expert.k=3", "expert.patchcore.k=4"], env={})
+    with pytest.warns(FutureWarning, match="expert.ensemble is now expert.ensemble.models"):
+        cfg = load_config(overrides=["expert.ensemble=[padim,stfpm]", "expert.combine=mean"], env={})
+    assert cfg.expert.ensemble.models == ["padim", "stfpm"] and cfg.expert.ensemble.combine == "mean"
+    record = cfg.expert.record()  # what artifacts hold: the flat layout
+    assert record["ensemble"] == ["padim", "stfpm"] and record["combine"] == "mean" and record["k"] == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert ExpertConfig.from_record(record) == cfg.expert

@@ -11,8 +11,9 @@ import torch
 
 from eagle.config import load_config
 from eagle.expert.artifact import LATEST_FILE, META_FILE, TENSORS_FILE, ArtifactError, load_artifact, save_artifact
-from eagle.expert.detector import Expert, build_model
-from eagle.expert.training import fit_expert, fit_product, list_products, load_training_images
+from eagle.expert.fitted import Expert
+from eagle.expert.patchcore import PatchCore
+from eagle.expert.training import fit_product, list_products, load_training_images
 from eagle.io.images import decode_image
 
 TINY = ["expert.backbone=resnet18", "expert.weights=random", "expert.resize=64", "expert.crop=64",
@@ -47,7 +48,7 @@ def fitted(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_round_trip_gives_identical_scores(data_root: Path, fitted):
     cfg, summary = fitted
     _, train = load_training_images(str(data_root), "nut", cfg)
-    in_memory = fit_expert(train, cfg)
+    in_memory = PatchCore.fit(train, cfg)
     art = load_artifact(cfg.model_store, "nut")
     assert art.version == summary.version
     assert (Path(cfg.model_store) / "nut" / LATEST_FILE).read_text().strip() == summary.version
@@ -58,7 +59,7 @@ def test_round_trip_gives_identical_scores(data_root: Path, fitted):
 
     images = held_out_images(data_root)
     loaded = Expert.from_artifact(art).score(images)
-    direct = Expert(build_model(cfg.expert, memory_bank=in_memory.tensors["memory_bank"])).score(images)
+    direct = Expert(PatchCore.from_config(cfg.expert, tensors=in_memory.tensors)).score(images)
     assert [r.score for r in loaded] == [r.score for r in direct]
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(loaded, direct, strict=True))
 

@@ -87,7 +87,7 @@ def test_inspect_mixes_products_fitted_with_different_experts_and_ensembles(tmp_
     fit_product(data, "grid", cfg, model="patchcore", default=False)
     fit_product(data, "nut", cfg, model="stfpm", default=False)
     run_inspect(load_config(overrides={**overrides, "run_id": "ensemble",
-                                       "expert": {**TINY, "ensemble": ["patchcore", "stfpm"]}}))
+                                       "expert": {**TINY, "ensemble": {"models": ["patchcore", "stfpm"]}}}))
     rows = output_rows(cfg, "run_id = 'ensemble'")
     assert sorted(r["image_uri"] for r in rows) == sorted(listed)  # exactly once each
     for row in rows:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from eagle.config import ExpertConfig
-from eagle.expert.detector import Expert, build_model
+from eagle.expert.fitted import Expert
+from eagle.expert.patchcore import PatchCore
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
 
@@ -26,7 +27,7 @@ def images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def model_and_bank():
-    model = build_model(tiny_cfg())
+    model = PatchCore.from_config(tiny_cfg())
     emb = model.embed(model.preprocess(images(4)))  # (4, 8, 8, 384)
     bank = emb.reshape(-1, emb.shape[-1])[::3].clone()
     model.memory_bank = bank
@@ -55,7 +56,7 @@ def test_scores_and_maps_match_anomalib_patchcore(model_and_bank):
 
 
 def test_anomaly_map_is_at_original_size_and_follows_the_defect():
-    model = build_model(ExpertConfig(backbone="resnet18", layers=LAYERS, weights="random", resize=80, crop=64))
+    model = PatchCore.from_config(ExpertConfig(backbone="resnet18", layers=LAYERS, weights="random", resize=80, crop=64))
     model.memory_bank = model.embed(model.preprocess(images(3, size=96))).reshape(-1, 384)
     test = images(1, size=96, seed=3)[0][:, :80].copy()  # 96 x 80, not square
     test[40:56, 30:46] = 255
@@ -80,12 +81,12 @@ def test_mean_k_scoring_is_mean_of_k_distances_and_max_over_patches():
 
 
 def test_projection_reduces_patch_dims():
-    model = build_model(tiny_cfg(projection_dim=100))
+    model = PatchCore.from_config(tiny_cfg(patchcore={"projection_dim": 100}))
     assert model.embed(model.preprocess(images(1))).shape == (1, 8, 8, 100)
 
 
 def test_preprocess_refuses_non_rgb():
-    model = build_model(tiny_cfg())
+    model = PatchCore.from_config(tiny_cfg())
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         model.preprocess([np.zeros((64, 64), np.uint8)])
 
@@ -115,7 +116,7 @@ def test_model_inputs_made_elsewhere_score_as_the_images_do():
     from eagle.config import RegionsConfig
     from eagle.expert.regions import find_regions
 
-    model = build_model(ExpertConfig(backbone="resnet18", layers=LAYERS, weights="random", resize=80, crop=64))
+    model = PatchCore.from_config(ExpertConfig(backbone="resnet18", layers=LAYERS, weights="random", resize=80, crop=64))
     model.memory_bank = model.embed(model.preprocess(images(3, size=96))).reshape(-1, 384)
     test = [im[:, :80].copy() for im in images(3, size=96, seed=4)]
     for im in test[1:]:

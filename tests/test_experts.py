@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from eagle.config import config_hash, load_config
+from eagle.config.sections import EXPERT_MODELS
 from eagle.expert.artifact import (
     LATEST_FILE,
     META_FILE,
@@ -19,8 +20,8 @@ from eagle.expert.artifact import (
     resolve_version,
     save_artifact,
 )
-from eagle.expert.detector import Expert
-from eagle.expert.experts import EXPERTS, expert_kind, parse_models
+from eagle.expert.experts import model_class, parse_models
+from eagle.expert.fitted import Expert
 from eagle.expert.threshold import fold_assignment, out_of_fold_scores
 from eagle.expert.training import fit_product, load_training_images
 from eagle.io.images import decode_image
@@ -63,13 +64,13 @@ def test_fit_round_trips_bit_exactly(data_root: Path, fitted: dict, model: str):
     art = load_artifact(cfg.model_store, "nut", model=model)
     assert art.version == summary.version and art.meta["model"] == model == summary.model
     assert art.meta["expert"]["resize"] == 72 and art.meta["expert"]["crop"] == 64  # model_input_sizes reads these
-    fit = expert_kind(model).fit_function()(load_training_images(str(data_root), "nut", cfg)[1], cfg,
-                                            names=art.meta["training"]["names"])
+    fit = model_class(model).fit(load_training_images(str(data_root), "nut", cfg)[1], cfg,
+                                 names=art.meta["training"]["names"])
     assert fit.meta["threshold"] == art.meta["threshold"] and fit.tensors.keys() == art.tensors.keys()
     assert all(np.array_equal(fit.tensors[k].numpy(), art.tensors[k].numpy()) for k in fit.tensors)
     images = held_out_images(data_root)
     loaded = Expert.from_artifact(art).score(images)
-    direct = Expert(expert_kind(model).model_class().from_config(cfg.expert, None, fit.tensors)).score(images)
+    direct = Expert(model_class(model).from_config(cfg.expert, None, fit.tensors)).score(images)
     assert [r.score for r in loaded] == [r.score for r in direct]
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(loaded, direct, strict=True))
     assert all(r.anomaly_map.shape == (64, 64) and r.anomaly_map.dtype == np.float32 for r in loaded)
@@ -147,7 +148,8 @@ def test_pointers_per_model_and_the_default(fitted: dict, tmp_path: Path):
 def test_patchcore_fit_ignores_other_models_settings(data_root: Path, fitted: dict, tmp_path: Path):
     """PatchCore artifacts keep their versions: the model choice and other models' options are not recorded."""
     cfg = tiny_cfg(tmp_path, "expert.model=patchcore", "threshold.folds=4", "expert.stfpm.epochs=7",
-                   "expert.padim.n_features=50", "expert.ensemble=[patchcore,padim]", "expert.combine=mean")
+                   "expert.padim.n_features=50", "expert.ensemble.models=[patchcore,padim]",
+                   "expert.ensemble.combine=mean")
     again = fit_product(str(data_root), "nut", cfg)
     assert again.version == fitted["patchcore"].version and again.model == "patchcore"
     assert "model" not in load_artifact(str(tmp_path), "nut").meta
@@ -176,7 +178,7 @@ def test_fold_assignment_depends_only_on_names():
 
 
 def test_registry_and_model_lists():
-    assert set(EXPERTS) == {"patchcore", "padim", "stfpm"}
+    assert EXPERT_MODELS == ("patchcore", "padim", "stfpm")
     assert parse_models("padim, patchcore,padim") == ["padim", "patchcore"]
     with pytest.raises(ValueError, match="unknown expert model 'efficientad'"):
         parse_models("padim,efficientad")

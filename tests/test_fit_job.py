@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from eagle.expert.artifact import load_artifact
-from eagle.expert.detector import Expert
+from eagle.expert.fitted import Expert
 
 
 @pytest.mark.slow

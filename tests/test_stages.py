@@ -207,7 +207,7 @@ class _Inverted(_FakeExpert):
 
 @pytest.mark.parametrize("how", ["max", "mean"])
 def test_an_ensemble_verdict_is_the_rule_applied_to_its_members_scores(cfg, how):
-    cfg.expert.combine = how
+    cfg.expert.ensemble.combine = how
     members = [(_art(50.0, 80.0, "a1"), _FakeExpert()), (_art(300.0, 330.0, "b2", "padim", "mad"), _Inverted())]
     version = ensemble_version({"patchcore": "a1", "padim": "b2"})
     stage = ExpertStage(cfg, versions={"p": version})

@@ -34,7 +34,7 @@ log = logging.getLogger("eagle.fit")
 
 # CLI flag -> config key
 _FLAGS = {"model_store": "model_store", "backbone": "expert.backbone", "weights": "expert.weights",
-          "threshold_method": "threshold.method", "coreset_ratio": "expert.coreset_ratio"}
+          "threshold_method": "threshold.method", "coreset_ratio": "expert.patchcore.coreset_ratio"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         check_fit(cfg, args.data)
         from eagle.expert.experts import parse_models
 
-        models = parse_models(args.expert) if args.expert else cfg.expert.ensemble or [cfg.expert.fit_model()]
+        models = parse_models(args.expert) if args.expert else cfg.expert.ensemble.models or [cfg.expert.fit_model()]
     except (ConfigError, ValueError, StorageUnreachable) as exc:
         return failed(exc, log)
     from eagle.expert.threshold import empty_band_advice

@@ -122,7 +122,7 @@ def summary_doc(cfg: JobConfig, final_status: str, summary: Summary | None = Non
     doc.setdefault("status", {})
     return {**doc, "mode": cfg.mode, "final_status": final_status, **({"error": error} if error else {}),
             "counts_by_status": dict(sorted(doc["status"].items())), "config_hash": config_hash(cfg),
-            "models": {"expert": {"model": cfg.expert.model, "ensemble": list(cfg.expert.ensemble),
+            "models": {"expert": {"model": cfg.expert.model, "ensemble": list(cfg.expert.ensemble.models),
                                   "model_store": cfg.model_store},
                        "mllm": {"model": cfg.mllm.model, "family": mllm_family(cfg.mllm.model),
                                 "routing": cfg.routing.policy, "guidance": settings["guidance"]}}}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from eagle.config import ConfigError, InputConfig, JobConfig, StorageConfig
 from eagle.config.backbones import backbone_info, offline_imagenet
+from eagle.config.sections import EXPERT_MODELS
 from eagle.io import storage
 
 # Weights above this on a CPU-only MLLM stage are refused unless forced (a 7B model in bf16 is ~15 GB).
@@ -232,22 +233,20 @@ def _names(products: set[str] | list[str], at_most: int = 8) -> str:
 
 
 def check_experts_for(uri: str, products: set[str] | None, cfg: JobConfig) -> None:
-    """Each expert model the run needs (expert.model, or every expert.ensemble member) is fitted for at least
-    one listed product (`products`; None: unknown, then any product of the store): a model no listed product
+    """Each expert model the run needs (expert.model, or every expert.ensemble.models member) is fitted for at
+    least one listed product (`products`; None: unknown, then any product of the store): a model no listed product
     has is a mistake; a product that lacks it becomes error rows with a warning, as before."""
-    from eagle.expert.experts import EXPERTS
-
     store = cfg.storage
     if products is None:
         products = {posixpath.basename(f.rstrip("/")) for f in storage.list_folders(uri, store)}
     products = {p for p in products or () if _safe(p)}  # unsafe names: the listing reports them
     if not products:
         return  # nothing listed (an empty input allowed by --allow-empty): no expert needed
-    models = list(cfg.expert.ensemble) or [cfg.expert.model]
+    models = list(cfg.expert.ensemble.models) or [cfg.expert.model]
     for model in models:
         if any(_has_expert(uri, p, model, store) for p in sorted(products)):
             continue
-        fitted = sorted({m for m in EXPERTS for p in sorted(products)[:5] if _has_expert(uri, p, m, store)})
+        fitted = sorted({m for m in EXPERT_MODELS for p in sorted(products)[:5] if _has_expert(uri, p, m, store)})
         if model == "auto" or not fitted and not any(_has_expert(uri, p, "auto", store) for p in products):
             images = any(storage.exists(storage.join(uri, p, "train"), store) or
                          storage.exists(storage.join(uri, p, "test"), store) for p in sorted(products)[:3])
@@ -255,11 +254,11 @@ def check_experts_for(uri: str, products: set[str] | None, cfg: JobConfig) -> No
             raise ConfigError(f"model store {uri} has no fitted expert for any listed product ({_names(products)})"
                               f"{looks}: give --model-store the prefix jobs/fit.py wrote to, or run jobs/fit.py "
                               f"--model-store {uri} first")
-        setting = "expert.ensemble member" if cfg.expert.ensemble else "expert.model="
-        raise ConfigError(f"{setting}{' ' if cfg.expert.ensemble else ''}{model}: no listed product "
+        setting = "expert.ensemble member" if cfg.expert.ensemble.models else "expert.model="
+        raise ConfigError(f"{setting}{' ' if cfg.expert.ensemble.models else ''}{model}: no listed product "
                           f"({_names(products)}) has a fitted {model} expert in {uri} (fitted there: "
                           f"{', '.join(fitted) or 'none'}): fit it with jobs/fit.py --expert {model}, or "
-                          + ("drop it from expert.ensemble" if cfg.expert.ensemble else
+                          + ("drop it from expert.ensemble.models" if cfg.expert.ensemble.models else
                              f"use expert.model={fitted[0] if len(fitted) == 1 else 'auto'}"))
 
 

@@ -6,7 +6,8 @@ environment fallback) and only mounted here.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import warnings
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlparse
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -126,6 +127,38 @@ class Resources(Section):
 
 
 # ---------------------------------------------------------------------------------------------- expert
+# The expert models, each implemented by eagle/expert/<name>.py (its `MODEL`): the one list of their names.
+# Adding a model: its module and its name here (docs/EXPERT.md, "Adding a model").
+ModelName = Literal["patchcore", "padim", "stfpm"]
+EXPERT_MODELS: tuple[str, ...] = get_args(ModelName)
+
+
+class PatchCoreConfig(Section):
+    """PatchCore (anomalib's ``PatchcoreModel``): a memory bank of normal patch embeddings, nearest-neighbour
+    distances. Recorded by every model's artifact at the expert section's top level (`ExpertConfig.record`)."""
+
+    patch_size: int = Field(3, ge=1, description="Neighbourhood aggregation kernel: each patch embedding is the "
+                            "mean over patch_size x patch_size feature positions.")
+    projection_dim: int | None = Field(
+        None, gt=0, description="Optional reduction of each patch vector to this many dims by channel average "
+        "pooling, as the PatchCore paper's code (paper: 1024); None keeps all (1536 for WRN50 layer2+layer3).")
+    coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of training patches kept in the memory bank.")
+    coreset_projection_dim: int = Field(128, gt=0, description="Random projection used only to pick the coreset.")
+    scoring: Literal["anomalib", "mean_k"] = Field(
+        "anomalib",
+        description="'anomalib': max patch distance re-weighted with num_neighbors (PatchcoreModel); "
+        "'mean_k': the paper's mean distance to k nearest neighbours.",
+    )
+    num_neighbors: int = Field(9, ge=1, description="Neighbours for anomalib's re-weighting.")
+    k: int = Field(5, ge=1, description="Neighbours for 'mean_k' scoring.")
+    search: Literal["auto", "exact", "float16", "bfloat16", "tf32"] = Field(
+        "auto", description="Nearest-neighbour search; every choice finds the exact neighbours. "
+        "'auto': on CUDA a float16 shortlist re-ranked exactly, with a certificate (uncertified queries are "
+        "searched again in float64; eagle/expert/search.py), on a CPU the pruned exact search; 'exact': the "
+        "pruned search on a CPU, float32 brute force on CUDA; 'float16', 'bfloat16', 'tf32': that shortlist "
+        "on any device. Does not change results (not in the config hash).")
+
+
 class PadimConfig(Section):
     """PaDiM (anomalib's ``PadimModel``): one Gaussian per patch position over the backbone's features."""
 
@@ -141,19 +174,61 @@ class StfpmConfig(Section):
                         "up to 100).")
     lr: float = Field(0.4, gt=0, description="SGD learning rate (anomalib: 0.4, momentum 0.9, weight decay 1e-3).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(0.001, ge=0, description="SGD weight decay.")
+    weight_decay: float = Field(0.001, ge=0, description="SGD weight decay (L2 penalty on the student's weights).")
     batch_size: int = Field(8, ge=2, description="Training batch size (BatchNorm trains on 2 or more images).")
 
 
-# The expert models (eagle.expert.experts registers them); 'auto' resolves per product, see ExpertConfig.model.
-EXPERT_MODELS = ("patchcore", "padim", "stfpm")
+class EnsembleConfig(Section):
+    """Several fitted experts of a product scoring together (eagle/expert/ensemble.py)."""
+
+    models: list[ModelName] = Field(
+        default_factory=list, description="Inspect: score each image with these experts of its product (each "
+        "model's latest fit) and combine their scores, each divided by its own threshold (e.g. [patchcore, "
+        "padim]; when set, expert.model is not used); empty: one expert (expert.model). Fit: the models "
+        "jobs/fit.py fits when --expert is not given.")
+    combine: Literal["max", "mean"] = Field(
+        "max", description="How the members' normalised scores and maps combine: 'max' (anomalous when any "
+        "member is) or 'mean'.")
+
+    @model_validator(mode="after")
+    def _members(self) -> EnsembleConfig:
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"expert.ensemble.models lists a model twice: {self.models}")
+        if len(self.models) == 1:
+            raise ValueError("expert.ensemble.models needs two or more models (one model: set expert.model)")
+        return self
+
+
+# Keys of the flat layout (eagle-expert/1 records, configs written before the sections) → where they live now.
+_FLAT_KEYS = {**{name: ("patchcore", name) for name in PatchCoreConfig.model_fields},
+              "combine": ("ensemble", "combine")}
+
+
+def _nested(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """An expert section in the flat layout moved into its sub-sections: (data, the flat keys it had)."""
+    flat = [key for key in (*_FLAT_KEYS, "ensemble") if key in data
+            and (key != "ensemble" or not isinstance(data[key], dict))]
+    if not flat:
+        return data, []
+    data = {**data}
+    moved = {"ensemble": {"models": data.pop("ensemble")}} if "ensemble" in flat else {}
+    for key in flat:
+        if key != "ensemble":
+            section, field = _FLAT_KEYS[key]
+            moved.setdefault(section, {})[field] = data.pop(key)
+    for section, fields in moved.items():
+        given = data.get(section) or {}
+        if twice := sorted(set(fields) & set(given)):
+            raise ValueError(f"expert.{section}.{twice[0]} is given twice: as expert.{section}.{twice[0]} and in "
+                             f"the old flat form; keep expert.{section}.{twice[0]}")
+        data[section] = {**given, **fields}
+    return data, flat
 
 
 class ExpertConfig(Section):
-    """The expert: which model, its backbone and input size; PatchCore's embedding and scoring (its fields are
-    kept at the top level, as before there were several models); other models' options in their sub-sections."""
+    """The expert: which model, its backbone and input size, and each model's own settings in its sub-section."""
 
-    model: Literal["auto", "patchcore", "padim", "stfpm"] = Field(
+    model: Literal["auto", ModelName] = Field(
         "auto", description="Which expert. Inspect: 'auto' uses each product's default expert (the first model "
         "of its latest fit, pointer {product}/LATEST), a name uses that model's latest fit of the product "
         "({product}/LATEST.<name>). Fit: 'auto' fits patchcore (jobs/fit.py --expert a,b fits several).")
@@ -175,58 +250,49 @@ class ExpertConfig(Section):
         256, gt=0, description="Images are resized to resize x resize (aspect ratio not kept, as anomalib's "
         "pre-processor), then center-cropped.")
     crop: int = Field(224, gt=0, description="Center-crop size fed to the backbone.")
-    patch_size: int = Field(3, ge=1, description="Neighbourhood aggregation kernel.")
-    projection_dim: int | None = Field(
-        None, gt=0, description="Optional reduction of each patch vector to this many dims by channel average "
-        "pooling, as the PatchCore paper's code (paper: 1024); None keeps all (1536 for WRN50 layer2+layer3).")
-    coreset_ratio: float = Field(0.1, gt=0, le=1, description="Share of training patches kept in the memory bank.")
-    coreset_projection_dim: int = Field(128, gt=0, description="Random projection used only to pick the coreset.")
-    scoring: Literal["anomalib", "mean_k"] = Field(
-        "anomalib",
-        description="'anomalib': max patch distance re-weighted with num_neighbors (PatchcoreModel); "
-        "'mean_k': the paper's mean distance to k nearest neighbours.",
-    )
-    num_neighbors: int = Field(9, ge=1, description="Neighbours for anomalib's re-weighting.")
-    k: int = Field(5, ge=1, description="Neighbours for 'mean_k' scoring.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "float32", description="Backbone compute dtype; 'auto': float16 on a CUDA device (about 2x the images/s "
         "of float32 there, scores within ~1e-3 relative, BENCHMARKS.md), float32 elsewhere. Distances and "
         "statistics stay float32.")
-    search: Literal["auto", "exact", "float16", "bfloat16", "tf32"] = Field(
-        "auto", description="PatchCore's nearest-neighbour search; every choice finds the exact neighbours. "
-        "'auto': on CUDA a float16 shortlist re-ranked exactly, with a certificate (uncertified queries are "
-        "searched again in float64; eagle/expert/search.py), on a CPU the pruned exact search; 'exact': the "
-        "pruned search on a CPU, float32 brute force on CUDA; 'float16', 'bfloat16', 'tf32': that shortlist "
-        "on any device. Does not change results (not in the config hash).")
-    seed: int = Field(0, description="Seed for coreset sampling and projections.")
+    seed: int = Field(0, description="Seed of every random choice a fit makes: random backbone weights, "
+                      "PatchCore's coreset sampling and projection, PaDiM's feature subset, STFPM's student "
+                      "initialisation and batch order, the threshold's cross-fit folds.")
     cache_size: int = Field(4, ge=1, description="Products whose artifacts one expert actor keeps loaded.")
-    padim: PadimConfig = Field(default_factory=PadimConfig)
-    stfpm: StfpmConfig = Field(default_factory=StfpmConfig)
-    ensemble: list[Literal["patchcore", "padim", "stfpm"]] = Field(
-        default_factory=list, description="Inspect: score each image with several experts of its product (each "
-        "model's latest fit) and combine their scores, each divided by its own threshold (e.g. [patchcore, "
-        "padim]; when set, expert.model is not used); empty: one expert (expert.model). Fit: the models "
-        "jobs/fit.py fits when --expert is not given.")
-    combine: Literal["max", "mean"] = Field(
-        "max", description="How an ensemble combines its members' normalised scores and maps: 'max' (anomalous "
-        "when any member is) or 'mean'.")
+    patchcore: PatchCoreConfig = Field(default_factory=PatchCoreConfig, description="PatchCore's settings.")
+    padim: PadimConfig = Field(default_factory=PadimConfig, description="PaDiM's settings.")
+    stfpm: StfpmConfig = Field(default_factory=StfpmConfig, description="STFPM's settings.")
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="Several experts at once.")
 
     @model_validator(mode="before")
     @classmethod
-    def _backbone_layers(cls, data: object) -> object:
+    def _sections(cls, data: object) -> object:
         """Layers not given (or null): the backbone's defaults. Resolved at validation, so a config hashes and
-        an artifact records the layers it uses (WRN50's defaults are the layers every earlier config had)."""
-        if isinstance(data, dict) and data.get("layers") is None:
+        an artifact records the layers it uses (WRN50's defaults are the layers every earlier config had).
+        Keys of the flat layout (``expert.coreset_ratio``, ``expert.ensemble: [a, b]``, ...) still load, into
+        their sections, with a warning."""
+        if not isinstance(data, dict):
+            return data
+        data, flat = _nested(data)
+        if flat:
+            warnings.warn("deprecated expert settings: " + ", ".join(
+                f"expert.{key} is now expert.{'ensemble.models' if key == 'ensemble' else '.'.join(_FLAT_KEYS[key])}"
+                for key in flat), FutureWarning, stacklevel=1)
+        if data.get("layers") is None:
             data = {**data, "layers": default_layers(data.get("backbone") or "wide_resnet50_2")}
         return data
 
-    @model_validator(mode="after")
-    def _ensemble_members(self) -> ExpertConfig:
-        if self.ensemble and len(set(self.ensemble)) != len(self.ensemble):
-            raise ValueError(f"expert.ensemble lists a model twice: {self.ensemble}")
-        if len(self.ensemble) == 1:
-            raise ValueError("expert.ensemble needs two or more models (one model: set expert.model)")
-        return self
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ExpertConfig:
+        """The section an artifact recorded (`record`), without the flat layout's warning."""
+        return cls.model_validate(_nested(record)[0])
+
+    def record(self) -> dict[str, Any]:
+        """The section in the flat layout of artifact format eagle-expert/1: PatchCore's settings at the top level,
+        ``ensemble`` the list of models, ``combine`` beside it. Artifacts record it and the config hash reads it,
+        so both stay what they were before the sub-sections."""
+        data = self.model_dump(mode="json")
+        ensemble = data.pop("ensemble")
+        return {**data.pop("patchcore"), **data, "ensemble": ensemble["models"], "combine": ensemble["combine"]}
 
     def resolved_dtype(self, device: str) -> str:
         """The backbone dtype on `device` ('auto': float16 on CUDA, else float32)."""

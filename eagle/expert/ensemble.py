@@ -1,8 +1,8 @@
-"""A product's pinned expert as the expert stage uses it: one model, or an ensemble (``expert.ensemble``).
+"""A product's pinned expert as the expert stage uses it: one model, or an ensemble (``expert.ensemble.models``).
 
 An ensemble scores each image with every member (each a fitted expert of the product, at the version pinned for
 the run), divides each member's score by that member's own label-free threshold, and combines the normalised
-scores by ``expert.combine`` (max: anomalous as soon as one member says so; mean). Anomaly maps are normalised
+scores by ``expert.ensemble.combine`` (max: anomalous as soon as one member says so; mean). Anomaly maps are normalised
 and combined the same way, pixel by pixel. The verdict, confidence band, regions and prompts then use the
 combination, judged against threshold 1 (scores are in threshold units) and a score_max that combines the
 members' score_max / threshold by the same rule.
@@ -43,11 +43,11 @@ def member_versions(pinned: str) -> list[str]:
 
 
 def pin(store: str, product: str, cfg: ExpertConfig, storage: StorageConfig | None = None) -> str:
-    """The version of `product`'s expert for a run: ``expert.model``'s latest fit, or with ``expert.ensemble``
+    """The version of `product`'s expert for a run: ``expert.model``'s latest fit, or with ``expert.ensemble.models``
     each member's latest fit (all made for the same model input size). ArtifactError when one is missing."""
-    if not cfg.ensemble:
+    if not cfg.ensemble.models:
         return resolve_version(store, product, storage=storage, model=cfg.model)
-    members = {model: resolve_version(store, product, storage=storage, model=model) for model in cfg.ensemble}
+    members = {model: resolve_version(store, product, storage=storage, model=model) for model in cfg.ensemble.models}
     metas = {model: read_meta(store, product, version, storage) for model, version in members.items()}
     if unusable := [model for model, meta in metas.items() if not float(meta["threshold"]["value"]) > 0]:
         raise ArtifactError(f"the {', '.join(unusable)} expert of product {product!r} has a threshold of 0 or "
@@ -163,7 +163,7 @@ class ProductExpert:
 
     def __init__(self, version: str, members: Sequence[tuple[Any, Any]], how: str = "max", band: Band | None = None
                  ) -> None:
-        """members: (ExpertArtifact, eagle.expert.detector.Expert) pairs, in the configured order; band: how its
+        """members: (ExpertArtifact, eagle.expert.fitted.Expert) pairs, in the configured order; band: how its
         scores are judged (default: EAGLE's band of its members)."""
         self.version, self.members, self.how = version, list(members), how
         self.band = band or band_of([art.meta for art, _ in self.members], how)

@@ -18,15 +18,18 @@ from eagle.config import ExpertConfig, JobConfig, StorageConfig
 from eagle.expert.anomaly_map import AnomalyMapGenerator, uncropped
 from eagle.expert.backbone import build_extractor, normalisation
 from eagle.expert.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalisation, PreProcessor
+from eagle.expert.training import CrossFitted
 
 # anomalib's PaDiM defaults for the paper's backbones; other backbones keep every channel
 _N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
 
 
-class Padim(nn.Module):
-    """anomalib's ``PadimModel`` on the project's backbone (`build_extractor`: imagenet / random / checkpoint)."""
+class Padim(CrossFitted, nn.Module):
+    """anomalib's ``PadimModel`` on the project's backbone (`build_extractor`: imagenet / random / checkpoint), an
+    `eagle.expert.experts.ExpertModel`; thresholded by k-fold cross-fit (`CrossFitted`)."""
 
     name = "padim"
+    threshold_rule = "k-fold cross-fit: out-of-fold image scores"
 
     def __init__(self, model: nn.Module, resize: int, crop: int,
                  normalisation: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)) -> None:
@@ -89,7 +92,7 @@ class Padim(nn.Module):
         return {"idx": self.model.idx.cpu(), "mean": g.mean.float().cpu(),
                 "inv_covariance": g.inv_covariance.float().cpu()}
 
-    def describe(self) -> dict[str, Any]:
+    def embedding_meta(self) -> dict[str, Any]:
         dim, positions = self.model.gaussian.mean.shape
         return {"dim": int(dim), "positions": int(positions), "features_original": self.model.n_features_original}
 
@@ -110,9 +113,4 @@ class Padim(nn.Module):
         return scores, distance.squeeze(1), uncropped(maps, self.preprocessor.resize, self.preprocessor.crop, sizes)
 
 
-def fit_padim(images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu", batch_size: int = 8,
-              names: Sequence[str] | None = None) -> Any:
-    """PaDiM with its cross-fitted label-free threshold (a `FitResult`)."""
-    from eagle.expert.training import fit_cross_fitted
-
-    return fit_cross_fitted(Padim, images, cfg, device, batch_size, names)
+MODEL = Padim

@@ -1,4 +1,4 @@
-"""The expert's pre-processor: images as the backbone wants them (anomalib's PreProcessor for PatchCore).
+"""Every expert model's pre-processor: images as the backbone wants them (as anomalib's ``PreProcessor``).
 
 Two halves, so the heavy one can run where the pixels are: `model_input` (resize and crop, as uint8: what a CPU
 decode task sends on, crop x crop x 3 bytes instead of the whole image) and `PreProcessor.normalise` (on the

@@ -1,4 +1,5 @@
-"""Fit one product's expert from its normal training images: embed, coreset, label-free threshold, artifact."""
+"""Fitting a product's expert: its training images, the model's fit (`ExpertModel.fit`), the artifact; what every
+fit records (`provenance`), and the k-fold cross-fit of models without a threshold of their own (`CrossFitted`)."""
 
 from __future__ import annotations
 
@@ -6,42 +7,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from eagle.config import JobConfig, StorageConfig, config_hash
-from eagle.config.hashing import fit_view, without_unset_later_fields
+from eagle.config.hashing import fit_view
 from eagle.expert.artifact import save_artifact
 from eagle.expert.backbone import fingerprint
-from eagle.expert.coreset import greedy_coreset
-from eagle.expert.detector import DTYPES, build_model
-from eagle.expert.experts import expert_kind
-from eagle.expert.scoring import patch_scores
-from eagle.expert.search import MemoryBank
-from eagle.expert.threshold import (
-    ThresholdFit,
-    fit_threshold,
-    fold_assignment,
-    leave_own_out_scores,
-    out_of_fold_scores,
-)
+from eagle.expert.experts import ExpertModel, FitResult, model_class
+from eagle.expert.threshold import fit_threshold, fold_assignment, out_of_fold_scores
 from eagle.io import layouts
 from eagle.io.images import decode_image
 from eagle.io.storage import join, read_bytes, strip_scheme
 
 _LIBRARIES = ("eagle-audit", "torch", "timm", "anomalib", "numpy", "scipy", "safetensors")
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """The tensors and metadata of a fitted expert (what an artifact holds), before saving."""
-
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-    threshold: ThresholdFit
-    timings: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -84,61 +64,14 @@ def load_training_images(root: str, product: str, cfg: JobConfig, layout: str | 
     return names, images
 
 
-def fit_expert(images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu",
-               batch_size: int = 8, names: Sequence[str] | None = None) -> FitResult:
-    """PatchCore: memory bank (coreset of all training patches) and label-free threshold (TGPS) for normal
-    images only. ``names`` (the expert fit interface) are not needed: the threshold uses no folds."""
-    cfg = fit_view(cfg, "patchcore")
-    ecfg, start = cfg.expert, time.perf_counter()
-    model = build_model(ecfg, cfg.storage)
-    weights_fingerprint = fingerprint(model.extractor)
-    model = model.to(device)
-    model.extractor.to(DTYPES[ecfg.resolved_dtype(device)])
-    embeddings = torch.cat([model.embed(model.preprocess(images[i:i + batch_size]))
-                            for i in range(0, len(images), batch_size)])  # (N, h, w, D)
-    n_images, grid_h, grid_w, dim = embeddings.shape
-    flat = embeddings.reshape(-1, dim)
-    t_embed = time.perf_counter()
-
-    size = max(1, int(flat.shape[0] * ecfg.coreset_ratio))
-    selected = greedy_coreset(flat, size, ecfg.coreset_projection_dim, seed=ecfg.seed)
-    bank = flat[selected]
-    t_coreset = time.perf_counter()
-    index = MemoryBank(bank)
-
-    def score_image(query: torch.Tensor, exclude: torch.Tensor) -> float:
-        image, _ = patch_scores(query.unsqueeze(0), index, ecfg.scoring, ecfg.num_neighbors, ecfg.k, exclude)
-        return float(image[0])
-
-    scores, skipped = leave_own_out_scores(embeddings.reshape(n_images, grid_h * grid_w, dim), selected,
-                                           score_image, cfg.threshold.min_unselected_patches)
-    threshold = fit_threshold(scores, skipped, cfg.threshold)
-    t_threshold = time.perf_counter()
-
-    meta = {
-        "expert": without_unset_later_fields("expert", ecfg.model_dump(mode="json", exclude={"search"})),
-        "threshold": {**threshold.as_dict(),
-                      "config": without_unset_later_fields("threshold", cfg.threshold.model_dump(mode="json"))},
-        "backbone": {"name": ecfg.backbone, "layers": list(ecfg.layers), "weights": ecfg.weights,
-                     "fingerprint": weights_fingerprint},
-        "embedding": {"dim": dim, "grid": [grid_h, grid_w], "resize": ecfg.resize, "crop": ecfg.crop},
-        "coreset": {"method": "approximate greedy k-center", "ratio": ecfg.coreset_ratio, "size": size,
-                    "total_patches": int(flat.shape[0]), "projection_dim": ecfg.coreset_projection_dim},
-        "training": {"images": n_images},
-        **_provenance(cfg),
-    }
-    tensors = {"memory_bank": bank.float().cpu(), "coreset_indices": selected.cpu()}
-    timings = {"embed": t_embed - start, "coreset": t_coreset - t_embed, "threshold": t_threshold - t_coreset}
-    return FitResult(tensors=tensors, meta=meta, threshold=threshold, timings=timings)
-
-
-def _provenance(cfg: JobConfig) -> dict[str, Any]:
+def provenance(cfg: JobConfig) -> dict[str, Any]:
+    """What every artifact's meta records of where it came from: the config hash, the libraries' versions."""
     return {"config_hash": config_hash(cfg, sections=("expert", "threshold")),
             "versions": {name: metadata.version(name) for name in _LIBRARIES}}
 
 
-def score_images(model: Any, images: Sequence[np.ndarray], batch_size: int) -> list[float]:
-    """Image scores of an expert model (the `eagle.expert.experts` interface) for images of any size."""
+def score_images(model: ExpertModel, images: Sequence[np.ndarray], batch_size: int) -> list[float]:
+    """Image scores of a model (`eagle.expert.experts.ExpertModel`) for images of any size."""
     scores: list[float] = []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
@@ -148,45 +81,51 @@ def score_images(model: Any, images: Sequence[np.ndarray], batch_size: int) -> l
     return scores
 
 
-def fit_cross_fitted(model_class: Any, images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu",
-                     batch_size: int = 8, names: Sequence[str] | None = None) -> FitResult:
-    """Fit an expert model without unselected patches (``model_class.fit_on(images, cfg, device, batch_size)``)
-    and its label-free threshold from k-fold out-of-fold scores: for each of ``threshold.folds`` folds, a model
-    fitted on the other folds scores the fold's images; the threshold rule takes those scores; the final model
-    is fitted on all images. Folds follow the image names (sorted, shuffled under ``expert.seed``); the meta
-    records them with the scores (in the order of ``names``)."""
-    cfg = fit_view(cfg, model_class.name)
-    ecfg, start = cfg.expert, time.perf_counter()
-    names = list(names) if names is not None else [f"{i:06d}" for i in range(len(images))]
-    folds = fold_assignment(names, cfg.threshold.folds, ecfg.seed)
+class CrossFitted:
+    """For models whose fit leaves nothing to threshold on (PaDiM, STFPM: no unselected patches): `fit` is their
+    own ``fit_on(images, cfg, device, batch_size)`` inside a k-fold cross-fit."""
 
-    def fit_without(train: list[int]) -> Any:
-        return model_class.fit_on([images[i] for i in train], cfg, device, batch_size)
+    name: ClassVar[str]
 
-    def score(model: Any, held_out: list[int]) -> list[float]:
-        return score_images(model, [images[i] for i in held_out], batch_size)
+    @classmethod
+    def fit(cls, images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu", batch_size: int = 8,
+            names: Sequence[str] | None = None) -> FitResult:
+        """The model and its label-free threshold from k-fold out-of-fold scores: for each of ``threshold.folds``
+        folds, a model fitted on the other folds scores the fold's images; the threshold rule takes those scores;
+        the final model is fitted on all images. Folds follow the image names (sorted, shuffled under
+        ``expert.seed``); the meta records them with the scores (in the order of ``names``)."""
+        cfg = fit_view(cfg, cls.name)
+        ecfg, start = cfg.expert, time.perf_counter()
+        names = list(names) if names is not None else [f"{i:06d}" for i in range(len(images))]
+        folds = fold_assignment(names, cfg.threshold.folds, ecfg.seed)
 
-    scores = out_of_fold_scores(folds, fit_without, score)
-    t_cross = time.perf_counter()
-    model = model_class.fit_on(images, cfg, device, batch_size)
-    t_fit = time.perf_counter()
-    threshold = fit_threshold(scores, 0, cfg.threshold)
-    k = cfg.threshold.folds
-    meta = {
-        "model": model_class.name,
-        "expert": ecfg.model_dump(mode="json"),
-        "threshold": {**threshold.as_dict(), "config": cfg.threshold.model_dump(mode="json"),
-                      "cross_fit": {"k": k, "seed": ecfg.seed,
-                                    "folds": [[n for n, f in zip(names, folds, strict=True) if f == fold]
-                                              for fold in range(k)]}},
-        "backbone": {"name": ecfg.backbone, "layers": list(ecfg.layers), "weights": ecfg.weights,
-                     "fingerprint": fingerprint(model.backbone)},
-        "embedding": {**model.describe(), "resize": ecfg.resize, "crop": ecfg.crop},
-        "training": {"images": len(images)},
-        **_provenance(cfg),
-    }
-    timings = {"cross_fit": t_cross - start, "fit": t_fit - t_cross}
-    return FitResult(tensors=model.tensors(), meta=meta, threshold=threshold, timings=timings)
+        def fit_without(train: list[int]) -> Any:
+            return cls.fit_on([images[i] for i in train], cfg, device, batch_size)
+
+        def score(model: Any, held_out: list[int]) -> list[float]:
+            return score_images(model, [images[i] for i in held_out], batch_size)
+
+        scores = out_of_fold_scores(folds, fit_without, score)
+        t_cross = time.perf_counter()
+        model = cls.fit_on(images, cfg, device, batch_size)
+        t_fit = time.perf_counter()
+        threshold = fit_threshold(scores, 0, cfg.threshold)
+        k = cfg.threshold.folds
+        meta = {
+            "model": cls.name,
+            "expert": ecfg.record(),
+            "threshold": {**threshold.as_dict(), "config": cfg.threshold.model_dump(mode="json"),
+                          "cross_fit": {"k": k, "seed": ecfg.seed,
+                                        "folds": [[n for n, f in zip(names, folds, strict=True) if f == fold]
+                                                  for fold in range(k)]}},
+            "backbone": {"name": ecfg.backbone, "layers": list(ecfg.layers), "weights": ecfg.weights,
+                         "fingerprint": fingerprint(model.backbone)},
+            "embedding": {**model.embedding_meta(), "resize": ecfg.resize, "crop": ecfg.crop},
+            "training": {"images": len(images)},
+            **provenance(cfg),
+        }
+        timings = {"cross_fit": t_cross - start, "fit": t_fit - t_cross}
+        return FitResult(tensors=model.tensors(), meta=meta, threshold=threshold, timings=timings)
 
 
 def fit_product(root: str, product: str, cfg: JobConfig, device: str | None = None, model: str | None = None,
@@ -200,8 +139,8 @@ def fit_product(root: str, product: str, cfg: JobConfig, device: str | None = No
     model = model or cfg.expert.fit_model()
     start = time.perf_counter()
     names, images = load_training_images(root, product, cfg, layout)
-    result = expert_kind(model).fit_function()(images, cfg, device or cfg.resources.expert.resolved_device(),
-                                               cfg.resources.expert.batch_size, names=names)
+    result = model_class(model).fit(images, cfg, device or cfg.resources.expert.resolved_device(),
+                                    cfg.resources.expert.batch_size, names=names)
     result.meta["training"]["names"] = names
     version = save_artifact(cfg.model_store, product, result.tensors, result.meta, cfg.storage, set_latest=default)
     coreset = result.meta.get("coreset", {})

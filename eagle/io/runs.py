@@ -74,7 +74,7 @@ def run_settings(cfg: JobConfig) -> dict:
     policy, the MLLM (model, family) and guidance, the expert models."""
     return {"routing": cfg.routing.policy, "mllm_model": cfg.mllm.model, "mllm_family": mllm_family(cfg.mllm.model),
             "guidance": bool(cfg.mllm.model) and cfg.guidance.enabled, "expert_model": cfg.expert.model,
-            "expert_ensemble": list(cfg.expert.ensemble)}
+            "expert_ensemble": list(cfg.expert.ensemble.models)}
 
 
 def new_run_id() -> str:

@@ -34,10 +34,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("error", pa.string(), "Why the image could not be audited (null when ok)."),
     ("error_stage", pa.string(), "Stage that failed: read, decode, expert, mllm."),
     ("expert_score", pa.float32(), "Expert image score; an ensemble's: its members' scores, each divided by "
-     "the member's threshold, combined by expert.combine."),
+     "the member's threshold, combined by expert.ensemble.combine."),
     ("threshold", pa.float32(), "Label-free threshold of the product's expert (an ensemble's: 1)."),
     ("score_max", pa.float32(), "Largest training score (upper edge of EAGLE's uncertain band); an "
-     "ensemble's: its members' score_max / threshold combined by expert.combine."),
+     "ensemble's: its members' score_max / threshold combined by expert.ensemble.combine."),
     ("threshold_method", pa.string(), "k-sigma, mad, quantile or evt; an ensemble's: e.g. "
      "'max(patchcore k-sigma, padim mad)'."),
     ("expert_verdict", pa.string(), "'normal' or 'anomalous' (score >= threshold)."),

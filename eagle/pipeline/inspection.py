@@ -120,7 +120,7 @@ def say_unreachable_band(cfg: JobConfig, metas: dict[str, list[dict]]) -> None:
     if not cfg.mllm.model:
         return
     for product, product_metas in sorted(metas.items()):
-        band = band_of(product_metas, cfg.expert.combine)
+        band = band_of(product_metas, cfg.expert.ensemble.combine)
         if advice := empty_band_advice(product, band.threshold, band.score_max, cfg.confidence):
             log.log(logging.WARNING if routes else logging.DEBUG, "%s", advice)
 

@@ -189,7 +189,7 @@ def rows_per_block(cfg: JobConfig, todo: int, cpus: float) -> int:
 def pin_expert_versions(cfg: JobConfig, products: list[str]) -> dict[str, str]:
     """Pin each product's expert version for the whole run (products without a model are left out): with
     ``expert.model`` auto each product's default expert, else its latest fit of that model; with
-    ``expert.ensemble`` every member's (`eagle.expert.ensemble.pin`). The expert stage builds whichever model
+    ``expert.ensemble.models`` every member's (`eagle.expert.ensemble.pin`). The expert stage builds whichever model
     each pinned artifact names."""
     from eagle.expert.artifact import ArtifactError
     from eagle.expert.ensemble import pin

@@ -46,8 +46,8 @@ class ExpertStage(Stage):
     def _expert(self, product: str) -> Any:
         """The product's `ProductExpert` (one model or an ensemble), via the LRU cache."""
         from eagle.expert.artifact import load_artifact
-        from eagle.expert.detector import Expert
         from eagle.expert.ensemble import ProductExpert, band_of, member_versions
+        from eagle.expert.fitted import Expert
 
         if product in self._cache:
             self._cache.move_to_end(product)
@@ -56,10 +56,11 @@ class ExpertStage(Stage):
         arts = [load_artifact(self.cfg.model_store, product, version, storage=self.cfg.storage)
                 for version in member_versions(pinned)]
         dtype = self.cfg.expert.resolved_dtype(self.device)
-        band = band_of([art.meta for art in arts], self.cfg.expert.combine, self.cfg.routing, self.cfg.confidence)
+        how = self.cfg.expert.ensemble.combine
+        band = band_of([art.meta for art in arts], how, self.cfg.routing, self.cfg.confidence)
         entry = ProductExpert(pinned, [(art, Expert.from_artifact(art, device=self.device, dtype=dtype,
-                                                                       search=self.cfg.expert.search))
-                                       for art in arts], self.cfg.expert.combine, band)
+                                                                       search=self.cfg.expert.patchcore.search))
+                                       for art in arts], how, band)
         self._cache[product] = entry
         while len(self._cache) > self.cfg.expert.cache_size:
             self._cache.popitem(last=False)

@@ -1,5 +1,6 @@
 """PatchCore in plain PyTorch on anomalib's components: patch embedding and scoring against the memory bank,
-with its pre-processor (`preprocess.py`) and anomaly-map generator (`anomaly_map.py`) as objects of their own.
+with its pre-processor (`preprocess.py`) and anomaly-map generator (`anomaly_map.py`) as objects of their own;
+fitted by a coreset of the training patches (`coreset.py`) and thresholded by TGPS (`threshold.py`).
 
 Embedding and scoring follow anomalib's ``PatchcoreModel`` by default (3x3 average-pooled layer features,
 deeper layers bilinearly resized to the first one's grid and concatenated; nearest-neighbour patch
@@ -8,33 +9,45 @@ distances; re-weighted image score), so its scores match anomalib's on the same 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from eagle.config import ExpertConfig, StorageConfig
+from eagle.config import ExpertConfig, JobConfig, StorageConfig
+from eagle.config.hashing import fit_view, without_unset_later_fields
 from eagle.expert.anomaly_map import AnomalyMapGenerator
-from eagle.expert.backbone import build_extractor, normalisation
+from eagle.expert.backbone import DTYPES, build_extractor, fingerprint, normalisation
+from eagle.expert.coreset import greedy_coreset
+from eagle.expert.experts import FitResult
 from eagle.expert.preprocess import IMAGENET_MEAN, IMAGENET_STD, Normalisation, PreProcessor
 from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
+from eagle.expert.threshold import fit_threshold, leave_own_out_scores
+from eagle.expert.training import provenance
 
 
 class PatchCore(nn.Module):
-    """Backbone + patch embedding + memory bank. ``forward`` takes preprocessed images (B, 3, crop, crop).
+    """Backbone + patch embedding + memory bank (`eagle.expert.experts.ExpertModel`). ``forward`` takes
+    preprocessed images (B, 3, crop, crop).
 
     projection_dim: optional channel reduction of each patch vector, as the PatchCore paper's code does it
     (each layer average-pooled over channels to ``projection_dim``, then the layers pooled together to
     ``projection_dim``); None keeps anomalib's concatenation (1536 dims for WRN50 layer2+layer3).
     """
 
+    name = "patchcore"
+    threshold_rule = "TGPS: unselected patches against the bank without their image's rows"
+
     def __init__(self, extractor: nn.Module, layers: Sequence[str], resize: int = 256, crop: int = 224,
                  patch_size: int = 3, projection_dim: int | None = None, scoring: str = "anomalib",
                  num_neighbors: int = 9, k: int = 5, memory_bank: torch.Tensor | None = None,
-                 normalisation: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)) -> None:
+                 coreset_indices: torch.Tensor | None = None,
+                 normalisation: Normalisation = (IMAGENET_MEAN, IMAGENET_STD), search_mode: str = "auto") -> None:
         super().__init__()
         if crop > resize:
             raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
@@ -46,24 +59,84 @@ class PatchCore(nn.Module):
         self.scoring, self.num_neighbors, self.k = scoring, num_neighbors, k
         self.memory_bank: torch.Tensor
         self.register_buffer("memory_bank", torch.empty(0) if memory_bank is None else memory_bank.float())
+        self.coreset_indices: torch.Tensor  # which training patches the bank kept
+        self.register_buffer("coreset_indices",
+                             torch.empty(0, dtype=torch.long) if coreset_indices is None else coreset_indices)
         self.preprocessor = PreProcessor(resize, crop, normalisation)
         self.map_generator = AnomalyMapGenerator(resize, crop)
         self._bank: tuple[tuple[int, tuple[int, ...], torch.device, str], MemoryBank] | None = None
-        self.search_mode = "auto"  # eagle.expert.search.SEARCH_MODES; the job's expert.search
+        self.search_mode = search_mode  # eagle.expert.search.SEARCH_MODES; the job's expert.patchcore.search
 
     @classmethod
     def from_config(cls, cfg: ExpertConfig, storage: StorageConfig | None = None,
                     tensors: dict[str, torch.Tensor] | None = None) -> PatchCore:
         """A PatchCore (CPU, float32, eval) as the expert config describes it, with an artifact's memory bank."""
+        opts, tensors = cfg.patchcore, tensors or {}
         extractor = build_extractor(cfg.backbone, cfg.layers, cfg.weights, cfg.seed, storage)
-        return cls(extractor, cfg.layers, resize=cfg.resize, crop=cfg.crop, patch_size=cfg.patch_size,
-                   projection_dim=cfg.projection_dim, scoring=cfg.scoring, num_neighbors=cfg.num_neighbors,
-                   k=cfg.k, memory_bank=None if tensors is None else tensors["memory_bank"],
-                   normalisation=normalisation(cfg.backbone)).eval()
+        return cls(extractor, cfg.layers, resize=cfg.resize, crop=cfg.crop, patch_size=opts.patch_size,
+                   projection_dim=opts.projection_dim, scoring=opts.scoring, num_neighbors=opts.num_neighbors,
+                   k=opts.k, memory_bank=tensors.get("memory_bank"), coreset_indices=tensors.get("coreset_indices"),
+                   normalisation=normalisation(cfg.backbone), search_mode=opts.search).eval()
+
+    @classmethod
+    def fit(cls, images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu", batch_size: int = 8,
+            names: Sequence[str] | None = None) -> FitResult:
+        """Memory bank (coreset of all training patches) and label-free threshold (TGPS) from normal images only.
+        ``names`` are not needed: the threshold uses no folds."""
+        cfg = fit_view(cfg, cls.name)
+        ecfg, opts, start = cfg.expert, cfg.expert.patchcore, time.perf_counter()
+        model = cls.from_config(ecfg, cfg.storage)
+        weights_fingerprint = fingerprint(model.backbone)
+        model = model.to(device)
+        model.set_dtype(DTYPES[ecfg.resolved_dtype(device)])
+        embeddings = torch.cat([model.embed(model.preprocess(images[i:i + batch_size]))
+                                for i in range(0, len(images), batch_size)])  # (N, h, w, D)
+        n_images, grid_h, grid_w, dim = embeddings.shape
+        flat = embeddings.reshape(-1, dim)
+        t_embed = time.perf_counter()
+
+        size = max(1, int(flat.shape[0] * opts.coreset_ratio))
+        model.coreset_indices = greedy_coreset(flat, size, opts.coreset_projection_dim, seed=ecfg.seed)
+        model.memory_bank = flat[model.coreset_indices]
+        t_coreset = time.perf_counter()
+        index = MemoryBank(model.memory_bank)
+
+        def score_image(query: torch.Tensor, exclude: torch.Tensor) -> float:
+            image, _ = patch_scores(query.unsqueeze(0), index, opts.scoring, opts.num_neighbors, opts.k, exclude)
+            return float(image[0])
+
+        scores, skipped = leave_own_out_scores(embeddings.reshape(n_images, grid_h * grid_w, dim),
+                                               model.coreset_indices, score_image,
+                                               cfg.threshold.min_unselected_patches)
+        threshold = fit_threshold(scores, skipped, cfg.threshold)
+        t_threshold = time.perf_counter()
+
+        recorded = {k: v for k, v in ecfg.record().items() if k != "search"}
+        meta = {
+            "expert": without_unset_later_fields("expert", recorded),
+            "threshold": {**threshold.as_dict(),
+                          "config": without_unset_later_fields("threshold", cfg.threshold.model_dump(mode="json"))},
+            "backbone": {"name": ecfg.backbone, "layers": list(ecfg.layers), "weights": ecfg.weights,
+                         "fingerprint": weights_fingerprint},
+            "embedding": {**model.embedding_meta(), "resize": ecfg.resize, "crop": ecfg.crop},
+            "coreset": {"method": "approximate greedy k-center", "ratio": opts.coreset_ratio, "size": size,
+                        "total_patches": int(flat.shape[0]), "projection_dim": opts.coreset_projection_dim},
+            "training": {"images": n_images},
+            **provenance(cfg),
+        }
+        timings = {"embed": t_embed - start, "coreset": t_coreset - t_embed, "threshold": t_threshold - t_coreset}
+        return FitResult(tensors=model.tensors(), meta=meta, threshold=threshold, timings=timings)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"memory_bank": self.memory_bank.float().cpu(), "coreset_indices": self.coreset_indices.cpu()}
+
+    def embedding_meta(self) -> dict[str, Any]:
+        """Patch-vector dims and the patch grid (from one blank image)."""
+        blank = torch.zeros(1, 3, self.crop, self.crop, device=self.device, dtype=self.dtype)
+        return {"dim": int(self.memory_bank.shape[1]), "grid": list(self.embed(blank).shape[1:3])}
 
     @property
     def backbone(self) -> nn.Module:
-        """The frozen backbone whose weights the artifact's fingerprint names."""
         return self.extractor
 
     def set_dtype(self, dtype: torch.dtype) -> None:
@@ -129,7 +202,9 @@ class PatchCore(nn.Module):
 
     def predict(self, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]
                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """The expert interface (`eagle.expert.experts`): image scores (B,), patch maps (B, h, w) and anomaly
-        maps (H, W) at each original size."""
+        """Image scores (B,), patch maps (B, h, w) and anomaly maps (H, W) at each original size."""
         scores, patch_maps = self(batch)
         return scores, patch_maps, self.anomaly_maps(patch_maps, sizes)
+
+
+MODEL = PatchCore

@@ -1,23 +1,18 @@
-"""The fitted expert as the pipeline uses it: numpy images in, score + anomaly maps out."""
+"""A fitted expert as the pipeline uses it: a model (`eagle.expert.experts.ExpertModel`) loaded from its
+artifact; numpy images in, score + anomaly maps out."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from eagle.config import ExpertConfig, StorageConfig
 from eagle.expert.artifact import ArtifactError, ExpertArtifact
-from eagle.expert.backbone import fingerprint
-from eagle.expert.experts import expert_kind, model_name
-from eagle.expert.model import PatchCore
-
-ExpertModel = Any  # an nn.Module with the interface `eagle.expert.experts` describes
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from eagle.expert.backbone import DTYPES, fingerprint
+from eagle.expert.experts import ExpertModel, model_class, model_name
 
 
 @dataclass(frozen=True)
@@ -29,14 +24,8 @@ class ExpertResult:
     patch_map: np.ndarray
 
 
-def build_model(cfg: ExpertConfig, storage: StorageConfig | None = None,
-                memory_bank: torch.Tensor | None = None) -> PatchCore:
-    """A PatchCore (CPU, float32) as the expert config describes it."""
-    return PatchCore.from_config(cfg, storage, None if memory_bank is None else {"memory_bank": memory_bank})
-
-
 class Expert:
-    """Scores batches of HxWx3 uint8 RGB images with a fitted expert model (any of `eagle.expert.experts`)."""
+    """Scores batches of HxWx3 uint8 RGB images with a fitted model (any registered `ExpertModel`)."""
 
     def __init__(self, model: ExpertModel) -> None:
         self.model = model
@@ -50,8 +39,9 @@ class Expert:
         ``dtype`` applies to the backbone; distances and statistics stay float32. ``search``: PatchCore's
         nearest-neighbour search (`eagle.expert.search.SEARCH_MODES`; every mode finds the exact neighbours).
         """
-        cfg = ExpertConfig.model_validate(art.meta["expert"])
-        model = expert_kind(model_name(art.meta)).model_class().from_config(cfg, storage, art.tensors)
+        cfg = ExpertConfig.from_record(art.meta["expert"])
+        cfg.patchcore.search = search  # the job's choice, not the fit's: it never changes results
+        model = model_class(model_name(art.meta)).from_config(cfg, storage, art.tensors)
         expected = art.meta["backbone"]["fingerprint"]
         actual = fingerprint(model.backbone)
         if actual != expected:
@@ -61,8 +51,6 @@ class Expert:
                 "version, cache or checkpoint; refit or restore the original weights")
         model = model.to(device)
         model.set_dtype(DTYPES[dtype])
-        if hasattr(model, "search_mode"):
-            model.search_mode = search
         return cls(model)
 
     def score(self, images: Sequence[np.ndarray]) -> list[ExpertResult]:
