@@ -206,7 +206,7 @@ def main() -> None:
     features = torch.cat([model.embed(model.preprocess(train[i:i + 8])) for i in range(0, len(train), 8)])
     features = features.reshape(-1, features.shape[-1]).clone()
     embed_s = time.perf_counter() - start
-    coreset_rows = [] if args.skip_coreset else bench_coreset(features, cfg.coreset_ratio, args.seed, args.device)
+    coreset_rows = [] if args.skip_coreset else bench_coreset(features, cfg.patchcore.coreset_ratio, args.seed, args.device)
     selected = greedy_coreset(features, int(len(features) * args.bank_ratio), seed=args.seed)
 
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel

@@ -104,8 +104,8 @@ def main() -> None:
         results = {product: evaluate(root, product, cfg, args.clear) for product in products}
 
     e = cfg.expert
-    print(f"\n{e.backbone} {'+'.join(e.layers)} (weights={e.weights}, seed {e.seed}), scoring {e.scoring}, "
-          f"coreset {e.coreset_ratio}, {torch.get_num_threads()} CPU thread(s); clear = strength >= {args.clear}\n")
+    print(f"\n{e.backbone} {'+'.join(e.layers)} (weights={e.weights}, seed {e.seed}), scoring {e.patchcore.scoring}, "
+          f"coreset {e.patchcore.coreset_ratio}, {torch.get_num_threads()} CPU thread(s); clear = strength >= {args.clear}\n")
     print("| product | method | threshold | FPR (normal) | TPR clear | TPR all | image AUROC clear / all "
           "| pixel AUROC |")
     print("|---|---|---|---|---|---|---|---|")
