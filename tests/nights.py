@@ -25,7 +25,7 @@ from pathlib import Path
 from e2e import Driver
 from faulty_proxy import FaultyProxy
 
-from eagle.io import history, querying, results, storage
+from eagle.io import latest_view, querying, results, storage
 from eagle.io.lease import OutputLease, lease_uri
 from eagle.io.runs import output_files
 
@@ -291,7 +291,7 @@ class Nights:
         self.kept[run_id] = dict(mine)
 
     def check_latest(self) -> None:
-        latest = history.latest_table(self.output).select(["image_uri", "run_id", "status", "audited_at"])
+        latest = latest_view.latest_table(self.output).select(["image_uri", "run_id", "status", "audited_at"])
         got = {r["image_uri"]: (r["run_id"], r["audited_at"]) for r in latest.to_pylist()}
         newest: dict[str, tuple] = {}  # the newest successful row per image, computed here
         for run_id, uri, status, at in self.rows():

@@ -199,7 +199,7 @@ def test_format_branch_check_bites():
 
 def test_reading_results_and_artifact_metadata_loads_neither_torch_nor_ray():
     code = ("import sys\n"
-            "import eagle.io.runs, eagle.io.history, eagle.io.results, eagle.io.schema, eagle.expert.artifact\n"
+            "import eagle.io.runs, eagle.io.latest_view, eagle.io.results, eagle.io.schema, eagle.expert.artifact\n"
             "import eagle.config\n"
             "import eagle.evaluation.scorecard, eagle.evaluation.report\n"
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")

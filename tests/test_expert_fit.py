@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eagle.config import load_config
-from eagle.expert.artifact import LATEST_FILE, META_FILE, TENSORS_FILE, ArtifactError, load_artifact, save_artifact
+from eagle.expert.artifact import DEFAULT_POINTER, META_FILE, TENSORS_FILE, ArtifactError, load_artifact, save_artifact
 from eagle.expert.fitted import Expert
 from eagle.expert.patchcore import PatchCore
 from eagle.expert.training import fit_product, list_products, load_training_images
@@ -51,7 +51,7 @@ def test_round_trip_gives_identical_scores(data_root: Path, fitted):
     in_memory = PatchCore.fit(train, cfg)
     art = load_artifact(cfg.model_store, "nut")
     assert art.version == summary.version
-    assert (Path(cfg.model_store) / "nut" / LATEST_FILE).read_text().strip() == summary.version
+    assert (Path(cfg.model_store) / "nut" / DEFAULT_POINTER).read_text().strip() == summary.version
     assert torch.equal(art.memory_bank, in_memory.tensors["memory_bank"])
     assert art.threshold == pytest.approx(in_memory.threshold.value) and art.score_max == summary.score_max
     assert art.meta["threshold"]["method"] == "k-sigma" and len(art.meta["threshold"]["scores"]) == 6

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from eagle.config import load_config
-from eagle.expert.artifact import LATEST_FILE, load_artifact
+from eagle.expert.artifact import DEFAULT_POINTER, load_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +37,9 @@ def test_fit_job_fits_several_experts(tmp_path: Path, repo_root: Path):
     for product, *_, model, version in rows:
         art = load_artifact(str(store), product, model=model)
         assert art.version == version and art.meta.get("model", "patchcore") == model
-        assert (store / product / f"{LATEST_FILE}.{model}").read_text().strip() == version
+        assert (store / product / f"{DEFAULT_POINTER}.{model}").read_text().strip() == version
         if model == "padim":  # the first model listed is the default expert
-            assert (store / product / LATEST_FILE).read_text().strip() == version
+            assert (store / product / DEFAULT_POINTER).read_text().strip() == version
     summary = json.loads((tmp_path / "fit.json").read_text())
     assert summary["grid"]["model"] == "padim" and summary["experts"]["patchcore"]["nut"]["model"] == "patchcore"
 

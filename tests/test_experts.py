@@ -12,7 +12,7 @@ import pytest
 from eagle.config import config_hash, load_config
 from eagle.config.sections import EXPERT_MODELS
 from eagle.expert.artifact import (
-    LATEST_FILE,
+    DEFAULT_POINTER,
     META_FILE,
     TENSORS_FILE,
     ArtifactError,
@@ -127,19 +127,19 @@ def test_cross_fit_sees_no_test_image(data_root: Path, fitted: dict, tmp_path: P
 def test_pointers_per_model_and_the_default(fitted: dict, tmp_path: Path):
     store = Path(fitted["cfg"].model_store) / "nut"
     versions = {m: fitted[m].version for m in ("padim", "stfpm", "patchcore")}
-    assert (store / LATEST_FILE).read_text().strip() == versions["padim"]  # the default expert
+    assert (store / DEFAULT_POINTER).read_text().strip() == versions["padim"]  # the default expert
     for model, version in versions.items():
-        assert (store / f"{LATEST_FILE}.{model}").read_text().strip() == version
+        assert (store / f"{DEFAULT_POINTER}.{model}").read_text().strip() == version
         assert resolve_version(str(store.parent), "nut", model=model) == version
     assert resolve_version(str(store.parent), "nut", model="auto") == versions["padim"]
     # a store from before several models: only LATEST; it stands for patchcore when it names a PatchCore
     legacy = tmp_path / "legacy"
     shutil.copytree(store / versions["patchcore"], legacy / "nut" / versions["patchcore"])
-    (legacy / "nut" / LATEST_FILE).write_text(versions["patchcore"] + "\n")
+    (legacy / "nut" / DEFAULT_POINTER).write_text(versions["patchcore"] + "\n")
     assert load_artifact(str(legacy), "nut", model="patchcore").version == versions["patchcore"]
     with pytest.raises(ArtifactError, match="no fitted padim expert"):
         resolve_version(str(legacy), "nut", model="padim")
-    (legacy / "nut" / LATEST_FILE).write_text(versions["padim"] + "\n")  # LATEST names another model
+    (legacy / "nut" / DEFAULT_POINTER).write_text(versions["padim"] + "\n")  # LATEST names another model
     shutil.copytree(store / versions["padim"], legacy / "nut" / versions["padim"])
     with pytest.raises(ArtifactError, match="no fitted patchcore expert"):
         resolve_version(str(legacy), "nut", model="patchcore")

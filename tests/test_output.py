@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from eagle.io import storage
-from eagle.io.history import latest_table, write_latest
+from eagle.io.latest_view import latest_table, write_latest
 from eagle.io.results import file_stem
 from eagle.io.runs import begin_run, end_run, read_runs
 from eagle.io.schema import OUTPUT_SCHEMA, to_table

@@ -11,10 +11,10 @@ import argparse
 import logging
 
 from eagle.cli.exit_codes import OK, USAGE, help_text
-from eagle.io.history import write_latest
+from eagle.io.latest_view import write_latest
 from eagle.logs import quiet_job, setup_logging
 
-log = logging.getLogger("eagle.io.history")
+log = logging.getLogger("eagle.io.latest_view")
 
 
 def main(argv: list[str] | None = None) -> int:

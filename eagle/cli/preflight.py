@@ -212,12 +212,12 @@ def check_writable(uri: str, what: str, store: StorageConfig | None) -> None:
 def _has_expert(uri: str, product: str, model: str, store: StorageConfig | None) -> bool:
     """Whether `product` has a fitted `model` expert ('auto': a default expert) in the store: one HEAD (two
     for PatchCore in a store written before there were several models)."""
-    from eagle.expert.artifact import LATEST_FILE, latest_file
+    from eagle.expert.artifact import DEFAULT_POINTER, pointer_file
     from eagle.expert.experts import DEFAULT_MODEL
 
-    if storage.exists(storage.join(uri, product, latest_file(model)), store):
+    if storage.exists(storage.join(uri, product, pointer_file(model)), store):
         return True
-    return model == DEFAULT_MODEL and storage.exists(storage.join(uri, product, LATEST_FILE), store)
+    return model == DEFAULT_MODEL and storage.exists(storage.join(uri, product, DEFAULT_POINTER), store)
 
 
 def _safe(name: str) -> bool:

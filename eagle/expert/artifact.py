@@ -28,12 +28,14 @@ if TYPE_CHECKING:  # reading metadata (evaluation, version pinning) never loads 
 FORMAT = "eagle-expert/1"
 TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
-LATEST_FILE = "LATEST"  # the product's current-version pointer (its default expert)
+# Version pointers, one file each in the product's folder: ``LATEST`` names its default expert, ``LATEST.<model>``
+# each model's newest fit (the files keep their names; not to be confused with an output's `latest` results)
+DEFAULT_POINTER = "LATEST"
 
 
-def latest_file(model: str | None = None) -> str:
-    """The pointer to a product's newest fit of `model` (None or 'auto': its default expert)."""
-    return LATEST_FILE if model in (None, "auto") else f"{LATEST_FILE}.{_segment(model, 'model')}"
+def pointer_file(model: str | None = None) -> str:
+    """The version pointer to a product's newest fit of `model` (None or 'auto': its default expert)."""
+    return DEFAULT_POINTER if model in (None, "auto") else f"{DEFAULT_POINTER}.{_segment(model, 'model')}"
 
 
 class ArtifactError(ValueError):
@@ -79,8 +81,8 @@ def content_version(meta_bytes: bytes, tensor_bytes: bytes) -> str:
 
 
 def save_artifact(store: str, product: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                  storage: StorageConfig | None = None, set_latest: bool = True) -> str:
-    """Write the artifact, then move ``LATEST.<model>`` and (`set_latest`) ``LATEST`` to it (last, so readers
+                  storage: StorageConfig | None = None, set_default: bool = True) -> str:
+    """Write the artifact, then move ``LATEST.<model>`` and (`set_default`) ``LATEST`` to it (last, so readers
     never see a half-written version)."""
     from safetensors.torch import save as save_tensors
 
@@ -93,7 +95,7 @@ def save_artifact(store: str, product: str, tensors: dict[str, torch.Tensor], me
     base = join(store, product, version)
     write_bytes(join(base, TENSORS_FILE), tensor_bytes, storage)
     write_bytes(join(base, META_FILE), meta_bytes, storage)
-    pointers = [latest_file(model_name(meta))] + ([LATEST_FILE] if set_latest else [])
+    pointers = [pointer_file(model_name(meta))] + ([DEFAULT_POINTER] if set_default else [])
     for pointer in pointers:
         write_bytes(join(store, product, pointer), f"{version}\n".encode(), storage)
     return version
@@ -107,10 +109,10 @@ def resolve_version(store: str, product: str, version: str = "latest",
     _segment(product, "product")
     if version != "latest":
         return _segment(version, "version")
-    pointer = join(store, product, latest_file(model))
+    pointer = join(store, product, pointer_file(model))
     if exists(pointer, storage):
         return _segment(read_bytes(pointer, storage).decode().strip(), "version in LATEST")
-    if model == DEFAULT_MODEL and exists(join(store, product, LATEST_FILE), storage):
+    if model == DEFAULT_MODEL and exists(join(store, product, DEFAULT_POINTER), storage):
         found = resolve_version(store, product, storage=storage)
         if model_name(read_meta(store, product, found, storage)) == model:
             return found

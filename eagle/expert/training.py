@@ -142,7 +142,7 @@ def fit_product(root: str, product: str, cfg: JobConfig, device: str | None = No
     result = model_class(model).fit(images, cfg, device or cfg.resources.expert.resolved_device(),
                                     cfg.resources.expert.batch_size, names=names)
     result.meta["training"]["names"] = names
-    version = save_artifact(cfg.model_store, product, result.tensors, result.meta, cfg.storage, set_latest=default)
+    version = save_artifact(cfg.model_store, product, result.tensors, result.meta, cfg.storage, set_default=default)
     coreset = result.meta.get("coreset", {})
     return FitSummary(product=product, version=version, images=len(images),
                       patches=coreset.get("total_patches", 0), coreset=coreset.get("size", 0),
