@@ -13,6 +13,7 @@ row per image, which is the night each image last changed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -52,6 +53,7 @@ class Figures:
     runs: int = 0
     attempts: int = 0
     kills: int = 0  # SIGTERM and SIGKILL mid-run
+    missed_kills: int = 0  # runs that finished every row before their signal landed (a fast machine)
     retries: int = 0  # attempts beyond the first of a night
     refused: int = 0  # attempts refused (exit 2) because another driver held the output
     images: int = 0  # distinct images in the archive at the end
@@ -65,7 +67,7 @@ class Figures:
     codes: list[int] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"nights: runs {self.runs}, attempts {self.attempts}, kills {self.kills}, retries {self.retries}, "
+        return (f"nights: runs {self.runs}, attempts {self.attempts}, kills {self.kills} (missed {self.missed_kills}), retries {self.retries}, "
                 f"refused {self.refused}, images {self.images}, rows {self.audited}, duplicates {self.duplicates}, "
                 f"lost rows {self.lost_rows}, error rows {self.error_rows}, maintenance runs {self.maintenance}, S3 faults injected "
                 f"{self.s3_faults}, {self.seconds:.0f} s")
@@ -170,16 +172,23 @@ class Nights:
 
         driver = self.start(run_id)
         try:
-            self.wait_until(driver, lambda: self.run_files(run_id), "its first result files")
-            assert driver.proc.poll() is None, "the run ended before it could be stopped"
-            if sig == signal.SIGTERM:
-                driver.proc.send_signal(signal.SIGTERM)
-            else:
-                os.killpg(driver.proc.pid, signal.SIGKILL)
-            self.figures.kills += 1
+            deadline = time.time() + 300
+            while not self.run_files(run_id) and driver.proc.poll() is None:
+                assert time.time() < deadline, f"no result files after 300 s:\n{driver.stderr[-3000:]}"
+                time.sleep(0.2)
+            if driver.proc.poll() is None:
+                if sig == signal.SIGTERM:
+                    driver.proc.send_signal(signal.SIGTERM)
+                else:
+                    with contextlib.suppress(ProcessLookupError):  # it may have just ended with all its processes
+                        os.killpg(driver.proc.pid, signal.SIGKILL)
         finally:
             code = self.finish(driver, timeout=120)
         manifest = json.loads(storage.read_bytes(f"{self.output}/_runs/{run_id}.json"))
+        if code == 0 and manifest["status"] == "completed":  # it finished every row before the signal landed
+            self.figures.missed_kills += 1
+            return
+        self.figures.kills += 1
         if sig == signal.SIGTERM:
             assert code == 143 and manifest["status"] == "interrupted", (code, manifest, driver.stderr[-3000:])
             assert not storage.exists(lease_uri(self.output))  # released
@@ -312,7 +321,7 @@ class Nights:
             self.night(k)
             f = self.figures
             print(f"night {k} checked ({time.monotonic() - self.started:.0f} s): runs {f.runs}, attempts "
-                  f"{f.attempts}, kills {f.kills}, retries {f.retries}, refused {f.refused}, duplicates "
+                  f"{f.attempts}, kills {f.kills} (missed {f.missed_kills}), retries {f.retries}, refused {f.refused}, duplicates "
                   f"{f.duplicates}, lost rows {f.lost_rows}", flush=True)
         self.check_latest()
         f = self.figures

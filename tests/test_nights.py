@@ -21,6 +21,9 @@ def test_a_week_of_nights(s3_bucket, ray_local, tmp_path):
     figures = scenario.run(nights)
     print("\n" + figures.line())
     assert figures.runs == nights and figures.duplicates == 0 and figures.lost_rows == 0
-    assert figures.kills == 2 and figures.refused == 1 and figures.maintenance == 1 and figures.s3_faults > 0
-    assert figures.retries >= 3  # after the SIGTERM, the SIGKILL and the refusal; more when faults failed a try
+    # a SIGTERM and a SIGKILL mid-run; a fast machine may finish a night's rows before its signal lands, which
+    # the figures count as a missed kill (that night is then a plain one), but not both
+    assert figures.kills + figures.missed_kills == 2 and figures.kills >= 1
+    assert figures.refused == 1 and figures.maintenance == 1 and figures.s3_faults > 0
+    assert figures.retries >= figures.kills + 1  # after each kill and the refusal; more when faults failed a try
     assert figures.images == len(scenario.present) and figures.audited >= figures.images
