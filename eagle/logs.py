@@ -94,7 +94,10 @@ def ray_logging_level() -> int:
 
 
 def quiet_ray_loggers() -> None:
-    """After ``ray.init``: Ray Data's logger at WARNING too in a quiet job."""
+    """After ``ray.init``: Ray Data's logger at WARNING too in a quiet job. Ray Data sets its loggers' levels
+    when it is first imported, so it is imported first (else its INFO lines, "execution finished", could follow
+    an interrupted run's last line, the resume command)."""
     if _quiet:
+        import ray.data  # noqa: F401 - its import configures its loggers: before the levels are set here
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"

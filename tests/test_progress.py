@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import subprocess
 import sys
 import warnings
 from types import SimpleNamespace
@@ -61,3 +62,13 @@ def test_a_quiet_job_hides_library_deprecations_but_not_eagles_own(monkeypatch):
     assert [str(w.message) for w in seen] == ["old API in eagle.pipeline.stages.base"]  # only eagle's own
     assert os.environ["PYTHONWARNINGS"] == "ignore::DeprecationWarning,ignore::FutureWarning"  # for the workers
     assert isinstance(sys.stderr, PlainText) and logs.ray_logging_level() == logging.WARNING
+
+
+def test_a_quiet_job_keeps_ray_data_at_warning_whenever_ray_data_is_first_imported():
+    """Ray Data configures its loggers on first import; the quiet levels hold even when that import comes after
+    `quiet_ray_loggers` in the job's code (a fresh process: nothing imported Ray Data before)."""
+    code = ("import logging, eagle.logs as logs; logs._quiet = True; logs.quiet_ray_loggers(); import ray.data; "
+            "print(logging.getLogger('ray.data').getEffectiveLevel())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip().splitlines()[-1]) == logging.WARNING
