@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,7 +265,11 @@ class Nights:
                               timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         self.figures.maintenance += 1
-        assert len(output_files(self.output)) < files, proc.stdout  # small files were compacted
+        after = output_files(self.output)
+        assert len(after) <= files, proc.stdout
+        # small files were compacted: no run keeps two files in one partition folder (these runs' are all small)
+        per_run_folder = Counter((os.path.dirname(f), os.path.basename(f).split("_a")[0]) for f in after)
+        assert max(per_run_folder.values()) == 1, (per_run_folder.most_common(3), proc.stdout)
         self.assert_kept(before)
 
     # --- checks ---------------------------------------------------------------------------------------------
