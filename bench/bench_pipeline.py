@@ -96,7 +96,6 @@ def prepare(root: str, train: int, good: int, defect: int, size: int, mllm: bool
     data = os.path.join(root, "data")
     if not os.path.exists(os.path.join(data, "labels.csv")):
         generate(data, products=products, n_train=train, n_test_good=good, n_test_defect=defect, size=size, seed=0)
-    replicate(data, copies)
     if mllm and not os.path.exists(os.path.join(root, "tiny-mllm", "config.json")):
         build_tiny_mllm("qwen2_5_vl", os.path.join(root, "tiny-mllm"))
     cfg = job_config(root, "prepare", mllm=mllm, size=fit_size)
@@ -104,6 +103,7 @@ def prepare(root: str, train: int, good: int, defect: int, size: int, mllm: bool
     for fitted in fit_products(data, products, cfg).values():
         if isinstance(fitted, Exception):
             raise fitted
+    replicate(data, copies)  # after the fit: the layout's parser would find copies without masks
     return cfg, pin_expert_versions(cfg, list(products))
 
 
