@@ -34,7 +34,7 @@ from eagle.io.runs import output_files
 ROOT = Path(__file__).resolve().parents[1]
 INSPECT, MAINTAIN = str(ROOT / "jobs" / "inspect.py"), str(ROOT / "jobs" / "maintain.py")
 PRODUCTS = ("grid", "nut")
-LEASE_TTL_S = 6
+LEASE_TTL_S = 10  # short, so a SIGKILLed driver's lease expires soon; renewed every 3.3 s, enough under load 20+ (6 s was not)
 EXPERT = {"backbone": "resnet18", "weights": "random", "resize": 64, "crop": 64}
 FIRST = dt.datetime(2026, 3, 2, 2, 0, tzinfo=dt.UTC)  # the CronJob's schedule: 02:00 UTC
 
