@@ -85,9 +85,10 @@ def _rows(out: Path, run_id: str) -> list[tuple[str, int]]:
 
 
 def _wait_for_rows(driver: Driver, out: Path, timeout: float = 600) -> None:
-    """Until the run has written result files (its first flushes), while the driver still runs."""
+    """Until the run has written a whole result file (its first flush; a file being written is not yet
+    readable), while the driver still runs."""
     deadline = time.time() + timeout
-    while not _result_files(out):
+    while not any(_readable(p) for p in _result_files(out)):
         assert driver.proc.poll() is None, f"the run ended before it wrote anything:\n{driver.stderr[-3000:]}"
         assert time.time() < deadline, driver.stderr[-3000:]
         time.sleep(0.1)
