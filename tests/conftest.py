@@ -152,15 +152,3 @@ def audit_setup(s3_server: str, ray_local: str, tiny_qwen25vl: str) -> dict:
     from e2e import make_audit_setup
 
     return make_audit_setup(s3_server, tiny_qwen25vl)
-
-
-@pytest.fixture(autouse=True)
-def _signal_handlers_restored() -> Iterator[None]:
-    """Each test starts with the SIGINT/SIGTERM handlers the session had: a command line run in-process
-    (`eagle.cli.interrupts.catch_signals`) installs its own for the rest of the process, which would decide how a
-    later test's signals (e.g. a lost lease's interrupt) end."""
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in before.items():
-        if signal.getsignal(sig) is not handler:
-            signal.signal(sig, handler)
