@@ -22,7 +22,7 @@ _HASH_EXCLUDE = {"expert": {"cache_size", "search"}, "mllm": {"cache", "compile"
 # Fields added after results were first hashed: left out while at their defaults, so that a config which does
 # not use them hashes (and a PatchCore fit is versioned) as before they existed. Every model's own sub-section
 # is one of them (PatchCore's settings are top-level keys of the expert record).
-LATER_FIELDS = {"expert": ("model", *EXPERT_MODELS, "ensemble", "combine", "search", "tta"), "threshold": ("folds",),
+LATER_FIELDS = {"expert": ("model", *EXPERT_MODELS, "ensemble", "combine", "search"), "threshold": ("folds",),
                 "mllm": ("stop",), "routing": ("budget", "score_range"),
                 "prompts": ("prior_borderline", "boxes_note_borderline")}
 

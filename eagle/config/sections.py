@@ -257,11 +257,6 @@ class ExpertConfig(Section):
     seed: int = Field(0, description="Seed of every random choice a fit makes: random backbone weights, "
                       "PatchCore's coreset sampling and projection, PaDiM's feature subset, STFPM's student "
                       "initialisation and batch order, the threshold's cross-fit folds.")
-    tta: Literal["none", "flips"] = Field(
-        "none", description="Test-time augmentation. 'flips': every image is scored as it is and flipped "
-        "horizontally, vertically and both ways, and the four scores and maps are averaged (the training scores "
-        "behind the threshold too), at 4x the expert's cost. Measured gains and losses: docs/EXPERT.md. For "
-        "products whose images may come flipped, not for parts with a fixed orientation.")
     cache_size: int = Field(4, ge=1, description="Products whose artifacts one expert actor keeps loaded.")
     patchcore: PatchCoreConfig = Field(default_factory=PatchCoreConfig, description="PatchCore's settings.")
     padim: PadimConfig = Field(default_factory=PadimConfig, description="PaDiM's settings.")

@@ -13,7 +13,6 @@ from eagle.config import ExpertConfig, StorageConfig
 from eagle.expert.artifact import ArtifactError, ExpertArtifact
 from eagle.expert.backbone import DTYPES, fingerprint
 from eagle.expert.experts import ExpertModel, model_class, model_name
-from eagle.expert.views import predict_views
 
 
 @dataclass(frozen=True)
@@ -26,11 +25,10 @@ class ExpertResult:
 
 
 class Expert:
-    """Scores batches of HxWx3 uint8 RGB images with a fitted model (any registered `ExpertModel`), averaged
-    over the views of `tta` (`eagle.expert.views`; the fit's ``expert.tta``)."""
+    """Scores batches of HxWx3 uint8 RGB images with a fitted model (any registered `ExpertModel`)."""
 
-    def __init__(self, model: ExpertModel, tta: str = "none") -> None:
-        self.model, self.tta = model, tta
+    def __init__(self, model: ExpertModel) -> None:
+        self.model = model
 
     @classmethod
     def from_artifact(cls, art: ExpertArtifact, device: str = "cpu", dtype: str = "float32",
@@ -53,7 +51,7 @@ class Expert:
                 "version, cache or checkpoint; refit or restore the original weights")
         model = model.to(device)
         model.set_dtype(DTYPES[dtype])
-        return cls(model, cfg.tta)
+        return cls(model)
 
     def score(self, images: Sequence[np.ndarray]) -> list[ExpertResult]:
         """Scores and anomaly maps for a batch of images of any sizes, in one backbone pass."""
@@ -73,7 +71,7 @@ class Expert:
         return self.model.preprocessor.model_input(image)
 
     def _scored(self, batch: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[ExpertResult]:
-        scores, patch_maps, maps = predict_views(self.model, batch, sizes, self.tta)
+        scores, patch_maps, maps = self.model.predict(batch, sizes)
         scores_np, patch_np = scores.float().cpu().numpy(), patch_maps.float().cpu().numpy()
         return [ExpertResult(score=float(s), anomaly_map=m, patch_map=p)
                 for s, m, p in zip(scores_np, _on_host(maps), patch_np, strict=True)]

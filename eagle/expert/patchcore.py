@@ -29,7 +29,6 @@ from eagle.expert.scoring import patch_scores
 from eagle.expert.search import MemoryBank
 from eagle.expert.threshold import fit_threshold, leave_own_out_scores
 from eagle.expert.training import provenance
-from eagle.expert.views import VIEWS, flipped, flipped_indices
 
 
 class PatchCore(nn.Module):
@@ -83,18 +82,15 @@ class PatchCore(nn.Module):
     def fit(cls, images: Sequence[np.ndarray], cfg: JobConfig, device: str = "cpu", batch_size: int = 8,
             names: Sequence[str] | None = None) -> FitResult:
         """Memory bank (coreset of all training patches) and label-free threshold (TGPS) from normal images only.
-        With ``expert.tta``, each training score is the mean over the views, each view's unselected patches
-        (the same grid positions, flipped) against the bank without the image's rows. ``names`` are not needed:
-        the threshold uses no folds."""
+        ``names`` are not needed: the threshold uses no folds."""
         cfg = fit_view(cfg, cls.name)
         ecfg, opts, start = cfg.expert, cfg.expert.patchcore, time.perf_counter()
         model = cls.from_config(ecfg, cfg.storage)
         weights_fingerprint = fingerprint(model.backbone)
         model = model.to(device)
         model.set_dtype(DTYPES[ecfg.resolved_dtype(device)])
-        views = [torch.cat([model.embed(flipped(model.preprocess(images[i:i + batch_size]), dims))
-                            for i in range(0, len(images), batch_size)]) for dims in VIEWS[ecfg.tta]]
-        embeddings = views[0]  # (N, h, w, D), the images as they are: the memory bank's patches
+        embeddings = torch.cat([model.embed(model.preprocess(images[i:i + batch_size]))
+                                for i in range(0, len(images), batch_size)])  # (N, h, w, D)
         n_images, grid_h, grid_w, dim = embeddings.shape
         flat = embeddings.reshape(-1, dim)
         t_embed = time.perf_counter()
@@ -109,11 +105,9 @@ class PatchCore(nn.Module):
             image, _ = patch_scores(query.unsqueeze(0), index, opts.scoring, opts.num_neighbors, opts.k, exclude)
             return float(image[0])
 
-        per_view = [leave_own_out_scores(view.reshape(n_images, grid_h * grid_w, dim),
-                                         flipped_indices(model.coreset_indices, (grid_h, grid_w), dims),
-                                         score_image, cfg.threshold.min_unselected_patches)
-                    for view, dims in zip(views, VIEWS[ecfg.tta], strict=True)]
-        scores, skipped = np.mean([s for s, _ in per_view], axis=0), per_view[0][1]  # the views skip alike
+        scores, skipped = leave_own_out_scores(embeddings.reshape(n_images, grid_h * grid_w, dim),
+                                               model.coreset_indices, score_image,
+                                               cfg.threshold.min_unselected_patches)
         threshold = fit_threshold(scores, skipped, cfg.threshold)
         t_threshold = time.perf_counter()
 

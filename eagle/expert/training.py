@@ -17,7 +17,6 @@ from eagle.expert.artifact import save_artifact
 from eagle.expert.backbone import fingerprint
 from eagle.expert.experts import ExpertModel, FitResult, model_class
 from eagle.expert.threshold import fit_threshold, fold_assignment, out_of_fold_scores
-from eagle.expert.views import predict_views
 from eagle.io import layouts
 from eagle.io.images import decode_image
 from eagle.io.storage import join, read_bytes, strip_scheme
@@ -71,15 +70,13 @@ def provenance(cfg: JobConfig) -> dict[str, Any]:
             "versions": {name: metadata.version(name) for name in _LIBRARIES}}
 
 
-def score_images(model: ExpertModel, images: Sequence[np.ndarray], batch_size: int, tta: str = "none"
-                 ) -> list[float]:
-    """Image scores of a model (`eagle.expert.experts.ExpertModel`) for images of any size, averaged over the
-    views of `tta` as the expert stage scores them (`eagle.expert.views`)."""
+def score_images(model: ExpertModel, images: Sequence[np.ndarray], batch_size: int) -> list[float]:
+    """Image scores of a model (`eagle.expert.experts.ExpertModel`) for images of any size."""
     scores: list[float] = []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         crop = model.preprocessor.crop
-        image_scores, _, _ = predict_views(model, model.preprocess(chunk), [(crop, crop)] * len(chunk), tta)
+        image_scores, _, _ = model.predict(model.preprocess(chunk), [(crop, crop)] * len(chunk))
         scores += [float(s) for s in image_scores.float().cpu()]
     return scores
 
@@ -106,7 +103,7 @@ class CrossFitted:
             return cls.fit_on([images[i] for i in train], cfg, device, batch_size)
 
         def score(model: Any, held_out: list[int]) -> list[float]:
-            return score_images(model, [images[i] for i in held_out], batch_size, ecfg.tta)
+            return score_images(model, [images[i] for i in held_out], batch_size)
 
         scores = out_of_fold_scores(folds, fit_without, score)
         t_cross = time.perf_counter()
