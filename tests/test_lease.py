@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -253,9 +254,12 @@ def test_run_inspect_takes_the_lease_before_it_connects_to_ray(tmp_path):
     assert connected == [] and ray.is_initialized() == before
 
 
-def test_a_driver_whose_lease_is_taken_over_stops_and_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_driver_whose_lease_is_taken_over_stops_and_fails(tmp_path, monkeypatch, sigint):
     """Mid-run, another driver takes the lease over (this one stalled): the renewal thread interrupts the run,
-    which fails (exit 3 from the command line) without writing its manifest."""
+    which fails (exit 3 from the command line) without writing its manifest. Where the process ignores SIGINT (a
+    background command of a shell without job control), the interrupt still lands, once the main thread runs Python
+    again (here: between short sleeps); where Python handles it, it also ends a blocking call."""
     from eagle.config import load_config
     from eagle.pipeline import inspection
 
@@ -269,13 +273,21 @@ def test_a_driver_whose_lease_is_taken_over_stops_and_fails(tmp_path, monkeypatc
         found = storage.read_versioned(uri)
         successor = Holder("other-host", 2, "successor", "now", dt.datetime.now(dt.UTC).isoformat(), "night-2", 60)
         assert storage.write_if(uri, json.dumps(successor.__dict__).encode(), found[1]) is not None
-        time.sleep(10)  # the next renewal finds the successor and interrupts this
+        if sigint == "handled":
+            time.sleep(10)  # the next renewal finds the successor and interrupts this
+        else:
+            for _ in range(100):
+                time.sleep(0.1)
         wrote.append("rows")  # never reached
 
     monkeypatch.setattr(inspection, "_run", stalled_run)
     monkeypatch.setattr(inspection, "end_run", lambda *a, **k: wrote.append("manifest"))
-    started = time.monotonic()
-    with pytest.raises(inspection.JobFailed, match="another driver took over the lease"):
-        inspection.run_inspect(cfg)
-    assert time.monotonic() - started < 5 and wrote == []
+    before = signal.signal(signal.SIGINT, signal.default_int_handler if sigint == "handled" else signal.SIG_IGN)
+    try:
+        started = time.monotonic()
+        with pytest.raises(inspection.JobFailed, match="another driver took over the lease"):
+            inspection.run_inspect(cfg)
+        assert time.monotonic() - started < 5 and wrote == []
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert Holder.parse(storage.read_bytes(lease_uri(output))).token == "successor"  # left to its new holder

@@ -11,6 +11,7 @@ row per image. Afterwards it counts the run's own rows (the summary) and merges 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -201,8 +202,15 @@ def take_output_lease(cfg: JobConfig, run_id: str) -> OutputLease:
 
 
 def _interrupt_main() -> None:
-    """Interrupt the main thread as a SIGINT would: a real signal, so that a blocking call there returns too."""
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    """Interrupt the main thread as a SIGINT would. Where Python handles SIGINT, a real signal, so that a blocking
+    call there returns too. Where the process ignores it (a shell without job control starts a background command
+    with SIGINT ignored, and Python keeps that), a KeyboardInterrupt raised in the main thread all the same: it
+    lands at the thread's next Python instruction, so a blocking call there finishes first."""
+    main = threading.main_thread().ident
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.pthread_kill(main, signal.SIGINT)
+    else:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main), ctypes.py_object(KeyboardInterrupt))
 
 
 def _tally_since(tally: object, before: dict[str, int]) -> dict[str, int]:
