@@ -1,4 +1,4 @@
-"""Routing policy 'borderline' through a whole inspect job: the MLLM is asked about exactly the images in the
+"""Routing policy 'borderline' through a whole inspect job, with real ImageNet features (EfficientNet-Lite0): the MLLM is asked about exactly the images in the
 band around the threshold (both sides), the band is the one learned from the artifact's training scores, a
 routed normal verdict gets the borderline prompt, and the routing-efficiency table of `jobs/evaluate.py`
 matches a recount of the output Parquet with DuckDB."""
@@ -16,7 +16,7 @@ from eagle.config import load_config
 
 pytestmark = pytest.mark.slow
 
-TINY = {"backbone": "resnet18", "layers": ["layer1", "layer2"], "weights": "random", "resize": 72, "crop": 64}
+REAL = {"backbone": "tf_efficientnet_lite0", "weights": "imagenet", "resize": 128, "crop": 128}  # ImageNet, offline
 BUDGET = 0.25
 
 
@@ -28,11 +28,11 @@ def borderline_run(tmp_path_factory: pytest.TempPathFactory, ray_local: str, tin
 
     base = tmp_path_factory.mktemp("routing")
     data = str(base / "data")
-    generate(data, products=("grid", "nut"), n_train=16, n_test_good=8, n_test_defect=4, size=64, seed=5)
+    generate(data, products=("grid", "nut"), n_train=16, n_test_good=8, n_test_defect=4, size=128, seed=5)
     overrides = {
         "inputs": {"uris": [data], "exclude": ["*/ground_truth/*", "*/train/*"]},
         "model_store": str(base / "models"), "output": {"uri": str(base / "audit")}, "run_id": "borderline",
-        "expert": TINY, "threshold": {"min_unselected_patches": 4},
+        "expert": REAL, "threshold": {"min_unselected_patches": 4},
         "routing": {"policy": "borderline", "budget": BUDGET},
         "mllm": {"model": tiny_qwen25vl, "dtype": "float32", "max_new_tokens": 4},
         "resources": {"expert": {"batch_size": 8}, "decode": {"batch_size": 8}, "mllm": {"batch_size": 4}},
