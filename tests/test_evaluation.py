@@ -420,7 +420,8 @@ def test_end_to_end(workspace, repo_root):
     assert routing == {"routed": (5, 1, 1, 0),  # asked: good/000-002, scratch, hole
                        "band": (2, 1, 1, 0),  # uncertain: good/002, scratch
                        "all": (6, 2, 1, 1), "not-confident-normal": (3, 1, 1, 0), "uncertain": (2, 1, 1, 0),
-                       "near-threshold": (0, 0, 0, 0)}  # no score in [0.45, 0.55)
+                       "near-threshold": (0, 0, 0, 0),  # no score in [0.45, 0.55)
+                       "best band": (5, 2, 1, 1)}  # 5 images as routed: all but the top score (hole), both errors
     assert grid["routing"]["all"]["routed_share"] == 1.0 and grid["routing"]["band"]["routed_share"] == 2 / 6
     assert (grid["routing"]["all"]["errors"], grid["routing"]["all"]["missed_defects_routed_share"]) == (2, 1.0)
     assert grid["routing"]["routed"]["missed_defects_routed_share"] == 0.0
@@ -535,3 +536,23 @@ def test_provenance_read_off_the_rows_when_no_manifest_says():
     assert infer_routing({"uncertain", "confident_normal", "confident_anomalous"}, set()) == "all"
     assert infer_routing(set(), {"uncertain"}) is None  # no call: the rows do not tell
     assert infer_routing({"uncertain"}, {"uncertain"}) is None  # some asked, some not: not a policy
+
+
+def test_the_best_band_is_the_window_of_scores_that_holds_the_most_errors():
+    """`best_band` against every window of the same size, counted one by one; images without a threshold stay out."""
+    from eagle.evaluation.routing_efficiency import best_band
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n = int(rng.integers(2, 40))
+        ratios = rng.choice(np.linspace(0.5, 1.5, 7), n)  # ties on purpose
+        ratios[rng.random(n) < 0.1] = np.nan
+        wrong = rng.random(n) < 0.3
+        size = int(rng.integers(1, n + 1))
+        inside = best_band(ratios, wrong, size)
+        known = np.flatnonzero(~np.isnan(ratios))
+        order = known[np.argsort(ratios[known], kind="stable")]
+        windows = [order[i:i + size] for i in range(max(1, len(order) - size + 1))]
+        assert inside.sum() == min(size, len(order)) and not inside[np.isnan(ratios)].any()
+        assert wrong[inside].sum() == max(wrong[w].sum() for w in windows)
+        assert any(set(np.flatnonzero(inside)) == set(w) for w in windows)  # adjacent in the ranking: a band

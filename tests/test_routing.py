@@ -113,3 +113,14 @@ def test_the_routing_table_matches_a_duckdb_recount(borderline_run):
         got = m[policy]
         assert (got["routed"], got["errors_routed"], got["false_alarms_routed"], got["missed_defects_routed"]) == \
             (routed, errors, false_alarms, missed), policy
+    # the best band: of all runs of as many images as were routed, adjacent in score / threshold, the most errors
+    size = m["routed"]["routed"]
+    most = con.execute(f"""
+        WITH r AS (SELECT expert_score / threshold AS ratio,
+                          ((expert_verdict = 'anomalous') <> (l.defect <> 'good'))::INT AS wrong
+                   FROM out JOIN labels l ON out.image_uri = '{data}/' || l.path),
+             w AS (SELECT sum(wrong) OVER win AS errors, count(*) OVER win AS n FROM r
+                   WINDOW win AS (ORDER BY ratio ROWS BETWEEN CURRENT ROW AND {size - 1} FOLLOWING))
+        SELECT max(errors) FROM w WHERE n = {size}""").fetchone()[0]
+    assert (m["best band"]["routed"], m["best band"]["errors_routed"]) == (size, most)
+    assert m["best band"]["errors_routed"] >= m["routed"]["errors_routed"]  # no band of that size does better

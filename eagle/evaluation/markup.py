@@ -65,7 +65,8 @@ ROUTING_NOTE = ("Each policy on this run's scores: the share of images it would 
                 "the expert's errors (false alarms, missed defects) are among them. routed = what this run sent; "
                 "band = this run's unsure band (routing.policy borderline: its band); not-confident-normal and "
                 "uncertain use EAGLE's band (threshold <= score < score_max); near-threshold = score/threshold in "
-                "[0.9, 1.1).")
+                "[0.9, 1.1); best band = the most errors any one score band as large as the routed set could hold "
+                "(found with the labels: an upper bound for every band policy).")
 
 # Several runs side by side.
 COMPARISON_ROWS: Rows = [
