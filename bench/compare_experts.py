@@ -157,8 +157,8 @@ def routing_rows(r: Result) -> dict[str, dict]:
     rows = [{"expert_score": s, "threshold": r.threshold, "score_max": r.score_max,
              "expert_verdict": "anomalous" if s >= r.threshold else "normal", "confidence": "confident_normal"}
             for s in r.scores]
-    table = {k: v for k, v in routing_efficiency(rows, ~r.good, BEST_SHARE).items() if k not in ("routed", "band")}
-    table[f"best band {BEST_SHARE:g}"] = table.pop("best band")
+    table = {(f"best band {BEST_SHARE:g}" if k == "best band" else k): v
+             for k, v in routing_efficiency(rows, ~r.good, BEST_SHARE).items() if k not in ("routed", "band")}
     for name, (low, high) in r.bands.items():
         banded = [{**row, "confidence": classify_in_band(row["expert_score"], r.threshold, low, high)[1]}
                   for row in rows]
@@ -310,8 +310,8 @@ def print_routing(results: dict[str, dict[str, Result]], products: list[str]) ->
     print("\nPooled over the products: routed = share of test images the policy sends to the MLLM; inside = the "
           "expert's errors (at its own threshold) that are in that set. borderline b: the band learned from the "
           "training images' label-free scores to hold b of the normal images; near-threshold: score/threshold in "
-          "[0.9, 1.1); best band 0.3: the most errors a band of 30% of each product's images could hold (labels used: "
-          "an upper bound); uncertain: EAGLE's band; not-confident-normal: every anomalous verdict.")
+          f"[0.9, 1.1); best band {BEST_SHARE:g}: the most errors a band of {BEST_SHARE:.0%} of each product's images "
+          "could hold (labels used: an upper bound); uncertain: EAGLE's band; not-confident-normal: every anomalous verdict.")
 
 
 if __name__ == "__main__":
