@@ -18,6 +18,7 @@ is the largest patch distance, without anomalib's re-weighting (`compare_experts
     python bench/heldout.py /tmp/heldout
     OMP_NUM_THREADS=2 python bench/score_levers.py --data /tmp/heldout --products brick,gravel,grass --size 320
     OMP_NUM_THREADS=2 python bench/score_levers.py --data /tmp/heldout --size 320 expert.patchcore.coreset_ratio=0.25
+    OMP_NUM_THREADS=2 python bench/score_levers.py --data /tmp/heldout --size 224 --feature-norm channel
 """
 
 from __future__ import annotations
@@ -46,8 +47,20 @@ AGGREGATIONS = {"max": lambda m: m.max(), **{f"top{k}": (lambda m, k=k: np.sort(
                 **{f"blur{s}": (lambda m, s=s: gaussian_filter(m, s).max()) for s in (1, 2)}}
 
 
+def normalise(train_e: torch.Tensor, test_e: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch features as they are (`none`), each channel standardised to the training patches (`channel`), or
+    each patch scaled to unit length (`unit`)."""
+    if how == "channel":
+        flat = train_e.reshape(-1, train_e.shape[-1])
+        mean, std = flat.mean(0), flat.std(0) + 1e-6
+        return (train_e - mean) / std, (test_e - mean) / std
+    if how == "unit":
+        return torch.nn.functional.normalize(train_e, dim=-1), torch.nn.functional.normalize(test_e, dim=-1)
+    return train_e, test_e
+
+
 def maps(model: PatchCore, train: list[np.ndarray], test: list[np.ndarray], ratio: float, projection: int,
-         seed: int) -> dict[str, np.ndarray]:
+         seed: int, feature_norm: str = "none") -> dict[str, np.ndarray]:
     """Patch-distance maps (N, h, w) of the test images, TGPS and out-of-fold training maps, and which training
     patches the coreset kept."""
     def embed(images: list[np.ndarray]) -> torch.Tensor:
@@ -60,7 +73,7 @@ def maps(model: PatchCore, train: list[np.ndarray], test: list[np.ndarray], rati
     def nearest(bank: MemoryBank, query: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         return bank.search(query.reshape(-1, query.shape[-1]), 1, exclude)[0][:, 0]
 
-    train_e, test_e = embed(train), embed(test)
+    train_e, test_e = normalise(embed(train), embed(test), feature_norm)
     n, h, w, d = train_e.shape
     bank, kept = bank_of(train_e.reshape(-1, d))
     source, selected = kept // (h * w), torch.zeros(n * h * w, dtype=torch.bool)
@@ -101,6 +114,8 @@ def main() -> None:
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--layers", default="blocks.2,blocks.4")
     p.add_argument("--weights", default="imagenet")
+    p.add_argument("--feature-norm", choices=("none", "channel", "unit"), default="none",
+                   help="A trial: patch features standardised per channel or scaled to unit length before the search.")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="Further config overrides, e.g. expert.patchcore.coreset_ratio=0.25.")
     args = p.parse_args()
@@ -114,7 +129,7 @@ def main() -> None:
         _, train = load_training_images(args.data, product, cfg)
         tests = [r for r in labels if r["product"] == product and r["split"] == "test"]
         m = maps(PatchCore.from_config(cfg.expert), train, [load(args.data, r["path"]) for r in tests],
-                 opts.coreset_ratio, opts.coreset_projection_dim, cfg.expert.seed)
+                 opts.coreset_ratio, opts.coreset_projection_dim, cfg.expert.seed, args.feature_norm)
         good, kinds = np.array([r["defect"] == "good" for r in tests]), np.array([r["defect"] for r in tests])
         per_product.append(levers(m, good))
         score = m["test"].reshape(len(tests), -1).max(1)
